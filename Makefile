@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` (the demo on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run up test lint format protos check-protos models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[worker,dev]'
+	touch $(STAMP)
+
+## run: start a local cluster on the embedded default, answer checkable prompts, then stop
+run: $(STAMP)
+	$(VENV)/bin/chorus demo --config configs/default.yaml
+
+## up: serve the embedded default until interrupted
+up: $(STAMP)
+	$(VENV)/bin/chorus up --config configs/default.yaml
+
+## test: the whole test suite
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+## protos: regenerate chorus/v1 from protos/ (tests/test_protos.py fails when they drift)
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/chorus/v1/*.proto
+
+## models: retrain the embedded default models (deterministic, a few minutes on 2 cores)
+models: $(STAMP)
+	$(PY) scripts/train_default_models.py --out models
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

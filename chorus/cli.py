@@ -1,0 +1,240 @@
+"""The `chorus` command: run a local cluster, single servers, or talk to a coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import chorus
+from model_worker.main import add_arguments as add_worker_arguments
+
+if TYPE_CHECKING:
+    from coordinator.config import EnsembleConfig
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEMO_PROMPTS = ("12+35=", "48+27=", "7+86=", "63+19=", "90+9=", "25+58=")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chorus", description="Token-level ensembles of LLMs over gRPC.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local cluster: one worker process per model and a coordinator")
+    up.add_argument("--config", required=True)
+    up.add_argument("--port", type=int, help="coordinator port (default: the config's server.port)")
+
+    worker = sub.add_parser("worker", help="run one model worker (what the worker container runs)")
+    add_worker_arguments(worker)
+
+    coord = sub.add_parser("coordinator", help="run the coordinator against running workers")
+    coord.add_argument("--config", required=True)
+    coord.add_argument("--port", type=int)
+    coord.add_argument("--worker", action="append", default=[], metavar="NAME=HOST:PORT",
+                       help="address of a model's worker (overrides the config's address)")  # fmt: skip
+
+    gen = sub.add_parser("generate", help="stream an answer from a running coordinator")
+    gen.add_argument("prompt", nargs="?", help="raw text prompt")
+    gen.add_argument("--target", default=DEFAULT_TARGET)
+    gen.add_argument("--message", action="append", default=[], metavar="ROLE:CONTENT", help="chat message")
+    gen.add_argument("--chat-template", action="store_true", help="apply each model's chat template")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--strategy")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--threshold", type=float)
+    gen.add_argument("--stop", action="append")
+
+    models = sub.add_parser("models", help="list the ensemble served by a coordinator")
+    models.add_argument("--target", default=DEFAULT_TARGET)
+
+    demo = sub.add_parser(
+        "demo", help="start the cluster, answer a few checkable prompts, compare with each model alone"
+    )
+    demo.add_argument("--config", required=True)
+    demo.add_argument("--port", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except chorus.ChorusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _up(args: argparse.Namespace) -> int:
+    from coordinator import cluster
+
+    config = _load(args.config)
+    workers = cluster.spawn_workers(config)
+    try:
+        asyncio.run(_serve(config, cluster.addresses(config, workers), args.port))
+    finally:
+        for w in workers:
+            w.stop()
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+
+    config = _load(args.config)
+    given = dict(w.split("=", 1) for w in args.worker)
+    unknown = set(given) - set(config.model_names)
+    if unknown:
+        raise SystemExit(f"--worker: unknown model {sorted(unknown)}, the config has {list(config.model_names)}")
+    addresses = [given.get(m.name) or m.address for m in config.models]
+    missing = [m.name for m, a in zip(config.models, addresses, strict=True) if not a]
+    if missing:
+        raise SystemExit(f"no worker address for {missing}: set models[].address or pass --worker NAME=HOST:PORT")
+    asyncio.run(_serve(config, [a for a in addresses if a], args.port))
+    return 0
+
+
+async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None) -> None:
+    from coordinator import cluster
+
+    running = await cluster.start_coordinator(config, addresses, port)
+    print(f"chorus serving on {config.server.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from model_worker.main import run
+
+    asyncio.run(run(args))
+    return 0
+
+
+def _request_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    kwargs: dict[str, object] = {
+        "max_new_tokens": args.max_new_tokens,
+        "strategy": args.strategy,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "threshold": args.threshold,
+        "stop": args.stop,
+    }
+    if args.message:
+        kwargs["messages"] = [dict(zip(("role", "content"), m.split(":", 1), strict=True)) for m in args.message]
+        kwargs["apply_chat_template"] = args.chat_template
+    return kwargs
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (not args.message):
+        raise SystemExit("give a prompt or --message ROLE:CONTENT (not both)")
+    with chorus.Client(args.target) as client:
+        for piece in client.stream(args.prompt, **_request_kwargs(args)):
+            print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with chorus.Client(args.target) as client:
+        info = client.models()
+    print(
+        f"strategy {info.strategy} (available: {', '.join(info.strategies)}); union vocabulary {info.union_vocab_size}"
+    )
+    for m in info.models:
+        print(
+            f"  {m.name:24} {m.priority:10} weight {m.weight:.3f}  vocab {m.vocab_size:7} "
+            f"{m.tokenizer_kind:14} {m.device:8} {m.address}"
+        )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from coordinator import cluster
+
+    config = _load(args.config)
+    workers = cluster.spawn_workers(config)
+    try:
+        asyncio.run(_demo_async(config, cluster.addresses(config, workers), args.port))
+    finally:
+        for w in workers:
+            w.stop()
+    return 0
+
+
+async def _demo_async(config: EnsembleConfig, addresses: list[str], port: int) -> None:
+    from coordinator import cluster
+
+    names = list(config.model_names)
+    runs = [(f"{name} alone", _solo(config, i), [addresses[i]]) for i, name in enumerate(names)]
+    runs.append((f"ensemble ({config.strategy})", config, addresses))
+    for label, cfg, addrs in runs:
+        running = await cluster.start_coordinator(cfg, addrs, port)
+        target = f"127.0.0.1:{running.port}"
+        correct, tokens, elapsed = 0, 0, 0.0
+        print(f"\n== {label}")
+        async with chorus.AsyncClient(target) as client:
+            await client.generate(prompt=DEMO_PROMPTS[0], max_new_tokens=4)  # warm-up
+            for prompt in DEMO_PROMPTS:
+                started = time.perf_counter()
+                result = await client.generate(prompt=prompt, max_new_tokens=8)
+                elapsed += time.perf_counter() - started
+                tokens += max(1, result.usage.steps)
+                ok = result.text.strip() == str(eval(prompt[:-1]))
+                correct += ok
+                print(f"  {prompt}{result.text:<6} {'ok' if ok else 'WRONG'}   ({result.usage.steps} steps)")
+        print(f"  {correct}/{len(DEMO_PROMPTS)} correct, {1e3 * elapsed / tokens:.1f} ms/token")
+        await running.stop(grace=0)
+
+
+def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:
+    models = config.models
+    spec = models[index].model_copy(update={"priority": "supportive"})
+    return config.model_copy(update={"models": (spec,), "strategy": "gac"})
+
+
+def _load(path: str) -> EnsembleConfig:
+    from coordinator.config import ConfigError, cpu_adjusted, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise SystemExit(f"config error:\n{exc}") from None
+    config, notes = cpu_adjusted(config, _cuda_available())
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return config
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+_COMMANDS = {
+    "up": _up,
+    "worker": _worker,
+    "coordinator": _coordinator,
+    "generate": _generate,
+    "models": _models,
+    "demo": _demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Typed exceptions for gRPC failures, so callers can catch what they can handle."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ChorusError(Exception):
+    """Any failed call; `code` is the gRPC status code, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(ChorusError):
+    """The request breaks a rule; the message names the field."""
+
+
+class Unavailable(ChorusError):
+    """The coordinator or a model worker cannot serve now; retrying may help."""
+
+
+class ResourceExhausted(ChorusError):
+    """The server is at capacity; retry later."""
+
+
+class DeadlineExceeded(ChorusError):
+    """The call ran past its deadline."""
+
+
+class Cancelled(ChorusError):
+    """The call was cancelled."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ChorusError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> ChorusError:
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details() or ""  # type: ignore[attr-defined]
+    return _BY_CODE.get(code, ChorusError)(code, details)

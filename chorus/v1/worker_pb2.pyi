@@ -1,0 +1,145 @@
+from chorus.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DistributionFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOP_K: _ClassVar[DistributionFormat]
+    FULL_FP16: _ClassVar[DistributionFormat]
+    FULL_FP32: _ClassVar[DistributionFormat]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+TOP_K: DistributionFormat
+FULL_FP16: DistributionFormat
+FULL_FP32: DistributionFormat
+FLOAT32: DType
+FLOAT16: DType
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "special_token_ids", "context_length", "capabilities", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    vocab_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    special_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    context_length: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    tokenizer_kind: str
+    device: str
+    dtype: str
+    active_sessions: int
+    kv_cache_bytes: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+
+class VocabularyRequest(_message.Message):
+    __slots__ = ("chunk_size",)
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    chunk_size: int
+    def __init__(self, chunk_size: _Optional[int] = ...) -> None: ...
+
+class VocabularyChunk(_message.Message):
+    __slots__ = ("start_id", "tokens", "special")
+    START_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_FIELD_NUMBER: _ClassVar[int]
+    start_id: int
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    special: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, start_id: _Optional[int] = ..., tokens: _Optional[_Iterable[bytes]] = ..., special: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class SessionOpen(_message.Message):
+    __slots__ = ("prompt", "request_id")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt: _common_pb2.Prompt
+    request_id: str
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SessionStep(_message.Message):
+    __slots__ = ("append", "format", "top_k")
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    append: bytes
+    format: DistributionFormat
+    top_k: int
+    def __init__(self, append: _Optional[bytes] = ..., format: _Optional[_Union[DistributionFormat, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("open", "step")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    open: SessionOpen
+    step: SessionStep
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ...) -> None: ...
+
+class DistributionPart(_message.Message):
+    __slots__ = ("skip_bytes", "log_scale", "ids", "logprobs", "dtype", "rest_mass")
+    SKIP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REST_MASS_FIELD_NUMBER: _ClassVar[int]
+    skip_bytes: int
+    log_scale: float
+    ids: bytes
+    logprobs: bytes
+    dtype: DType
+    rest_mass: float
+    def __init__(self, skip_bytes: _Optional[int] = ..., log_scale: _Optional[float] = ..., ids: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., rest_mass: _Optional[float] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("parts", "tokens_fed", "forward_passes", "batch_size", "queue_ms", "compute_ms")
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[DistributionPart]
+    tokens_fed: int
+    forward_passes: int
+    batch_size: int
+    queue_ms: float
+    compute_ms: float
+    def __init__(self, parts: _Optional[_Iterable[_Union[DistributionPart, _Mapping]]] = ..., tokens_fed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class SessionOpened(_message.Message):
+    __slots__ = ("prompt_tokens",)
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("opened", "step")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    opened: SessionOpened
+    step: StepResult
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,100 @@
+"""A local cluster: one worker process per model plus a coordinator (what `chorus up` runs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.config import EnsembleConfig, ModelSpec
+from coordinator.ensemble import Ensemble, connect
+from coordinator.server import serve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerProcess:
+    spec: ModelSpec
+    process: subprocess.Popen[bytes]
+    address: str
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def spawn_worker(spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.0) -> WorkerProcess:
+    """Start `python -m model_worker` for spec and wait until it serves."""
+    port_file = Path(tempfile.mkdtemp(prefix="chorus-worker-")) / "port"
+    command = [
+        sys.executable, "-m", "model_worker",
+        "--model", spec.path, "--name", spec.name, "--device", spec.device, "--dtype", spec.dtype,
+        "--host", host, "--port", "0", "--port-file", str(port_file),
+    ]  # fmt: skip
+    if spec.max_memory:
+        command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while not port_file.exists() or not port_file.read_text():
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {spec.name} exited with code {process.returncode} while loading")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"worker {spec.name} did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+    return WorkerProcess(spec, process, f"{host}:{port_file.read_text()}")
+
+
+def spawn_workers(config: EnsembleConfig, host: str = "127.0.0.1") -> list[WorkerProcess]:
+    """Start a worker for every model without an address, all loading in parallel."""
+    specs = [m for m in config.models if m.address is None]
+    started: list[WorkerProcess] = []
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
+            started.extend(pool.map(lambda s: spawn_worker(s, host), specs))
+    except BaseException:
+        for w in started:
+            w.stop()
+        raise
+    return started
+
+
+def addresses(config: EnsembleConfig, workers: list[WorkerProcess]) -> list[str]:
+    """The worker address of every model, in config order."""
+    spawned = {w.spec.name: w.address for w in workers}
+    return [m.address or spawned[m.name] for m in config.models]
+
+
+@dataclass
+class RunningCoordinator:
+    ensemble: Ensemble
+    server: grpc.aio.Server
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        await self.ensemble.close()
+
+
+async def start_coordinator(
+    config: EnsembleConfig, worker_addresses: list[str], port: int | None = None
+) -> RunningCoordinator:
+    ensemble = await connect(config, worker_addresses)
+    bind_port = config.server.port if port is None else port
+    server, bound = await serve(ensemble, f"{config.server.host}:{bind_port}")
+    return RunningCoordinator(ensemble, server, bound)

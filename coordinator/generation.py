@@ -1,0 +1,151 @@
+"""One conversation's generation loop: the coordinator owns the text and decides each step."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+
+from coordinator.ensemble import Ensemble
+from coordinator.sampling import choose
+from coordinator.strategies import STRATEGIES
+from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage
+from coordinator.union_dist import StepExtras, UnionDist, from_parts, mix
+from coordinator.workers import ModelSession
+
+
+class ContextExhausted(Exception):
+    """A member's context is full: the generation ends with finish reason 'length'."""
+
+
+class _Step:
+    """The StepContext strategies see; sends each asked model the text it has not seen yet."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self.extras = StepExtras(run.ensemble.union)
+        self.n_models = len(run.ensemble.members)
+        self.weights = [m.weight for m in run.ensemble.members]
+        self.primary = run.ensemble.primary
+        self.threshold = run.request.threshold
+        self.asked: set[int] = set()
+
+    async def ask(self, models: Sequence[int]) -> list[UnionDist]:
+        self.asked.update(models)
+        return list(await asyncio.gather(*(self._ask_one(i) for i in models)))
+
+    async def _ask_one(self, i: int) -> UnionDist:
+        run, member = self._run, self._run.ensemble.members[i]
+        append, run.unsent[i] = run.unsent[i], b""
+        try:
+            step = await run.sessions[i].step(append, run.ensemble.transport)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise ContextExhausted(exc.details()) from exc
+            raise
+        usage = run.usage.models[i]
+        usage.forward_passes += step.forward_passes
+        usage.tokens_fed += step.tokens_fed
+        return from_parts(step.parts, member.index, member.vocab.tokens, self.extras)
+
+    def mix(self, dists: Sequence[UnionDist], models: Sequence[int]) -> UnionDist:
+        weights = np.array([self.weights[i] for i in models])
+        return mix(dists, weights / weights.sum(), self.extras.size)
+
+
+class _Run:
+    def __init__(self, ensemble: Ensemble, request: GenerationRequest, sessions: list[ModelSession]) -> None:
+        self.ensemble = ensemble
+        self.request = request
+        self.sessions = sessions
+        self.unsent = [b""] * len(sessions)
+        self.usage = Usage(models=[ModelUsage(m.spec.name) for m in ensemble.members])
+
+
+async def generate(
+    ensemble: Ensemble, request: GenerationRequest, timeout: float | None = None
+) -> AsyncIterator[TextPiece | Finished]:
+    """Yield text pieces, then one Finished. Closing the iterator cancels the workers' sessions."""
+    started = time.perf_counter()
+    strategy = STRATEGIES[request.strategy]()
+    sessions = [m.client.session(timeout) for m in ensemble.members]
+    run = _Run(ensemble, request, sessions)
+    rng = np.random.default_rng(request.seed)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = _StopMatcher(request.stop)
+    finish = "length"
+    try:
+        prompt_tokens = await asyncio.gather(*(s.open(request.prompt, request.request_id) for s in sessions))
+        for usage, n in zip(run.usage.models, prompt_tokens, strict=True):
+            usage.prompt_tokens = n
+        for _ in range(request.max_new_tokens):
+            step = _Step(run)
+            try:
+                decision = await strategy.step(step)
+            except ContextExhausted:
+                break
+            run.usage.steps += 1
+            run.usage.steps_ensembled += int(decision.ensembled)
+            uid = choose(decision.dist, request.sampling, rng)
+            if ensemble.union.is_end(uid):
+                finish = "stop"
+                break
+            chosen = step.extras.bytes_of(uid)
+            run.usage.completion_tokens += 1
+            run.unsent = [u + chosen for u in run.unsent]
+            piece, stopped = stops.feed(decoder.decode(chosen))
+            if piece:
+                yield TextPiece(piece)
+            if stopped:
+                finish = "stop"
+                break
+        if not stops.stopped:
+            tail, _ = stops.feed(decoder.decode(b"", final=True), final=True)
+            if tail:
+                yield TextPiece(tail)
+        run.usage.elapsed_ms = (time.perf_counter() - started) * 1e3
+        yield Finished(finish, stops.text, run.usage)
+    finally:
+        for s in sessions:
+            s.cancel()
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text; holds back what could still become one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._text = ""
+        self._sent = 0
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        self._text += piece
+        cut = min((i for i in (self._text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._text = self._text[:cut]
+            out, self._sent = self._text[self._sent :], cut
+            return out, True
+        hold = 0 if final else self._holdback()
+        end = len(self._text) - hold
+        out, self._sent = self._text[self._sent : end], max(self._sent, end)
+        return out, False
+
+    def _holdback(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(self._text)), best, -1):
+                if self._text.endswith(stop[:k]):
+                    best = k
+                    break
+        return best

@@ -1,0 +1,29 @@
+"""Choosing one union entry from a distribution: greedy, or temperature / top-k / top-p sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.types import SamplingParams
+from coordinator.union_dist import UnionDist
+
+
+def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) -> int:
+    if dist.uids.size == 0:
+        raise ValueError("empty distribution")
+    if params.temperature == 0:
+        return int(dist.uids[np.argmax(dist.probs)])  # ties: the lowest union id
+    probs = dist.probs
+    keep = np.arange(probs.size)
+    if params.top_k and params.top_k < probs.size:
+        keep = np.argpartition(-probs, params.top_k - 1)[: params.top_k]
+    # Temperature in log space, so tiny probabilities do not underflow before scaling.
+    logits = np.log(np.maximum(probs[keep], 1e-300)) / params.temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cut = int(np.searchsorted(np.cumsum(p[order]), params.top_p)) + 1
+        chosen = order[:cut]
+        keep, p = keep[chosen], p[chosen] / p[chosen].sum()
+    return int(dist.uids[keep[rng.choice(p.size, p=p)]])

@@ -1,0 +1,113 @@
+"""The coordinator's gRPC server. Stateless between requests: all state lives in the handler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
+from coordinator import convert
+from coordinator.ensemble import Ensemble
+from coordinator.generation import generate
+from coordinator.types import Finished, GenerationRequest, TextPiece
+from coordinator.workers import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+_DONE = object()
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, ensemble: Ensemble) -> None:
+        self.ensemble = ensemble
+
+    async def Models(
+        self, request: coordinator_pb2.ModelsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ModelsResponse:
+        return convert.models_to_proto(self.ensemble)
+
+    async def Generate(
+        self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        try:
+            requests = convert.requests_from_proto(request, self.ensemble.config)
+        except convert.InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
+        if len(requests) == 1:
+            async for event in _guarded(generate(self.ensemble, requests[0], timeout), context):
+                yield convert.event_to_proto(0, event)
+            return
+        async for index, event in _merged(self.ensemble, requests, timeout, context):
+            yield convert.event_to_proto(index, event)
+
+
+async def _guarded(
+    events: AsyncIterator[TextPiece | Finished], context: grpc.aio.ServicerContext
+) -> AsyncIterator[TextPiece | Finished]:
+    """Map worker failures to the client's status."""
+    try:
+        async for event in events:
+            yield event
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            await context.abort(code, exc.details() or "invalid request")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            await context.abort(code, "deadline exceeded while generating")
+        log.warning("worker failed: %s %s", code, exc.details())
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"a model worker failed: {code.name}: {exc.details()}")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _merged(
+    ensemble: Ensemble, requests: list[GenerationRequest], timeout: float | None, context: grpc.aio.ServicerContext
+) -> AsyncIterator[tuple[int, TextPiece | Finished]]:
+    """Generate every conversation of a batch concurrently; interleave their events."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        async for event in _guarded(generate(ensemble, request, timeout), context):
+            await queue.put((index, event))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    waiter = asyncio.create_task(_when_all(tasks, queue))
+    try:
+        while (item := await queue.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        for task in [*tasks, waiter]:
+            task.cancel()
+
+
+async def _when_all(tasks: list[asyncio.Task[None]], queue: asyncio.Queue[object]) -> None:
+    for task in asyncio.as_completed(tasks):
+        try:
+            await task
+        except BaseException as exc:
+            await queue.put(exc)
+            return
+    await queue.put(_DONE)
+
+
+async def serve(ensemble: Ensemble, address: str) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ensemble), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("coordinator serving on port %d", port)
+    return server, port

@@ -1,0 +1,91 @@
+"""Domain objects the coordinator works with (protobuf stays in convert.py and workers.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+    apply_chat_template: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Prompt
+    max_new_tokens: int
+    strategy: str
+    sampling: SamplingParams
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    threshold: float = 1.0
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    fingerprint: str
+    vocab_size: int
+    eos_ids: frozenset[int]
+    context_length: int
+    tokenizer_kind: str
+    device: str
+    capabilities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WirePart:
+    """A part of one model's next-bytes distribution, as the worker sent it."""
+
+    skip_bytes: int
+    log_scale: float
+    ids: np.ndarray | None  # None = dense over the whole vocabulary
+    logprobs: np.ndarray
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    parts: list[WirePart]
+    tokens_fed: int
+    forward_passes: int
+
+
+@dataclass
+class ModelUsage:
+    name: str
+    prompt_tokens: int = 0
+    forward_passes: int = 0
+    tokens_fed: int = 0
+
+
+@dataclass
+class Usage:
+    completion_tokens: int = 0
+    steps: int = 0
+    steps_ensembled: int = 0
+    models: list[ModelUsage] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    text: str
+    usage: Usage

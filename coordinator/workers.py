@@ -1,0 +1,134 @@
+"""Talking to workers: info, vocabulary (cached by fingerprint) and session streams.
+
+This module and convert.py are the coordinator's only protobuf code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
+from coordinator.union_vocab import ModelVocab
+
+MAX_MESSAGE_BYTES = 256 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+_DTYPES = {worker_pb2.FLOAT32: np.dtype("<f4"), worker_pb2.FLOAT16: np.dtype("<f2")}
+
+# Vocabularies by model fingerprint: fetched once per process, whatever the replica.
+_vocab_cache: dict[str, ModelVocab] = {}
+
+
+@dataclass(frozen=True)
+class Transport:
+    top_k: int  # 0 = full distributions
+    half: bool  # full distributions as float16
+
+
+class WorkerClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
+
+    async def wait_ready(self, timeout: float) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def info(self, timeout: float = 30.0) -> WorkerInfo:
+        info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
+        return WorkerInfo(
+            name=info.name,
+            fingerprint=info.fingerprint,
+            vocab_size=info.vocab_size,
+            eos_ids=frozenset(info.eos_token_ids),
+            context_length=info.context_length,
+            tokenizer_kind=info.tokenizer_kind,
+            device=info.device,
+            capabilities=tuple(info.capabilities),
+        )
+
+    async def vocabulary(self, info: WorkerInfo, timeout: float = 300.0) -> ModelVocab:
+        cached = _vocab_cache.get(info.fingerprint)
+        if cached is not None:
+            return cached
+        tokens: list[bytes] = []
+        special: list[bool] = []
+        async for chunk in self.stub.Vocabulary(worker_pb2.VocabularyRequest(), timeout=timeout):
+            if chunk.start_id != len(tokens):
+                raise RuntimeError(f"{self.address}: vocabulary chunk out of order at id {chunk.start_id}")
+            tokens.extend(chunk.tokens)
+            special.extend(chunk.special)
+        if len(tokens) != info.vocab_size:
+            raise RuntimeError(f"{self.address}: vocabulary has {len(tokens)} tokens, info says {info.vocab_size}")
+        vocab = ModelVocab(tokens=tokens, special=special, eos_ids=info.eos_ids)
+        _vocab_cache[info.fingerprint] = vocab
+        return vocab
+
+    def session(self, timeout: float | None) -> ModelSession:
+        return ModelSession(self.stub.Session(timeout=timeout))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ModelSession:
+    """One request's session on one worker: a bidirectional stream."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+
+    async def open(self, prompt: Prompt, request_id: str) -> int:
+        await self._call.write(worker_pb2.SessionRequest(open=_prompt_to_proto(prompt, request_id)))
+        response = await self._read()
+        return response.opened.prompt_tokens
+
+    async def step(self, append: bytes, transport: Transport) -> ModelStep:
+        if transport.top_k:
+            step = worker_pb2.SessionStep(append=append, format=worker_pb2.TOP_K, top_k=transport.top_k)
+        else:
+            fmt = worker_pb2.FULL_FP16 if transport.half else worker_pb2.FULL_FP32
+            step = worker_pb2.SessionStep(append=append, format=fmt)
+        await self._call.write(worker_pb2.SessionRequest(step=step))
+        result = (await self._read()).step
+        return ModelStep(
+            parts=[_part_from_proto(p) for p in result.parts],
+            tokens_fed=result.tokens_fed,
+            forward_passes=result.forward_passes,
+        )
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def _read(self) -> worker_pb2.SessionResponse:
+        response = await self._call.read()
+        if response is grpc.aio.EOF:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "worker closed the session"
+            )
+        return response
+
+
+def _prompt_to_proto(prompt: Prompt, request_id: str) -> worker_pb2.SessionOpen:
+    if prompt.text is not None:
+        p = common_pb2.Prompt(text=prompt.text)
+    else:
+        chat = common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages])
+        p = common_pb2.Prompt(chat=chat, apply_chat_template=prompt.apply_chat_template)
+    return worker_pb2.SessionOpen(prompt=p, request_id=request_id)
+
+
+def _part_from_proto(part: worker_pb2.DistributionPart) -> WirePart:
+    ids = np.frombuffer(part.ids, dtype="<u4").astype(np.int64) if part.ids else None
+    return WirePart(
+        skip_bytes=part.skip_bytes,
+        log_scale=part.log_scale,
+        ids=ids,
+        logprobs=np.frombuffer(part.logprobs, dtype=_DTYPES[part.dtype]),
+    )

@@ -1,0 +1,3 @@
+from model_worker.main import main
+
+main()

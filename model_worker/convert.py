@@ -1,0 +1,91 @@
+"""Protobuf <-> domain conversion for the worker: the only place the worker touches protobuf."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from chorus.v1 import common_pb2, worker_pb2
+from model_worker.distribution import Format, Part
+from model_worker.runtime import PromptSpec, RequestError, Runtime, StepOutput
+
+_FORMATS = {
+    worker_pb2.FULL_FP16: np.dtype(np.float16),
+    worker_pb2.FULL_FP32: np.dtype(np.float32),
+}
+DEFAULT_TOP_K = 20
+
+
+def prompt_from_proto(prompt: common_pb2.Prompt) -> PromptSpec:
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        return PromptSpec(text=prompt.text)
+    if kind == "chat":
+        messages = tuple((m.role, m.content) for m in prompt.chat.messages)
+        return PromptSpec(messages=messages, apply_chat_template=prompt.apply_chat_template)
+    raise RequestError("open.prompt: neither text nor chat given")
+
+
+def format_from_proto(step: worker_pb2.SessionStep) -> Format:
+    if step.format == worker_pb2.TOP_K:
+        return Format(top_k=step.top_k or DEFAULT_TOP_K, dtype=np.dtype(np.float32))
+    if step.format not in _FORMATS:
+        raise RequestError(f"step.format: unknown value {step.format}")
+    return Format(top_k=0, dtype=_FORMATS[step.format])
+
+
+def step_to_proto(out: StepOutput) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(
+        step=worker_pb2.StepResult(
+            parts=[_part_to_proto(p) for p in out.parts],
+            tokens_fed=out.tokens_fed,
+            forward_passes=out.forward_passes,
+            batch_size=out.batch_size,
+            queue_ms=out.queue_ms,
+            compute_ms=out.compute_ms,
+        )
+    )
+
+
+def _part_to_proto(part: Part) -> worker_pb2.DistributionPart:
+    half = part.logprobs.dtype == np.float16
+    return worker_pb2.DistributionPart(
+        skip_bytes=part.skip_bytes,
+        log_scale=part.log_scale,
+        ids=b"" if part.ids is None else part.ids.astype("<u4", copy=False).tobytes(),
+        logprobs=part.logprobs.astype("<f2" if half else "<f4", copy=False).tobytes(),
+        dtype=worker_pb2.FLOAT16 if half else worker_pb2.FLOAT32,
+        rest_mass=part.rest_mass,
+    )
+
+
+def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
+    loaded = runtime.loaded
+    capabilities = ["top_k", "full_fp16", "full_fp32", "token_healing"]
+    if getattr(loaded.tokenizer, "chat_template", None):
+        capabilities.append("chat_template")
+    return worker_pb2.ModelInfo(
+        name=loaded.name,
+        fingerprint=loaded.fingerprint,
+        vocab_size=runtime.vocab_size,
+        eos_token_ids=runtime.eos_ids,
+        special_token_ids=[i for i, s in enumerate(runtime.special) if s],
+        context_length=loaded.context_length,
+        capabilities=capabilities,
+        tokenizer_kind=runtime.tokenizer_kind,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        active_sessions=len(runtime.sessions),
+        kv_cache_bytes=sum(s.kv.nbytes() for s in runtime.sessions.values()),
+    )
+
+
+def vocabulary_chunks(runtime: Runtime, chunk_size: int) -> list[worker_pb2.VocabularyChunk]:
+    size = chunk_size or 8192
+    return [
+        worker_pb2.VocabularyChunk(
+            start_id=start,
+            tokens=runtime.tokens[start : start + size],
+            special=runtime.special[start : start + size],
+        )
+        for start in range(0, runtime.vocab_size, size)
+    ]

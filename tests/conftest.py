@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from coordinator.cluster import WorkerProcess
+from tests.cluster_helpers import MODELS, LoopThread, worker
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def default_workers() -> Iterator[dict[str, WorkerProcess]]:
+    """The embedded default models, one worker process each (shared by the whole session)."""
+    workers = {name: worker(MODELS / name, name) for name in ("arith-bpe", "arith-sp")}
+    yield workers
+    for w in workers.values():
+        w.stop()

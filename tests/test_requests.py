@@ -1,0 +1,151 @@
+"""Request handling through real servers: bad input, cancellation, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import chorus
+from chorus.v1 import worker_pb2, worker_pb2_grpc
+from coordinator.cluster import WorkerProcess
+from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama that never picks end-of-sequence greedily: generations run long."""
+    path = tmp_path_factory.mktemp("endless")
+    tokenizer = AutoTokenizer.from_pretrained(MODELS / "arith-sp")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0: never the largest
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def endless_worker(endless_model: Path) -> Iterator[WorkerProcess]:
+    w = worker(endless_model, "endless")
+    yield w
+    w.stop()
+
+
+def _active_sessions(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10).active_sessions
+
+
+def test_cancelling_a_request_frees_the_workers_sessions(
+    loop: LoopThread, endless_worker: WorkerProcess, default_workers: dict[str, WorkerProcess]
+) -> None:
+    workers = [endless_worker, default_workers["arith-sp"]]
+    with coordinator(loop, make_config(workers)) as target, chorus.Client(target, timeout=60) as client:
+        assert client.generate(prompt="hello", max_new_tokens=40).finish_reason == "length"
+        stream = client.stream(prompt="hello", max_new_tokens=4000)
+        next(stream)
+        assert [_active_sessions(w.address) for w in workers] == [1, 1]
+        stream.close()  # cancels the call
+        deadline = time.monotonic() + 10
+        while any(_active_sessions(w.address) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_active_sessions(w.address) for w in workers] == [0, 0]
+        # A client deadline ends the request and frees the sessions too.
+        with pytest.raises(chorus.DeadlineExceeded):
+            client.generate(prompt="hello", max_new_tokens=4000, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while any(_active_sessions(w.address) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_active_sessions(w.address) for w in workers] == [0, 0]
+
+
+BAD_REQUESTS = [
+    ({"prompt": ""}, "prompt"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": []}, "messages"),
+    ({"prompt": "1+1=", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "1+1=", "max_new_tokens": 10**7}, "max_new_tokens"),
+    ({"prompt": "1+1=", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "1+1=", "temperature": -1.0}, "temperature"),
+    ({"prompt": "1+1=", "top_p": 0.0}, "top_p"),
+    ({"prompt": "1+1=", "top_p": 1.5}, "top_p"),
+    ({"prompt": "1+1=", "strategy": "nope"}, "strategy"),
+    ({"prompt": "1+1=", "strategy": "threshold"}, "primary"),
+    ({"prompt": "1+1=", "stop": [""]}, "stop"),
+    ({"prompt": "1+1=", "threshold": -0.5}, "threshold"),
+    ({"prompt": "1+1=" * 100}, "context"),
+    ({"conversations": [[{"role": "user", "content": "1"}]] * 65}, "conversations"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def test_bad_requests_get_invalid_argument(
+    loop: LoopThread, default_workers: dict[str, WorkerProcess], kwargs: dict[str, object], field: str
+) -> None:
+    config = make_config([default_workers["arith-bpe"], default_workers["arith-sp"]])
+    with coordinator(loop, config) as target, chorus.Client(target, timeout=30) as client:
+        with pytest.raises(chorus.InvalidArgument) as caught:
+            if "conversations" in kwargs:
+                client.generate_batch(**kwargs)  # type: ignore[arg-type]
+            else:
+                client.generate(**kwargs)  # type: ignore[arg-type]
+        assert field in caught.value.details
+        assert client.generate(prompt="12+35=", max_new_tokens=4).text.strip() == "47"  # still serving
+
+
+def _chorus(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "chorus.cli", *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs,
+    )  # fmt: skip
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - path: models/arith-bpe\n    scor: 3\n")
+    out, _ = _chorus("coordinator", "--config", str(bad)).communicate(timeout=60)
+    assert "models[0].scor: unknown key (did you mean 'score'?)" in out
+
+
+def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "default.yaml"
+    shutil.copy(ROOT / "configs" / "default.yaml", config)
+    text = config.read_text().replace("../models", str(MODELS))
+    config.write_text(text)
+    up = _chorus("up", "--config", str(config), "--port", "0")
+    try:
+        address = None
+        deadline = time.monotonic() + 180
+        while address is None and time.monotonic() < deadline:
+            line = up.stdout.readline()  # type: ignore[union-attr]
+            assert line or up.poll() is None, "chorus up exited"
+            if line.startswith("chorus serving on "):
+                address = line.split()[-1]
+        assert address, "chorus up did not report its address"
+        gen = _chorus("generate", "--target", address, "--max-new-tokens", "6", "12+35=")
+        out, _ = gen.communicate(timeout=60)
+        assert gen.returncode == 0, out
+        assert out.strip().endswith("47"), out
+        models = _chorus("models", "--target", address)
+        out, _ = models.communicate(timeout=60)
+        assert "arith-bpe" in out and "arith-sp" in out, out
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(30)

@@ -1,0 +1,35 @@
+"""Random tiny models with locally trained tokenizers, saved as Hugging Face directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tests.tokenizer_factory import byte_level_bpe, sentencepiece_byte_fallback
+
+
+def random_gpt2(path: Path, seed: int = 0) -> Path:
+    tokenizer = byte_level_bpe()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def random_llama(path: Path, seed: int = 0) -> Path:
+    tokenizer = sentencepiece_byte_fallback()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
