@@ -38,8 +38,10 @@ class WorkerProcess:
                 self.process.wait()
 
 
-def spawn_worker(spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.0) -> WorkerProcess:
-    """Start `python -m model_worker` for spec and wait until it serves."""
+def spawn_worker(
+    spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.0, threads: int | None = None
+) -> WorkerProcess:
+    """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads)."""
     port_file = Path(tempfile.mkdtemp(prefix="chorus-worker-")) / "port"
     command = [
         sys.executable, "-m", "model_worker",
@@ -48,7 +50,10 @@ def spawn_worker(spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.
     ]  # fmt: skip
     if spec.max_memory:
         command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + timeout
     while not port_file.exists() or not port_file.read_text():
         if process.poll() is not None:
@@ -63,10 +68,16 @@ def spawn_worker(spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.
 def spawn_workers(config: EnsembleConfig, host: str = "127.0.0.1") -> list[WorkerProcess]:
     """Start a worker for every model without an address, all loading in parallel."""
     specs = [m for m in config.models if m.address is None]
+    # Workers sharing the CPU split its cores: oversubscribed OpenMP threads spin and
+    # made a two-model step here 4x slower than either model alone.
+    on_cpu = sum(m.device == "cpu" for m in specs)
+    threads = max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu > 1 else None
     started: list[WorkerProcess] = []
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
-            started.extend(pool.map(lambda s: spawn_worker(s, host), specs))
+            started.extend(
+                pool.map(lambda s: spawn_worker(s, host, threads=threads if s.device == "cpu" else None), specs)
+            )
     except BaseException:
         for w in started:
             w.stop()

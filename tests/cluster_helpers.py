@@ -35,7 +35,7 @@ class LoopThread:
 
 
 def worker(path: Path, name: str) -> WorkerProcess:
-    return spawn_worker(ModelSpec(name=name, path=str(path)), timeout=180)
+    return spawn_worker(ModelSpec(name=name, path=str(path)), timeout=180, threads=1)
 
 
 def make_config(workers: list[WorkerProcess], **top: Any) -> EnsembleConfig:

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import chorus
@@ -150,3 +152,22 @@ def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(30)
+
+
+def _health_and_services(address: str) -> tuple[int, set[str]]:
+    with grpc.insecure_channel(address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    return status, {s.name for s in response.list_services_response.service}
+
+
+def test_health_and_reflection_on_both_servers(loop: LoopThread, default_workers: dict[str, WorkerProcess]) -> None:
+    worker_status, worker_services = _health_and_services(default_workers["arith-bpe"].address)
+    assert worker_status == health_pb2.HealthCheckResponse.SERVING
+    assert {"chorus.v1.ModelWorker", "grpc.health.v1.Health"} <= worker_services
+    with coordinator(loop, make_config([default_workers["arith-bpe"]])) as target:
+        status, services = _health_and_services(target)
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert {"chorus.v1.Coordinator", "grpc.health.v1.Health"} <= services
