@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
@@ -39,7 +40,23 @@ class WorkerClient:
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
 
     async def wait_ready(self, timeout: float) -> None:
-        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        """Wait until the worker's health check says SERVING (its model is loaded)."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"worker {self.address} not serving after {timeout:.0f} s")
+            try:
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(), timeout=min(remaining, 10.0), wait_for_ready=True
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def info(self, timeout: float = 30.0) -> WorkerInfo:
         info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)

@@ -19,28 +19,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--max-memory", type=json.loads, help='accelerate max_memory, e.g. \'{"0": "24GiB"}\'')
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight sessions get on SIGTERM")
     parser.add_argument("--port-file", help="write the bound port here once serving (for supervisors)")
 
 
 async def run(args: argparse.Namespace) -> None:
-    from model_worker.loading import load_model
+    from model_worker.loading import load_model  # torch only where a model runs
     from model_worker.runtime import Runtime
-    from model_worker.server import serve
+    from model_worker.server import WorkerServer
 
-    loaded = load_model(args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory)
-    runtime = Runtime(loaded)
-    server, port, _ = await serve(runtime, f"{args.host}:{args.port}")
+    server = WorkerServer(f"{args.host}:{args.port}")
+    await server.start()  # health answers NOT_SERVING while the model loads
+    log.info("loading %s (port %d)", args.model, server.port)
+    loaded = await asyncio.to_thread(
+        load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory
+    )
+    await server.ready(Runtime(loaded))
     if args.port_file:
         with open(args.port_file, "w") as fh:
-            fh.write(str(port))
-    print(f"worker {loaded.name} serving on {args.host}:{port}", flush=True)
+            fh.write(str(server.port))
+    print(f"worker {loaded.name} serving on {args.host}:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace=5)
-    await runtime.batcher.stop()
+    await server.stop(grace=args.grace)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,21 +20,27 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 
 
 class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None  # None while the model loads
+
+    async def _runtime(self, context: grpc.aio.ServicerContext) -> Runtime:
+        if self.runtime is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self.runtime  # type: ignore[return-value]
 
     async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.ModelInfo:
-        return convert.info_to_proto(self.runtime)
+        return convert.info_to_proto(await self._runtime(context))
 
     async def Vocabulary(
         self, request: worker_pb2.VocabularyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.VocabularyChunk]:
-        for chunk in convert.vocabulary_chunks(self.runtime, request.chunk_size):
+        for chunk in convert.vocabulary_chunks(await self._runtime(context), request.chunk_size):
             yield chunk
 
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
+        runtime = await self._runtime(context)
         session: Session | None = None
         try:
             async for request in request_iterator:
@@ -43,7 +49,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     if session is not None:
                         raise RequestError("open: the session is already open")
                     prompt = convert.prompt_from_proto(request.open.prompt)
-                    session = self.runtime.open(prompt, request.open.request_id)
+                    session = runtime.open(prompt, request.open.request_id)
                     yield worker_pb2.SessionResponse(
                         opened=worker_pb2.SessionOpened(prompt_tokens=session.prompt_tokens)
                     )
@@ -51,7 +57,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     if session is None:
                         raise RequestError("step: open the session first")
                     fmt = convert.format_from_proto(request.step)
-                    out = await self.runtime.step(session, request.step.append, fmt)
+                    out = await runtime.step(session, request.step.append, fmt)
                     yield convert.step_to_proto(out)
                 else:
                     raise RequestError("request: empty message, expected open or step")
@@ -61,25 +67,42 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             if session is not None:
-                self.runtime.close(session)
+                runtime.close(session)
 
 
-async def serve(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start the worker on address ('host:port', port 0 = any free port)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
-    worker_pb2_grpc.add_ModelWorkerServicer_to_server(WorkerService(runtime), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    runtime.batcher.start()
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("worker %s serving on port %d", runtime.loaded.name, port)
-    return server, port, health_servicer
+class WorkerServer:
+    """The worker's gRPC server. Health says NOT_SERVING until the model is loaded and while draining."""
+
+    def __init__(self, address: str) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        self.service = WorkerService()
+        worker_pb2_grpc.add_ModelWorkerServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def ready(self, runtime: Runtime) -> None:
+        runtime.batcher.start()
+        self.service.runtime = runtime
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker %s serving on port %d", runtime.loaded.name, self.port)
+
+    async def stop(self, grace: float) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        if self.service.runtime is not None:
+            await self.service.runtime.batcher.stop()
+
+    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
