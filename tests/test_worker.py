@@ -7,12 +7,16 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
 from model_worker.runtime import PromptSpec, Runtime
+from model_worker.server import WorkerServer
 from tests.reference import ReferenceModel
 from tests.tiny_models import random_gpt2, random_llama
 
@@ -114,3 +118,24 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
     for a, b in zip(alone, together, strict=True):
         _assert_close(a, b)
     assert not runtime.sessions
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> None:
+    async def run() -> None:
+        server = WorkerServer("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            worker = worker_pb2_grpc.ModelWorkerStub(channel)
+            loading = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert loading.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await worker.Info(worker_pb2.InfoRequest(), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            await server.ready(Runtime(load_model(str(model_dir))))
+            ready = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert ready.status == health_pb2.HealthCheckResponse.SERVING
+            assert (await worker.Info(worker_pb2.InfoRequest(), timeout=5)).vocab_size > 0
+        await server.stop(grace=0)
+
+    asyncio.run(run())
