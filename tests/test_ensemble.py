@@ -40,12 +40,13 @@ def test_two_identical_models_equal_the_single_model(
     assert alone[1:3] == ["75", "93"], alone  # the model really answers
 
 
-@pytest.mark.parametrize("top_k", [0, 1000])  # 1000 > vocabulary: the top-k path, exactly
+# top_k 1000 > vocabulary: the top-k path, exactly; float16: packed half-precision distributions.
+@pytest.mark.parametrize(("top_k", "dtype"), [(0, "float32"), (1000, "float32"), (0, "float16")])
 def test_gac_equals_in_process_reference(
-    loop: LoopThread, default_workers: dict[str, WorkerProcess], top_k: int
+    loop: LoopThread, default_workers: dict[str, WorkerProcess], top_k: int, dtype: str
 ) -> None:
     workers = [default_workers["arith-bpe"], default_workers["arith-sp"]]
-    config = make_config(workers, strategy="gac", transport={"top_k": top_k, "dtype": "float32"})
+    config = make_config(workers, strategy="gac", transport={"top_k": top_k, "dtype": dtype})
     with coordinator(loop, config) as target:
         served = _texts(target, PROMPTS, max_new_tokens=8)
     models = [ReferenceModel(MODELS / "arith-bpe"), ReferenceModel(MODELS / "arith-sp")]

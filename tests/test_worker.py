@@ -139,3 +139,18 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> Non
         await server.stop(grace=0)
 
     asyncio.run(run())
+
+
+def test_accelerate_device_map_path_gives_the_same_distribution(model_dir: Path) -> None:
+    """device 'auto' with max_memory goes through accelerate's device_map (CPU-only here)."""
+    plain = Runtime(load_model(str(model_dir)))
+    mapped = Runtime(load_model(str(model_dir), device="auto", max_memory={"cpu": "1GiB"}))
+
+    async def first_step(runtime: Runtime) -> dict[bytes | None, float]:
+        runtime.batcher.start()
+        session = runtime.open(PromptSpec(text="hello"))
+        out = await runtime.step(session, b"", FULL)
+        await runtime.batcher.stop()
+        return _as_dict(runtime, out.parts)
+
+    _assert_close(asyncio.run(first_step(plain)), asyncio.run(first_step(mapped)))
