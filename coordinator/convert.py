@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from chorus.v1 import coordinator_pb2
+from chorus.v1 import common_pb2, coordinator_pb2
 from coordinator.config import EnsembleConfig
 from coordinator.ensemble import Ensemble
 from coordinator.strategies import STRATEGIES
@@ -86,8 +86,8 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
     ]
 
 
-def _conversation(conv: object, template: bool, field: str) -> Prompt:
-    messages = tuple((m.role, m.content) for m in conv.messages)  # type: ignore[attr-defined]
+def _conversation(conv: common_pb2.Conversation, template: bool, field: str) -> Prompt:
+    messages = tuple((m.role, m.content) for m in conv.messages)
     if not messages:
         raise InvalidRequest(f"{field}: no messages")
     for i, (role, _) in enumerate(messages):
