@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import chorus
+from chorus.lifecycle import wait_for_signal
 from model_worker.main import add_arguments as add_worker_arguments
 
 if TYPE_CHECKING:
@@ -77,17 +77,12 @@ def _up(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
     config = _load(args.config)
-    workers = cluster.spawn_workers(config)
-    try:
-        asyncio.run(_serve(config, cluster.addresses(config, workers), args.port))
-    finally:
-        for w in workers:
-            w.stop()
+    with cluster.local_workers(config) as addresses:
+        asyncio.run(_serve(config, addresses, args.port))
     return 0
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-
     config = _load(args.config)
     given = dict(w.split("=", 1) for w in args.worker)
     unknown = set(given) - set(config.model_names)
@@ -106,11 +101,7 @@ async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None)
 
     running = await cluster.start_coordinator(config, addresses, port)
     print(f"chorus serving on {config.server.host}:{running.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_signal()
     await running.stop()
 
 
@@ -166,12 +157,8 @@ def _demo(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
     config = _load(args.config)
-    workers = cluster.spawn_workers(config)
-    try:
-        asyncio.run(_demo_async(config, cluster.addresses(config, workers), args.port))
-    finally:
-        for w in workers:
-            w.stop()
+    with cluster.local_workers(config) as addresses:
+        asyncio.run(_demo_async(config, addresses, args.port))
     return 0
 
 
@@ -193,7 +180,8 @@ async def _demo_async(config: EnsembleConfig, addresses: list[str], port: int) -
                 result = await client.generate(prompt=prompt, max_new_tokens=8)
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
-                ok = result.text.strip() == str(eval(prompt[:-1]))
+                a, b = prompt.rstrip("=").split("+")
+                ok = result.text.strip() == str(int(a) + int(b))
                 correct += ok
                 print(f"  {prompt}{result.text:<6} {'ok' if ok else 'WRONG'}   ({result.usage.steps} steps)")
         print(f"  {correct}/{len(DEMO_PROMPTS)} correct, {1e3 * elapsed / tokens:.1f} ms/token")

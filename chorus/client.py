@@ -65,9 +65,17 @@ class EnsembleInfo:
 
 
 @dataclass
-class _Collected:
-    pieces: list[str] = field(default_factory=list)
-    result: Result | None = None
+class _Results:
+    """Final results of a Generate stream, by conversation index."""
+
+    by_index: dict[int, Result] = field(default_factory=dict)
+
+    def add(self, response: coordinator_pb2.GenerateResponse) -> None:
+        if response.HasField("done"):
+            self.by_index[response.index] = _result(response.done)
+
+    def in_order(self) -> list[Result]:
+        return [self.by_index[i] for i in sorted(self.by_index)]
 
 
 def build_request(
@@ -182,15 +190,13 @@ class Client:
         return _ensemble(response)
 
     def _collect(self, request: coordinator_pb2.GenerateRequest, timeout: float | None) -> list[Result]:
-        collected: dict[int, _Collected] = {}
+        results = _Results()
         try:
             for response in self._stub.Generate(request, timeout=timeout or self._timeout):
-                entry = collected.setdefault(response.index, _Collected())
-                if response.HasField("done"):
-                    entry.result = _result(response.done)
+                results.add(response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return [collected[i].result for i in sorted(collected)]  # type: ignore[misc]
+        return results.in_order()
 
     def close(self) -> None:
         self._channel.close()
@@ -239,15 +245,13 @@ class AsyncClient:
         return _ensemble(response)
 
     async def _collect(self, request: coordinator_pb2.GenerateRequest, timeout: float | None) -> list[Result]:
-        collected: dict[int, _Collected] = {}
+        results = _Results()
         try:
             async for response in self._stub.Generate(request, timeout=timeout or self._timeout):
-                entry = collected.setdefault(response.index, _Collected())
-                if response.HasField("done"):
-                    entry.result = _result(response.done)
+                results.add(response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return [collected[i].result for i in sorted(collected)]  # type: ignore[misc]
+        return results.in_order()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,17 @@ def spawn_workers(config: EnsembleConfig, host: str = "127.0.0.1") -> list[Worke
             w.stop()
         raise
     return started
+
+
+@contextmanager
+def local_workers(config: EnsembleConfig, host: str = "127.0.0.1") -> Iterator[list[str]]:
+    """Run the config's spawned workers for the block; yields every model's address in config order."""
+    workers = spawn_workers(config, host)
+    try:
+        yield addresses(config, workers)
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def addresses(config: EnsembleConfig, workers: list[WorkerProcess]) -> list[str]:

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
+
+from chorus.lifecycle import wait_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,7 @@ async def run(args: argparse.Namespace) -> None:
         with open(args.port_file, "w") as fh:
             fh.write(str(server.port))
     print(f"worker {loaded.name} serving on {args.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_signal()
     await server.stop(grace=args.grace)
 
 
