@@ -84,6 +84,9 @@ def _up(args: argparse.Namespace) -> int:
 
 def _coordinator(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if config.discovery.mode == "kubernetes":
+        asyncio.run(_serve(config, [], args.port))
+        return 0
     given = dict(w.split("=", 1) for w in args.worker)
     unknown = set(given) - set(config.model_names)
     if unknown:
@@ -148,7 +151,7 @@ def _models(args: argparse.Namespace) -> int:
     for m in info.models:
         print(
             f"  {m.name:24} {m.priority:10} weight {m.weight:.3f}  vocab {m.vocab_size:7} "
-            f"{m.tokenizer_kind:14} {m.device:8} {m.address}"
+            f"{m.tokenizer_kind:14} {m.device:8} {', '.join(m.addresses) or '(no ready worker)'}"
         )
     return 0
 

@@ -52,7 +52,7 @@ class ModelInfo:
     tokenizer_kind: str
     priority: str
     weight: float
-    address: str
+    addresses: tuple[str, ...]
     device: str
 
 
@@ -62,6 +62,7 @@ class EnsembleInfo:
     strategy: str
     strategies: tuple[str, ...]
     union_vocab_size: int
+    ready: bool
 
 
 @dataclass
@@ -142,12 +143,22 @@ def _result(done: coordinator_pb2.Completion) -> Result:
 def _ensemble(response: coordinator_pb2.ModelsResponse) -> EnsembleInfo:
     return EnsembleInfo(
         models=tuple(
-            ModelInfo(m.name, m.fingerprint, m.vocab_size, m.tokenizer_kind, m.priority, m.weight, m.address, m.device)
+            ModelInfo(
+                name=m.name,
+                fingerprint=m.fingerprint,
+                vocab_size=m.vocab_size,
+                tokenizer_kind=m.tokenizer_kind,
+                priority=m.priority,
+                weight=m.weight,
+                addresses=tuple(m.addresses),
+                device=m.device,
+            )
             for m in response.models
         ),
         strategy=response.strategy,
         strategies=tuple(response.strategies),
         union_vocab_size=response.union_vocab_size,
+        ready=response.ready,
     )
 
 

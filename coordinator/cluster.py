@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from kubernetes.client import ApiClient
 
 from coordinator.config import EnsembleConfig, ModelSpec
+from coordinator.discovery import KubernetesDiscovery
 from coordinator.ensemble import Ensemble, connect
 from coordinator.server import serve
 
@@ -109,16 +111,29 @@ class RunningCoordinator:
     ensemble: Ensemble
     server: grpc.aio.Server
     port: int
+    discovery: KubernetesDiscovery | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.discovery is not None:
+            self.discovery.stop()
         await self.server.stop(grace)
         await self.ensemble.close()
 
 
 async def start_coordinator(
-    config: EnsembleConfig, worker_addresses: list[str], port: int | None = None
+    config: EnsembleConfig,
+    worker_addresses: list[str] | None = None,
+    port: int | None = None,
+    api_client: ApiClient | None = None,
 ) -> RunningCoordinator:
-    ensemble = await connect(config, worker_addresses)
-    bind_port = config.server.port if port is None else port
-    server, bound = await serve(ensemble, f"{config.server.host}:{bind_port}")
+    """Serve config's ensemble: over fixed worker addresses, or over pods found in Kubernetes."""
+    bind = f"{config.server.host}:{config.server.port if port is None else port}"
+    if config.discovery.mode == "kubernetes":
+        ensemble = Ensemble.from_config(config)
+        server, bound = await serve(ensemble, bind)  # NOT_SERVING until every model has a ready pod
+        discovery = KubernetesDiscovery(ensemble, config.discovery, api_client)
+        discovery.start()
+        return RunningCoordinator(ensemble, server, bound, discovery)
+    ensemble = await connect(config, worker_addresses or [])
+    server, bound = await serve(ensemble, bind)
     return RunningCoordinator(ensemble, server, bound)

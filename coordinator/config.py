@@ -106,6 +106,17 @@ class Server(_Section):
     port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
 
 
+class Discovery(_Section):
+    """Where the coordinator finds workers: fixed addresses, or pods found through the Kubernetes API."""
+
+    mode: Literal["static", "kubernetes"] = "static"
+    namespace: str | None = None  # kubernetes: default the coordinator pod's own namespace
+    label_selector: str = "app.kubernetes.io/component=worker"
+    model_label: str = Field("chorus.dev/model", min_length=1)  # pod label naming the model (models[].name)
+    port_name: str = "grpc"  # the worker container's port of this name; else `port`
+    port: int = Field(50061, ge=1, le=65535)
+
+
 class ModelSpec(_Section):
     """One ensemble member.
 
@@ -193,6 +204,7 @@ class EnsembleConfig(_Section):
     defaults: RequestDefaults = RequestDefaults()
     limits: Limits = Limits()
     server: Server = Server()
+    discovery: Discovery = Discovery()
     models: tuple[ModelSpec, ...] = Field(strict=False)
 
     @model_validator(mode="before")
@@ -205,7 +217,7 @@ class EnsembleConfig(_Section):
                 return {**data, "strategy": "threshold"}
         return data
 
-    @field_validator("transport", "defaults", "limits", "server", mode="before")
+    @field_validator("transport", "defaults", "limits", "server", "discovery", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # `defaults:` with every line commented out

@@ -141,21 +141,24 @@ def _usage_to_proto(usage: Usage) -> coordinator_pb2.Usage:
 
 
 def models_to_proto(ensemble: Ensemble) -> coordinator_pb2.ModelsResponse:
+    entries = []
+    for m in ensemble.members:
+        entry = coordinator_pb2.ModelEntry(
+            name=m.spec.name,
+            priority=m.spec.priority,
+            weight=m.weight,
+            addresses=sorted(a for a, r in m.replicas.items() if not r.retired),
+        )
+        if m.info is not None:
+            entry.fingerprint = m.info.fingerprint
+            entry.vocab_size = m.info.vocab_size
+            entry.tokenizer_kind = m.info.tokenizer_kind
+            entry.device = m.info.device
+        entries.append(entry)
     return coordinator_pb2.ModelsResponse(
-        models=[
-            coordinator_pb2.ModelEntry(
-                name=m.spec.name,
-                fingerprint=m.info.fingerprint,
-                vocab_size=m.info.vocab_size,
-                tokenizer_kind=m.info.tokenizer_kind,
-                priority=m.spec.priority,
-                weight=m.weight,
-                address=m.client.address,
-                device=m.info.device,
-            )
-            for m in ensemble.members
-        ],
+        models=entries,
         strategy=ensemble.config.strategy,
         strategies=sorted(STRATEGIES),
-        union_vocab_size=ensemble.union.size,
+        union_vocab_size=ensemble.union.size if ensemble.union is not None else 0,
+        ready=ensemble.ready,
     )

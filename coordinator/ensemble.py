@@ -1,10 +1,16 @@
-"""The ensemble a coordinator serves: connected workers, their vocabularies and the union."""
+"""The ensemble a coordinator serves: its models, their worker replicas, and the union vocabulary.
+
+Workers join and leave at run time (Kubernetes discovery, or fixed addresses). A model may have
+many replicas; each request is placed on the least-loaded replica of every model and stays there
+for its lifetime, since its KV cache lives there.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,49 +22,127 @@ from coordinator.workers import Transport, WorkerClient
 log = logging.getLogger(__name__)
 
 
+class NotReady(Exception):
+    """A model has no ready worker now; the request may be retried (UNAVAILABLE)."""
+
+
+@dataclass
+class Replica:
+    client: WorkerClient
+    active: int = 0  # requests placed here now
+    retired: bool = False  # left discovery; closed once its last request ends
+
+
 @dataclass
 class Member:
     spec: ModelSpec
-    client: WorkerClient
-    info: WorkerInfo
-    vocab: ModelVocab
     weight: float
-    index: np.ndarray  # model token id -> union id (-1: not text)
+    info: WorkerInfo | None = None
+    vocab: ModelVocab | None = None
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # model id -> union id
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+    def acquire(self) -> Replica:
+        """The least-loaded replica, reserved for one request."""
+        live = [r for r in self.replicas.values() if not r.retired]
+        if not live:
+            raise NotReady(f"model {self.spec.name!r} has no ready worker")
+        replica = min(live, key=lambda r: r.active)
+        replica.active += 1
+        return replica
+
+    async def release(self, replica: Replica) -> None:
+        replica.active -= 1
+        if replica.retired and replica.active == 0:
+            await replica.client.close()
 
 
 @dataclass
 class Ensemble:
     config: EnsembleConfig
     members: list[Member]
-    union: UnionVocab
     transport: Transport
+    union: UnionVocab | None = None
+    listeners: list[Callable[[], None]] = field(default_factory=list)  # told when readiness may change
+
+    @classmethod
+    def from_config(cls, config: EnsembleConfig) -> Ensemble:
+        members = [Member(spec, w) for spec, w in zip(config.models, config.weight_vector(), strict=True)]
+        transport = Transport(top_k=config.transport.top_k, half=config.transport.dtype == "float16")
+        return cls(config, members, transport)
 
     @property
     def primary(self) -> int | None:
         return self.config.primary_index
 
+    @property
+    def ready(self) -> bool:
+        return self.union is not None and all(any(not r.retired for r in m.replicas.values()) for m in self.members)
+
+    def check_ready(self) -> None:
+        if self.union is None:
+            waiting = [m.spec.name for m in self.members if m.vocab is None]
+            raise NotReady(f"waiting for the first worker of {waiting}")
+
+    async def add_worker(self, model: str, address: str) -> None:
+        """A ready worker of `model` at `address` joins (again)."""
+        member = next((m for m in self.members if m.spec.name == model), None)
+        if member is None:
+            log.warning("ignoring worker %s: model %r is not in the config", address, model)
+            return
+        if address in member.replicas and not member.replicas[address].retired:
+            return
+        client = WorkerClient(address)
+        try:
+            info = await client.info()
+            if member.info is not None and info.fingerprint != member.info.fingerprint:
+                raise RuntimeError(f"fingerprint {info.fingerprint[:12]} differs from {member.info.fingerprint[:12]}")
+            vocab = await client.vocabulary(info)
+        except Exception as exc:
+            log.error("worker %s of %s refused: %s", address, model, exc)
+            await client.close()
+            return
+        member.info, member.vocab = info, vocab
+        member.replicas[address] = Replica(client)
+        log.info("worker %s of %s joined (%d tokens, %s)", address, model, info.vocab_size, info.tokenizer_kind)
+        if self.union is None and all(m.vocab is not None for m in self.members):
+            self.union = UnionVocab([m.vocab for m in self.members if m.vocab is not None])
+            for m, index in zip(self.members, self.union.index, strict=True):
+                m.index = index
+            log.info("union vocabulary: %d entries", self.union.size)
+        self._notify()
+
+    async def remove_worker(self, model: str, address: str) -> None:
+        """The worker left: no new requests go there; running ones finish where they are."""
+        member = next((m for m in self.members if m.spec.name == model), None)
+        replica = member.replicas.pop(address, None) if member else None
+        if replica is None:
+            return
+        log.info("worker %s of %s left", address, model)
+        replica.retired = True
+        if replica.active == 0:
+            await replica.client.close()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
     async def close(self) -> None:
-        await asyncio.gather(*(m.client.close() for m in self.members))
+        clients = [r.client for m in self.members for r in m.replicas.values()]
+        await asyncio.gather(*(c.close() for c in clients))
 
 
 async def connect(config: EnsembleConfig, addresses: list[str], timeout: float = 600.0) -> Ensemble:
-    """Connect to one worker per model (in config order) and build the union vocabulary."""
-    clients = [WorkerClient(a) for a in addresses]
-    await asyncio.gather(*(c.wait_ready(timeout) for c in clients))
-    infos = await asyncio.gather(*(c.info() for c in clients))
-    vocabs = await asyncio.gather(*(c.vocabulary(i) for c, i in zip(clients, infos, strict=True)))
-    union = UnionVocab(vocabs)
-    weights = config.weight_vector()
-    members = [
-        Member(spec, client, info, vocab, weight, union.index[i])
-        for i, (spec, client, info, vocab, weight) in enumerate(
-            zip(config.models, clients, infos, vocabs, weights, strict=True)
-        )
-    ]
-    for m in members:
-        log.info(
-            "model %s at %s: %d tokens (%s)", m.spec.name, m.client.address, m.info.vocab_size, m.info.tokenizer_kind
-        )
-    log.info("union vocabulary: %d entries", union.size)
-    transport = Transport(top_k=config.transport.top_k, half=config.transport.dtype == "float16")
-    return Ensemble(config, members, union, transport)
+    """An ensemble over fixed worker addresses (one per model, in config order), once all are ready."""
+    ensemble = Ensemble.from_config(config)
+    probes = [WorkerClient(a) for a in addresses]
+    try:
+        await asyncio.gather(*(p.wait_ready(timeout) for p in probes))
+    finally:
+        await asyncio.gather(*(p.close() for p in probes))
+    for spec, address in zip(config.models, addresses, strict=True):
+        await ensemble.add_worker(spec.name, address)
+    if not ensemble.ready:
+        raise RuntimeError("some workers were refused; see the log")
+    return ensemble

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import numpy as np
 
-from coordinator.ensemble import Ensemble
+from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.sampling import choose
 from coordinator.strategies import STRATEGIES
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage
@@ -27,6 +27,7 @@ class _Step:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
+        assert run.ensemble.union is not None  # checked ready before the first step
         self.extras = StepExtras(run.ensemble.union)
         self.n_models = len(run.ensemble.members)
         self.weights = [m.weight for m in run.ensemble.members]
@@ -50,6 +51,7 @@ class _Step:
         usage = run.usage.models[i]
         usage.forward_passes += step.forward_passes
         usage.tokens_fed += step.tokens_fed
+        assert member.vocab is not None  # checked ready before the first step
         return from_parts(step.parts, member.index, member.vocab.tokens, self.extras)
 
     def mix(self, dists: Sequence[UnionDist], models: Sequence[int]) -> UnionDist:
@@ -72,7 +74,16 @@ async def generate(
     """Yield text pieces, then one Finished. Closing the iterator cancels the workers' sessions."""
     started = time.perf_counter()
     strategy = STRATEGIES[request.strategy]()
-    sessions = [m.client.session(timeout) for m in ensemble.members]
+    ensemble.check_ready()
+    placed: list[tuple[Member, Replica]] = []
+    try:
+        for m in ensemble.members:
+            placed.append((m, m.acquire()))
+    except NotReady:
+        for m, replica in placed:
+            await m.release(replica)
+        raise
+    sessions = [replica.client.session(timeout) for _, replica in placed]
     run = _Run(ensemble, request, sessions)
     rng = np.random.default_rng(request.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -91,7 +102,7 @@ async def generate(
             run.usage.steps += 1
             run.usage.steps_ensembled += int(decision.ensembled)
             uid = choose(decision.dist, request.sampling, rng)
-            if ensemble.union.is_end(uid):
+            if step.extras.union.is_end(uid):
                 finish = "stop"
                 break
             chosen = step.extras.bytes_of(uid)
@@ -112,6 +123,8 @@ async def generate(
     finally:
         for s in sessions:
             s.cancel()
+        for m, replica in placed:
+            await m.release(replica)
 
 
 class _StopMatcher:

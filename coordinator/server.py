@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
-from coordinator.ensemble import Ensemble
+from coordinator.ensemble import Ensemble, NotReady
 from coordinator.generation import generate
 from coordinator.types import Finished, GenerationRequest, TextPiece
 from coordinator.workers import CHANNEL_OPTIONS
@@ -55,6 +55,8 @@ async def _guarded(
     try:
         async for event in events:
             yield event
+    except NotReady as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -100,6 +102,7 @@ async def _when_all(tasks: list[asyncio.Task[None]], queue: asyncio.Queue[object
 
 
 async def serve(ensemble: Ensemble, address: str) -> tuple[grpc.aio.Server, int]:
+    """Start the coordinator; health is SERVING exactly while every model has a ready worker."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ensemble), server)
     health_servicer = health.aio.HealthServicer()
@@ -107,7 +110,16 @@ async def serve(ensemble: Ensemble, address: str) -> tuple[grpc.aio.Server, int]
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def update_health() -> None:
+        serving = (
+            health_pb2.HealthCheckResponse.SERVING if ensemble.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, serving)
+
+    loop = asyncio.get_running_loop()
+    ensemble.listeners.append(lambda: loop.create_task(update_health()))
+    await update_health()
     log.info("coordinator serving on port %d", port)
     return server, port

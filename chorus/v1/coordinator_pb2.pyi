@@ -94,14 +94,14 @@ class ModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelEntry(_message.Message):
-    __slots__ = ("name", "fingerprint", "vocab_size", "tokenizer_kind", "priority", "weight", "address", "device")
+    __slots__ = ("name", "fingerprint", "vocab_size", "tokenizer_kind", "priority", "weight", "addresses", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_KIND_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
@@ -109,18 +109,20 @@ class ModelEntry(_message.Message):
     tokenizer_kind: str
     priority: str
     weight: float
-    address: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
     device: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_kind: _Optional[str] = ..., priority: _Optional[str] = ..., weight: _Optional[float] = ..., address: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_kind: _Optional[str] = ..., priority: _Optional[str] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelsResponse(_message.Message):
-    __slots__ = ("models", "strategy", "strategies", "union_vocab_size")
+    __slots__ = ("models", "strategy", "strategies", "union_vocab_size", "ready")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     UNION_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelEntry]
     strategy: str
     strategies: _containers.RepeatedScalarFieldContainer[str]
     union_vocab_size: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelEntry, _Mapping]]] = ..., strategy: _Optional[str] = ..., strategies: _Optional[_Iterable[str]] = ..., union_vocab_size: _Optional[int] = ...) -> None: ...
+    ready: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelEntry, _Mapping]]] = ..., strategy: _Optional[str] = ..., strategies: _Optional[_Iterable[str]] = ..., union_vocab_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,150 @@
+"""Kubernetes discovery against a Kubernetes API test server (kmock) over real HTTP with the real client.
+
+Worker pods are objects in the emulated API whose pod IP and `grpc` port point at real worker
+processes on localhost; they appear, turn ready, and disappear while the coordinator serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kmock import KubernetesEmulator, Server
+from kubernetes import client
+
+import chorus
+from coordinator.cluster import WorkerProcess, start_coordinator
+from coordinator.config import parse_config
+from coordinator.ensemble import Member, NotReady, Replica
+from tests.cluster_helpers import MODELS, ROOT, LoopThread, worker
+
+NAMESPACE = "chorus"
+
+
+@pytest.fixture(scope="module")
+def bpe_replica() -> Iterator[WorkerProcess]:
+    w = worker(MODELS / "arith-bpe", "arith-bpe")
+    yield w
+    w.stop()
+
+
+@pytest.fixture()
+def kube(loop: LoopThread) -> Iterator[client.CoreV1Api]:
+    async def start() -> tuple[AsyncExitStack, str]:
+        stack = AsyncExitStack()
+        emulator = await stack.enter_async_context(KubernetesEmulator())
+        server = await stack.enter_async_context(Server(emulator))
+        return stack, str(server.url).rstrip("/")
+
+    stack, url = loop.run(start())
+    configuration = client.Configuration()
+    configuration.host = url
+    api = client.ApiClient(configuration)
+    yield client.CoreV1Api(api)
+    api.close()
+    loop.run(stack.aclose())
+
+
+def _pod(name: str, model: str, address: str, ready: bool) -> dict[str, Any]:
+    ip, port = address.rsplit(":", 1)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"app": "chorus-worker", "chorus.dev/model": model},
+        },
+        "spec": {
+            "containers": [{"name": "worker", "image": "w", "ports": [{"name": "grpc", "containerPort": int(port)}]}]
+        },
+        "status": {"podIP": ip, "containerStatuses": [_container(ready)]},
+    }
+
+
+def _container(ready: bool) -> dict[str, Any]:
+    return {"name": "worker", "ready": ready, "restartCount": 0, "image": "w", "imageID": "w"}
+
+
+def _eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
+def _serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_pods_join_when_ready_and_leave_when_gone(
+    loop: LoopThread, kube: client.CoreV1Api, default_workers: dict[str, WorkerProcess], bpe_replica: WorkerProcess
+) -> None:
+    bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
+    config = parse_config(
+        {
+            "models": [
+                {"name": "arith-bpe", "path": "models/arith-bpe"},
+                {"name": "arith-sp", "path": "models/arith-sp"},
+            ],
+            "server": {"port": 0},
+            "discovery": {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"},
+        },
+        ROOT,
+    )
+    kube.create_namespaced_pod(NAMESPACE, _pod("bpe-0", "arith-bpe", bpe.address, ready=False))
+    kube.create_namespaced_pod(NAMESPACE, _pod("sp-0", "arith-sp", sp.address, ready=True))
+    running = loop.run(start_coordinator(config, port=0, api_client=kube.api_client))
+    target = f"127.0.0.1:{running.port}"
+    try:
+        with chorus.Client(target, timeout=30) as sdk:
+            # arith-bpe's only pod is not ready: not serving, and requests are retryable UNAVAILABLE.
+            _eventually(lambda: sdk.models().models[1].addresses == (sp.address,), "arith-sp joined")
+            assert not _serving(target)
+            with pytest.raises(chorus.Unavailable, match="arith-bpe"):
+                sdk.generate(prompt="48+27=")
+
+            kube.patch_namespaced_pod("bpe-0", NAMESPACE, {"status": {"containerStatuses": [_container(True)]}})
+            _eventually(lambda: _serving(target), "the coordinator serves")
+            assert sdk.generate(prompt="48+27=", max_new_tokens=4).text == "75"
+
+            # A second replica of arith-bpe joins (placement over replicas: the test below).
+            kube.create_namespaced_pod(NAMESPACE, _pod("bpe-1", "arith-bpe", bpe_replica.address, ready=True))
+            both = tuple(sorted([bpe.address, bpe_replica.address]))
+            _eventually(lambda: sdk.models().models[0].addresses == both, "the second replica joined")
+
+            # During generation the first replica disappears: the request finishes where it runs.
+            stream = sdk.stream(prompt="48+27=", max_new_tokens=4)
+            first = next(stream)
+            kube.delete_namespaced_pod("bpe-0", NAMESPACE)
+            assert first + "".join(stream) == "75"
+            _eventually(lambda: sdk.models().models[0].addresses == (bpe_replica.address,), "bpe-0 left")
+            assert sdk.generate(prompt="7+86=", max_new_tokens=4).text == "93"
+
+            # A replica that stops being ready leaves too; with none left, requests are UNAVAILABLE.
+            kube.patch_namespaced_pod("bpe-1", NAMESPACE, {"status": {"containerStatuses": [_container(False)]}})
+            _eventually(lambda: not _serving(target), "the coordinator stops serving")
+            with pytest.raises(chorus.Unavailable):
+                sdk.generate(prompt="48+27=")
+    finally:
+        loop.run(running.stop(grace=0))
+
+
+def test_requests_go_to_the_least_loaded_replica_and_stay() -> None:
+    member = Member(spec=parse_config({"models": [{"name": "m", "path": "x"}]}, ROOT).models[0], weight=1.0)
+    with pytest.raises(NotReady):
+        member.acquire()
+    member.replicas = {"a": Replica(client=None), "b": Replica(client=None)}  # type: ignore[arg-type]
+    placed = [member.acquire() for _ in range(4)]
+    assert [r.active for r in member.replicas.values()] == [2, 2]
+    assert placed[0] is member.replicas["a"] and placed[1] is member.replicas["b"]
+    member.replicas["a"].retired = True  # left discovery: gets no new requests
+    assert member.acquire() is member.replicas["b"]
