@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import chorus
-from chorus.lifecycle import wait_for_signal
+from chorus.lifecycle import serve_metrics, wait_for_signal
 from model_worker.main import add_arguments as add_worker_arguments
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a local cluster: one worker process per model and a coordinator")
     up.add_argument("--config", required=True)
     up.add_argument("--port", type=int, help="coordinator port (default: the config's server.port)")
+    up.add_argument("--metrics-port", type=int, help="serve the coordinator's Prometheus metrics on this port")
 
     worker = sub.add_parser("worker", help="run one model worker (what the worker container runs)")
     add_worker_arguments(worker)
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     coord = sub.add_parser("coordinator", help="run the coordinator against running workers")
     coord.add_argument("--config", required=True)
     coord.add_argument("--port", type=int)
+    coord.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     coord.add_argument("--worker", action="append", default=[], metavar="NAME=HOST:PORT",
                        help="address of a model's worker (overrides the config's address)")  # fmt: skip
 
@@ -78,14 +80,14 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     with cluster.local_workers(config) as addresses:
-        asyncio.run(_serve(config, addresses, args.port))
+        asyncio.run(_serve(config, addresses, args.port, args.metrics_port))
     return 0
 
 
 def _coordinator(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config.discovery.mode == "kubernetes":
-        asyncio.run(_serve(config, [], args.port))
+        asyncio.run(_serve(config, [], args.port, args.metrics_port))
         return 0
     given = dict(w.split("=", 1) for w in args.worker)
     unknown = set(given) - set(config.model_names)
@@ -95,14 +97,17 @@ def _coordinator(args: argparse.Namespace) -> int:
     missing = [m.name for m, a in zip(config.models, addresses, strict=True) if not a]
     if missing:
         raise SystemExit(f"no worker address for {missing}: set models[].address or pass --worker NAME=HOST:PORT")
-    asyncio.run(_serve(config, [a for a in addresses if a], args.port))
+    asyncio.run(_serve(config, [a for a in addresses if a], args.port, args.metrics_port))
     return 0
 
 
-async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None) -> None:
+async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None, metrics_port: int | None) -> None:
     from coordinator import cluster
 
     running = await cluster.start_coordinator(config, addresses, port)
+    if metrics_port is not None:
+        bound = serve_metrics(config.server.host, metrics_port)
+        print(f"metrics on http://{config.server.host}:{bound}/metrics", flush=True)
     print(f"chorus serving on {config.server.host}:{running.port}", flush=True)
     await wait_for_signal()
     await running.stop()

@@ -13,3 +13,11 @@ async def wait_for_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve Prometheus metrics at http://host:port/metrics in a thread; returns the bound port."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host)
+    return int(server.server_port)

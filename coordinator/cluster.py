@@ -43,7 +43,11 @@ class WorkerProcess:
 
 
 def spawn_worker(
-    spec: ModelSpec, host: str = "127.0.0.1", timeout: float = 600.0, threads: int | None = None
+    spec: ModelSpec,
+    host: str = "127.0.0.1",
+    timeout: float = 600.0,
+    threads: int | None = None,
+    metrics_port: int | None = None,
 ) -> WorkerProcess:
     """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads)."""
     port_file = Path(tempfile.mkdtemp(prefix="chorus-worker-")) / "port"
@@ -52,6 +56,8 @@ def spawn_worker(
         "--model", spec.path, "--name", spec.name, "--device", spec.device, "--dtype", spec.dtype,
         "--host", host, "--port", "0", "--port-file", str(port_file),
     ]  # fmt: skip
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
     if spec.max_memory:
         command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
+from coordinator.metrics import RequestMetrics
 from coordinator.sampling import choose
 from coordinator.strategies import STRATEGIES
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage
@@ -33,11 +34,15 @@ class _Step:
         self.weights = [m.weight for m in run.ensemble.members]
         self.primary = run.ensemble.primary
         self.threshold = run.request.threshold
-        self.asked: set[int] = set()
+        self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step
 
     async def ask(self, models: Sequence[int]) -> list[UnionDist]:
-        self.asked.update(models)
-        return list(await asyncio.gather(*(self._ask_one(i) for i in models)))
+        dists = await asyncio.gather(*(self._ask_one(i) for i in models))
+        self.answers.update(zip(models, dists, strict=True))
+        return list(dists)
+
+    def top_choices(self) -> dict[int, int]:
+        return {i: d.top() for i, d in self.answers.items() if d.uids.size}
 
     async def _ask_one(self, i: int) -> UnionDist:
         run, member = self._run, self._run.ensemble.members[i]
@@ -85,6 +90,7 @@ async def generate(
         raise
     sessions = [replica.client.session(timeout) for _, replica in placed]
     run = _Run(ensemble, request, sessions)
+    measure = RequestMetrics(request.strategy, [m.spec.name for m in ensemble.members])
     rng = np.random.default_rng(request.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = _StopMatcher(request.stop)
@@ -93,6 +99,7 @@ async def generate(
         prompt_tokens = await asyncio.gather(*(s.open(request.prompt, request.request_id) for s in sessions))
         for usage, n in zip(run.usage.models, prompt_tokens, strict=True):
             usage.prompt_tokens = n
+        measure.opened(prompt_tokens)
         for _ in range(request.max_new_tokens):
             step = _Step(run)
             try:
@@ -102,11 +109,13 @@ async def generate(
             run.usage.steps += 1
             run.usage.steps_ensembled += int(decision.ensembled)
             uid = choose(decision.dist, request.sampling, rng)
+            measure.step(decision.ensembled, step.top_choices(), uid)
             if step.extras.union.is_end(uid):
                 finish = "stop"
                 break
             chosen = step.extras.bytes_of(uid)
             run.usage.completion_tokens += 1
+            measure.token()
             run.unsent = [u + chosen for u in run.unsent]
             piece, stopped = stops.feed(decoder.decode(chosen))
             if piece:
@@ -119,8 +128,10 @@ async def generate(
             if tail:
                 yield TextPiece(tail)
         run.usage.elapsed_ms = (time.perf_counter() - started) * 1e3
+        measure.finished(finish)
         yield Finished(finish, stops.text, run.usage)
     finally:
+        measure.close()
         for s in sessions:
             s.cancel()
         for m, replica in placed:

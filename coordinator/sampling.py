@@ -12,7 +12,7 @@ def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) ->
     if dist.uids.size == 0:
         raise ValueError("empty distribution")
     if params.temperature == 0:
-        return int(dist.uids[np.argmax(dist.probs)])  # ties: the lowest union id
+        return dist.top()
     probs = dist.probs
     keep = np.arange(probs.size)
     if params.top_k and params.top_k < probs.size:

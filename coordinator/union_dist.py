@@ -52,6 +52,10 @@ class UnionDist:
     uids: np.ndarray  # int64, sorted, unique
     probs: np.ndarray  # float64
 
+    def top(self) -> int:
+        """The most likely union id (ties: the lowest)."""
+        return int(self.uids[np.argmax(self.probs)])
+
     def max_prob(self) -> float:
         return float(self.probs.max()) if self.probs.size else 0.0
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from model_worker import metrics
 from model_worker.kv_state import ROWS_KEPT, KVState
 
 
@@ -37,8 +38,9 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, model: Any, device: torch.device, max_batch: int = 64) -> None:
+    def __init__(self, model: Any, device: torch.device, name: str = "model", max_batch: int = 64) -> None:
         self._model = model
+        self._name = name
         self._device = device
         self._max_batch = max_batch
         self._pending: list[_Job] = []
@@ -69,6 +71,7 @@ class Batcher:
             self._wakeup.clear()
             jobs = [j for j in self._pending if not j.future.done()]
             self._pending = []
+            metrics.QUEUE_DEPTH.labels(self._name).set(len(jobs))
             groups: dict[int, list[_Job]] = defaultdict(list)
             for job in jobs:
                 groups[len(job.new_ids)].append(job)
@@ -86,6 +89,8 @@ class Batcher:
                                 job.future.set_exception(exc)
                         continue
                     compute_ms = (time.perf_counter() - started) * 1e3
+                    metrics.STEP_LATENCY.labels(self._name).observe(compute_ms / 1e3)
+                    metrics.BATCH_SIZE.labels(self._name).observe(len(chunk))
                     for job in chunk:
                         if not job.future.done():
                             queue_ms = (started - job.queued_at) * 1e3

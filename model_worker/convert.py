@@ -75,7 +75,7 @@ def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         active_sessions=len(runtime.sessions),
-        kv_cache_bytes=sum(s.kv.nbytes() for s in runtime.sessions.values()),
+        kv_cache_bytes=runtime.kv_cache_bytes(),
     )
 
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 
-from chorus.lifecycle import wait_for_signal
+from chorus.lifecycle import serve_metrics, wait_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--max-memory", type=json.loads, help='accelerate max_memory, e.g. \'{"0": "24GiB"}\'')
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any free one)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight sessions get on SIGTERM")
     parser.add_argument("--port-file", help="write the bound port here once serving (for supervisors)")
 
@@ -31,6 +32,8 @@ async def run(args: argparse.Namespace) -> None:
 
     server = WorkerServer(f"{args.host}:{args.port}")
     await server.start()  # health answers NOT_SERVING while the model loads
+    if args.metrics_port is not None:
+        log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))
     log.info("loading %s (port %d)", args.model, server.port)
     loaded = await asyncio.to_thread(
         load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory

@@ -6,6 +6,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+from model_worker import metrics
 from model_worker.batching import Batcher
 from model_worker.conditioning import Conditioner
 from model_worker.distribution import Format, Part, build_parts
@@ -62,9 +63,15 @@ class Runtime:
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
         self.eos_ids = _eos_ids(loaded)
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
-        self.batcher = Batcher(loaded.model, loaded.device)
+        self.batcher = Batcher(loaded.model, loaded.device, loaded.name)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        # Read at scrape time: nothing on the step path.
+        metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
+        metrics.KV_CACHE_BYTES.labels(loaded.name).set_function(self.kv_cache_bytes)
+
+    def kv_cache_bytes(self) -> int:
+        return sum(s.kv.nbytes() for s in list(self.sessions.values()))
 
     def render(self, prompt: PromptSpec) -> tuple[str, bool]:
         """The prompt as text, and whether the tokenizer should add its special tokens."""
@@ -113,6 +120,7 @@ class Runtime:
         if missing:
             kv.truncate(min(missing))
             stats = await self.batcher.forward(kv, plan.ids[len(kv.ids) :])
+            metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
         parts = build_parts(plan, kv.rows, self.conditioner.index, fmt)
         if stats is None:
             return StepOutput(parts, 0, 0, 0, 0.0, 0.0)

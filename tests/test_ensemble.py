@@ -129,9 +129,13 @@ def test_stop_strings_cut_the_text(loop: LoopThread, default_workers: dict[str, 
 def test_coordinators_share_nothing(loop: LoopThread, default_workers: dict[str, WorkerProcess]) -> None:
     """Several coordinator replicas serve the same workers at once, with equal answers."""
     config = make_config([default_workers["arith-bpe"], default_workers["arith-sp"]])
-    with coordinator(loop, config) as first, coordinator(loop, config) as second:
-        with chorus.Client(first, timeout=60) as a, chorus.Client(second, timeout=60) as b:
-            jobs = [(client, p) for client in (a, b) for p in PROMPTS]
-            with ThreadPoolExecutor(len(jobs)) as pool:
-                texts = list(pool.map(lambda job: job[0].generate(prompt=job[1], max_new_tokens=6).text, jobs))
+    with (
+        coordinator(loop, config) as first,
+        coordinator(loop, config) as second,
+        chorus.Client(first, timeout=60) as a,
+        chorus.Client(second, timeout=60) as b,
+    ):
+        jobs = [(client, p) for client in (a, b) for p in PROMPTS]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            texts = list(pool.map(lambda job: job[0].generate(prompt=job[1], max_new_tokens=6).text, jobs))
     assert texts[: len(PROMPTS)] == texts[len(PROMPTS) :]

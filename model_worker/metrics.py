@@ -1,0 +1,20 @@
+"""The worker's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge, Histogram
+
+STEP_LATENCY = Histogram(
+    "chorus_worker_forward_seconds", "Duration of one (batched) forward pass.", ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+BATCH_SIZE = Histogram(
+    "chorus_worker_batch_size", "Sessions sharing one forward pass.", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+QUEUE_DEPTH = Gauge("chorus_worker_queue_depth", "Steps waiting for the next forward pass.", ["model"])
+SESSIONS = Gauge("chorus_worker_sessions", "Open sessions (each holds a KV cache).", ["model"])
+KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory held by the sessions' KV caches.", ["model"])
+TOKENS_FED = Histogram(
+    "chorus_worker_tokens_fed", "Tokens fed per session step (1 = plain decode).", ["model"],
+    buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096),
+)  # fmt: skip
