@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import chorus
+from chorus import logs
 from chorus.lifecycle import serve_metrics, wait_for_signal
 from model_worker.main import add_arguments as add_worker_arguments
 
@@ -24,6 +24,7 @@ DEMO_PROMPTS = ("12+35=", "48+27=", "7+86=", "63+19=", "90+9=", "25+58=")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chorus", description="Token-level ensembles of LLMs over gRPC.")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=logs.default_format(), help="text or json lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start a local cluster: one worker process per model and a coordinator")
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--threshold", type=float)
     gen.add_argument("--stop", action="append")
+    gen.add_argument("--request-id", help="an id for this request, found in the servers' logs")
 
     models = sub.add_parser("models", help="list the ensemble served by a coordinator")
     models.add_argument("--target", default=DEFAULT_TARGET)
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=0)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         return _COMMANDS[args.command](args)
     except chorus.ChorusError as exc:
@@ -130,6 +132,7 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "seed": args.seed,
         "threshold": args.threshold,
         "stop": args.stop,
+        "request_id": args.request_id,
     }
     if args.message:
         kwargs["messages"] = [dict(zip(("role", "content"), m.split(":", 1), strict=True)) for m in args.message]

@@ -42,6 +42,7 @@ class Result:
     text: str
     finish_reason: str  # "stop" or "length"
     usage: Usage
+    request_id: str  # as in the servers' logs
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _result(done: coordinator_pb2.Completion) -> Result:
         models=tuple(ModelUsage(m.name, m.prompt_tokens, m.forward_passes, m.tokens_fed) for m in u.models),
         elapsed_ms=u.elapsed_ms,
     )
-    return Result(text=done.text, finish_reason=done.finish_reason, usage=usage)
+    return Result(text=done.text, finish_reason=done.finish_reason, usage=usage, request_id=done.request_id)
 
 
 def _ensemble(response: coordinator_pb2.ModelsResponse) -> EnsembleInfo:

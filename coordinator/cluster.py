@@ -10,13 +10,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from kubernetes.client import ApiClient
+from tqdm import tqdm
 
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.discovery import KubernetesDiscovery
@@ -84,10 +85,17 @@ def spawn_workers(config: EnsembleConfig, host: str = "127.0.0.1") -> list[Worke
     threads = max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu > 1 else None
     started: list[WorkerProcess] = []
     try:
-        with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
-            started.extend(
-                pool.map(lambda s: spawn_worker(s, host, threads=threads if s.device == "cpu" else None), specs)
-            )
+        with (
+            ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool,
+            tqdm(total=len(specs), desc="loading models", unit="model", disable=None) as bar,
+        ):
+            futures = [
+                pool.submit(spawn_worker, s, host, threads=threads if s.device == "cpu" else None) for s in specs
+            ]
+            for future in as_completed(futures):
+                started.append(future.result())
+                bar.set_postfix_str(started[-1].spec.name)
+                bar.update()
     except BaseException:
         for w in started:
             w.stop()

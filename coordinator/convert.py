@@ -120,7 +120,10 @@ def event_to_proto(index: int, event: TextPiece | Finished) -> coordinator_pb2.G
     return coordinator_pb2.GenerateResponse(
         index=index,
         done=coordinator_pb2.Completion(
-            finish_reason=event.finish_reason, text=event.text, usage=_usage_to_proto(event.usage)
+            finish_reason=event.finish_reason,
+            text=event.text,
+            usage=_usage_to_proto(event.usage),
+            request_id=event.request_id,
         ),
     )
 

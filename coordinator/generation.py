@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -17,6 +18,8 @@ from coordinator.strategies import STRATEGIES
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage
 from coordinator.union_dist import StepExtras, UnionDist, from_parts, mix
 from coordinator.workers import ModelSession
+
+log = logging.getLogger(__name__)
 
 
 class ContextExhausted(Exception):
@@ -129,7 +132,15 @@ async def generate(
                 yield TextPiece(tail)
         run.usage.elapsed_ms = (time.perf_counter() - started) * 1e3
         measure.finished(finish)
-        yield Finished(finish, stops.text, run.usage)
+        usage = run.usage
+        log.info(
+            "request %s finished (%s): %d tokens, %d/%d steps ensembled, %.0f ms",
+            request.request_id, finish, usage.completion_tokens, usage.steps_ensembled, usage.steps, usage.elapsed_ms,
+            extra={"request_id": request.request_id, "finish_reason": finish, "strategy": request.strategy,
+                   "completion_tokens": usage.completion_tokens, "steps": usage.steps,
+                   "steps_ensembled": usage.steps_ensembled, "elapsed_ms": round(usage.elapsed_ms, 1)},
+        )  # fmt: skip
+        yield Finished(finish, stops.text, usage, request.request_id)
     finally:
         measure.close()
         for s in sessions:

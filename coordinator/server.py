@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -35,6 +36,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex[:16]
         try:
             requests = convert.requests_from_proto(request, self.ensemble.config)
         except convert.InvalidRequest as exc:

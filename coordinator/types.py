@@ -89,3 +89,4 @@ class Finished:
     finish_reason: str  # "stop" or "length"
     text: str
     usage: Usage
+    request_id: str = ""

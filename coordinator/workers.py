@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
 
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
@@ -77,11 +78,13 @@ class WorkerClient:
             return cached
         tokens: list[bytes] = []
         special: list[bool] = []
-        async for chunk in self.stub.Vocabulary(worker_pb2.VocabularyRequest(), timeout=timeout):
-            if chunk.start_id != len(tokens):
-                raise RuntimeError(f"{self.address}: vocabulary chunk out of order at id {chunk.start_id}")
-            tokens.extend(chunk.tokens)
-            special.extend(chunk.special)
+        with tqdm(total=info.vocab_size, desc=f"vocabulary {info.name}", unit="tok", disable=None, leave=False) as bar:
+            async for chunk in self.stub.Vocabulary(worker_pb2.VocabularyRequest(), timeout=timeout):
+                if chunk.start_id != len(tokens):
+                    raise RuntimeError(f"{self.address}: vocabulary chunk out of order at id {chunk.start_id}")
+                tokens.extend(chunk.tokens)
+                special.extend(chunk.special)
+                bar.update(len(chunk.tokens))
         if len(tokens) != info.vocab_size:
             raise RuntimeError(f"{self.address}: vocabulary has {len(tokens)} tokens, info says {info.vocab_size}")
         vocab = ModelVocab(tokens=tokens, special=special, eos_ids=info.eos_ids)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 
+from chorus import logs
 from chorus.lifecycle import serve_metrics, wait_for_signal
 
 log = logging.getLogger(__name__)
@@ -50,5 +51,5 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chorus worker", description=__doc__)
     add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     asyncio.run(run(parser.parse_args(argv)))

@@ -101,10 +101,14 @@ class Runtime:
             )
         session = Session(next(self._ids), request_id, text, add_special, len(ids))
         self.sessions[session.id] = session
+        log.debug("session %d opened for request %s (%d prompt tokens)", session.id, request_id, len(ids),
+                  extra={"request_id": request_id})  # fmt: skip
         return session
 
     def close(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        log.debug("session %d of request %s closed", session.id, session.request_id,
+                  extra={"request_id": session.request_id})  # fmt: skip
         session.kv = KVState()
 
     async def step(self, session: Session, append: bytes, fmt: Format) -> StepOutput:

@@ -106,11 +106,15 @@ def test_chat_template_and_streaming(loop: LoopThread, default_workers: dict[str
     config = make_config([default_workers["arith-bpe"], default_workers["arith-sp"]])
     messages = [{"role": "user", "content": "12+35="}]
     with coordinator(loop, config) as target, chorus.Client(target, timeout=60) as client:
-        whole = client.generate(messages=messages, apply_chat_template=True, max_new_tokens=6)
+        whole = client.generate(messages=messages, apply_chat_template=True, max_new_tokens=6, request_id="chat-1")
+        anonymous = client.generate(prompt="1+1=", max_new_tokens=2)
         pieces = list(client.stream(messages=messages, apply_chat_template=True, max_new_tokens=6))
         info = client.models()
     assert "".join(pieces) == whole.text
-    assert [m.name for m in info.models] == ["arith-bpe", "arith-sp"]
+    assert whole.request_id == "chat-1"
+    assert (
+        len(anonymous.request_id) == 16
+    )  # the coordinator made one    assert [m.name for m in info.models] == ["arith-bpe", "arith-sp"]
     assert {m.tokenizer_kind for m in info.models} == {"byte_level", "sentencepiece"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -132,7 +133,7 @@ def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:
     shutil.copy(ROOT / "configs" / "default.yaml", config)
     text = config.read_text().replace("../models", str(MODELS))
     config.write_text(text)
-    up = _chorus("up", "--config", str(config), "--port", "0")
+    up = _chorus("--log-format", "json", "up", "--config", str(config), "--port", "0")
     try:
         address = None
         deadline = time.monotonic() + 180
@@ -142,7 +143,7 @@ def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:
             if line.startswith("chorus serving on "):
                 address = line.split()[-1]
         assert address, "chorus up did not report its address"
-        gen = _chorus("generate", "--target", address, "--max-new-tokens", "6", "48+27=")
+        gen = _chorus("generate", "--target", address, "--max-new-tokens", "6", "--request-id", "cli-1", "48+27=")
         out, _ = gen.communicate(timeout=60)
         assert gen.returncode == 0, out
         assert out.strip().endswith("75"), out
@@ -151,7 +152,10 @@ def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:
         assert "arith-bpe" in out and "arith-sp" in out, out
     finally:
         up.send_signal(signal.SIGINT)
-        up.wait(30)
+        rest, _ = up.communicate(timeout=30)
+    records = [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+    finished = [r for r in records if r.get("request_id") == "cli-1" and "finish_reason" in r]
+    assert finished and finished[0]["completion_tokens"] >= 1, rest[-2000:]
 
 
 def _health_and_services(address: str) -> tuple[int, set[str]]:

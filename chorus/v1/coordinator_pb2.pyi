@@ -70,14 +70,16 @@ class Usage(_message.Message):
     def __init__(self, completion_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., steps_ensembled: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("finish_reason", "text", "usage")
+    __slots__ = ("finish_reason", "text", "usage", "request_id")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     text: str
     usage: Usage
-    def __init__(self, finish_reason: _Optional[str] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, finish_reason: _Optional[str] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("index", "text", "done")
