@@ -35,6 +35,7 @@ class Usage:
     steps_ensembled: int
     models: tuple[ModelUsage, ...]
     elapsed_ms: float
+    lost_models: tuple[str, ...]  # models whose worker was lost during the request (on_worker_loss="degrade")
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,14 @@ def build_request(
     apply_chat_template: bool | None = None,
     threshold: float | None = None,
     request_id: str | None = None,
+    on_worker_loss: str | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     given = [x is not None for x in (prompt, messages, conversations)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, messages or conversations")
-    request = coordinator_pb2.GenerateRequest(strategy=strategy or "", request_id=request_id or "")
+    request = coordinator_pb2.GenerateRequest(
+        strategy=strategy or "", request_id=request_id or "", on_worker_loss=on_worker_loss or ""
+    )
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:
@@ -137,6 +141,7 @@ def _result(done: coordinator_pb2.Completion) -> Result:
         steps_ensembled=u.steps_ensembled,
         models=tuple(ModelUsage(m.name, m.prompt_tokens, m.forward_passes, m.tokens_fed) for m in u.models),
         elapsed_ms=u.elapsed_ms,
+        lost_models=tuple(u.lost_models),
     )
     return Result(text=done.text, finish_reason=done.finish_reason, usage=usage, request_id=done.request_id)
 

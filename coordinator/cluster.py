@@ -49,13 +49,14 @@ def spawn_worker(
     timeout: float = 600.0,
     threads: int | None = None,
     metrics_port: int | None = None,
+    port: int = 0,
 ) -> WorkerProcess:
     """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads)."""
     port_file = Path(tempfile.mkdtemp(prefix="chorus-worker-")) / "port"
     command = [
         sys.executable, "-m", "model_worker",
         "--model", spec.path, "--name", spec.name, "--device", spec.device, "--dtype", spec.dtype,
-        "--host", host, "--port", "0", "--port-file", str(port_file),
+        "--host", host, "--port", str(port), "--port-file", str(port_file),
     ]  # fmt: skip
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]

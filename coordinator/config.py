@@ -93,12 +93,17 @@ class RequestDefaults(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = no top-k cut
     apply_chat_template: bool = False
+    on_worker_loss: Literal["fail", "degrade"] = "fail"  # degrade: go on with the models left
 
 
 class Limits(_Section):
     max_new_tokens: int = Field(4096, ge=1)
     max_conversations: int = Field(64, ge=1)
     max_prompt_bytes: int = Field(1_000_000, ge=1)
+    # A worker that has answered before and takes longer than this for a step (or 4x its slowest
+    # step so far) is declared lost; a first step (the prefill) and opening get the longer budget.
+    step_timeout_s: float = Field(1.0, gt=0)
+    first_step_timeout_s: float = Field(60.0, gt=0)
 
 
 class Server(_Section):

@@ -70,6 +70,9 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         if not s:
             raise InvalidRequest(f"stop[{i}]: empty stop string")
     seed = request.seed if request.HasField("seed") else None
+    on_loss = request.on_worker_loss or defaults.on_worker_loss
+    if on_loss not in ("fail", "degrade"):
+        raise InvalidRequest(f"on_worker_loss: {on_loss!r} is not 'fail' or 'degrade'")
     return [
         GenerationRequest(
             prompt=p,
@@ -81,6 +84,9 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
             stop=stop,
             threshold=threshold,
             request_id=request.request_id,
+            on_worker_loss=on_loss,
+            step_timeout=limits.step_timeout_s,
+            first_step_timeout=limits.first_step_timeout_s,
         )
         for i, p in enumerate(prompts)
     ]
@@ -140,6 +146,7 @@ def _usage_to_proto(usage: Usage) -> coordinator_pb2.Usage:
             for m in usage.models
         ],
         elapsed_ms=usage.elapsed_ms,
+        lost_models=usage.lost_models,
     )
 
 

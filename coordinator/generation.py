@@ -6,7 +6,8 @@ import asyncio
 import codecs
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -20,10 +21,20 @@ from coordinator.union_dist import StepExtras, UnionDist, from_parts, mix
 from coordinator.workers import ModelSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ContextExhausted(Exception):
     """A member's context is full: the generation ends with finish reason 'length'."""
+
+
+class WorkerLost(Exception):
+    """A member's worker died or hung, and the request's policy is 'fail' (or no model is left)."""
+
+
+# Codes that mean the worker itself failed (died, restarted, crashed), not the request.
+_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+               grpc.StatusCode.INTERNAL}  # fmt: skip
 
 
 class _Step:
@@ -39,32 +50,35 @@ class _Step:
         self.threshold = run.request.threshold
         self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step
 
-    async def ask(self, models: Sequence[int]) -> list[UnionDist]:
-        dists = await asyncio.gather(*(self._ask_one(i) for i in models))
-        self.answers.update(zip(models, dists, strict=True))
-        return list(dists)
+    async def ask(self, models: Sequence[int]) -> dict[int, UnionDist]:
+        alive = [i for i in models if self._run.alive[i]]
+        results = await asyncio.gather(*(self._ask_one(i) for i in alive))
+        answers = {i: d for i, d in zip(alive, results, strict=True) if d is not None}
+        if not any(self._run.alive):
+            raise WorkerLost(f"every model's worker was lost: {', '.join(self._run.usage.lost_models)}")
+        self.answers.update(answers)
+        return answers
 
     def top_choices(self) -> dict[int, int]:
         return {i: d.top() for i, d in self.answers.items() if d.uids.size}
 
-    async def _ask_one(self, i: int) -> UnionDist:
+    async def _ask_one(self, i: int) -> UnionDist | None:
         run, member = self._run, self._run.ensemble.members[i]
         append, run.unsent[i] = run.unsent[i], b""
-        try:
-            step = await run.sessions[i].step(append, run.ensemble.transport)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                raise ContextExhausted(exc.details()) from exc
-            raise
+        started = time.perf_counter()
+        step = await run.guarded(i, run.sessions[i].step(append, run.ensemble.transport), run.step_budget(i))
+        if step is None:
+            return None
+        run.slowest[i] = max(run.slowest[i], time.perf_counter() - started)
         usage = run.usage.models[i]
         usage.forward_passes += step.forward_passes
         usage.tokens_fed += step.tokens_fed
         assert member.vocab is not None  # checked ready before the first step
         return from_parts(step.parts, member.index, member.vocab.tokens, self.extras)
 
-    def mix(self, dists: Sequence[UnionDist], models: Sequence[int]) -> UnionDist:
-        weights = np.array([self.weights[i] for i in models])
-        return mix(dists, weights / weights.sum(), self.extras.size)
+    def mix(self, answers: Mapping[int, UnionDist]) -> UnionDist:
+        weights = np.array([self.weights[i] for i in answers])
+        return mix(list(answers.values()), weights / weights.sum(), self.extras.size)
 
 
 class _Run:
@@ -74,6 +88,36 @@ class _Run:
         self.sessions = sessions
         self.unsent = [b""] * len(sessions)
         self.usage = Usage(models=[ModelUsage(m.spec.name) for m in ensemble.members])
+        self.alive = [True] * len(sessions)
+        self.slowest = [0.0] * len(sessions)  # seconds, per model; 0 = no step answered yet
+
+    def step_budget(self, i: int) -> float:
+        """How long model i may take: long for its first step (the prefill), short after."""
+        if self.slowest[i] == 0.0:
+            return self.request.first_step_timeout
+        return max(self.request.step_timeout, 4 * self.slowest[i])
+
+    async def guarded(self, i: int, call: Awaitable[T], budget: float) -> T | None:
+        """Run a call to model i's worker; None if the worker was lost and the policy is degrade."""
+        name = self.ensemble.members[i].spec.name
+        try:
+            return await asyncio.wait_for(call, budget)
+        except TimeoutError:
+            reason = f"no answer within {budget:.1f} s"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                raise ContextExhausted(exc.details()) from exc
+            if exc.code() not in _LOST_CODES:
+                raise
+            reason = f"{exc.code().name}: {exc.details()}"
+        self.sessions[i].cancel()
+        if self.request.on_worker_loss != "degrade":
+            raise WorkerLost(f"the worker of model {name!r} was lost ({reason})")
+        log.warning("request %s goes on without %s: its worker was lost (%s)", self.request.request_id, name, reason,
+                    extra={"request_id": self.request.request_id, "lost_model": name})  # fmt: skip
+        self.alive[i] = False
+        self.usage.lost_models.append(name)
+        return None
 
 
 async def generate(
@@ -99,7 +143,11 @@ async def generate(
     stops = _StopMatcher(request.stop)
     finish = "length"
     try:
-        prompt_tokens = await asyncio.gather(*(s.open(request.prompt, request.request_id) for s in sessions))
+        opens = [run.guarded(i, s.open(request.prompt, request.request_id), request.first_step_timeout)
+                 for i, s in enumerate(sessions)]  # fmt: skip
+        prompt_tokens = [n or 0 for n in await asyncio.gather(*opens)]
+        if not any(run.alive):
+            raise WorkerLost("no model's worker could open the session")
         for usage, n in zip(run.usage.models, prompt_tokens, strict=True):
             usage.prompt_tokens = n
         measure.opened(prompt_tokens)

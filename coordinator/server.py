@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
 from coordinator.ensemble import Ensemble, NotReady
-from coordinator.generation import generate
+from coordinator.generation import WorkerLost, generate
 from coordinator.types import Finished, GenerationRequest, TextPiece
 from coordinator.workers import CHANNEL_OPTIONS
 
@@ -58,7 +58,7 @@ async def _guarded(
     try:
         async for event in events:
             yield event
-    except NotReady as exc:
+    except (NotReady, WorkerLost) as exc:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except grpc.aio.AioRpcError as exc:
         code = exc.code()

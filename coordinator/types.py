@@ -31,6 +31,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     threshold: float = 1.0
     request_id: str = ""
+    on_worker_loss: str = "fail"  # or "degrade"
+    step_timeout: float = 1.0
+    first_step_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Usage:
     steps_ensembled: int = 0
     models: list[ModelUsage] = field(default_factory=list)
     elapsed_ms: float = 0.0
+    lost_models: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

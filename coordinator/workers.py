@@ -21,6 +21,9 @@ MAX_MESSAGE_BYTES = 256 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A restarted worker is used again within seconds, not after gRPC's default backoff of up to 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 _DTYPES = {worker_pb2.FLOAT32: np.dtype("<f4"), worker_pb2.FLOAT16: np.dtype("<f2")}
 

@@ -14,34 +14,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from coordinator.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
+from tests.tiny_models import never_ending_llama
 
 
 @pytest.fixture(scope="module")
 def endless_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama that never picks end-of-sequence greedily: generations run long."""
-    path = tmp_path_factory.mktemp("endless")
-    tokenizer = AutoTokenizer.from_pretrained(MODELS / "arith-sp")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0: never the largest
-    model.save_pretrained(path)
-    return path
+    return never_ending_llama(tmp_path_factory.mktemp("endless"), MODELS / "arith-sp")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tests.tokenizer_factory import byte_level_bpe, sentencepiece_byte_fallback
 
@@ -19,6 +19,23 @@ def random_gpt2(path: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def never_ending_llama(path: Path, tokenizer_source: Path) -> Path:
+    """A random tiny Llama that never picks end-of-sequence greedily: its generations run long."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0: never the largest
+    model.save_pretrained(path)
     return path
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "batch", "max_new_tokens", "strategy", "temperature", "top_p", "top_k", "seed", "stop", "apply_chat_template", "threshold", "request_id")
+    __slots__ = ("prompt", "messages", "batch", "max_new_tokens", "strategy", "temperature", "top_p", "top_k", "seed", "stop", "apply_chat_template", "threshold", "request_id", "on_worker_loss")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class GenerateRequest(_message.Message):
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ON_WORKER_LOSS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _common_pb2.Conversation
     batch: ConversationBatch
@@ -35,7 +36,8 @@ class GenerateRequest(_message.Message):
     apply_chat_template: bool
     threshold: float
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., batch: _Optional[_Union[ConversationBatch, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ..., threshold: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    on_worker_loss: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., batch: _Optional[_Union[ConversationBatch, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ..., threshold: _Optional[float] = ..., request_id: _Optional[str] = ..., on_worker_loss: _Optional[str] = ...) -> None: ...
 
 class ConversationBatch(_message.Message):
     __slots__ = ("conversations",)
@@ -56,18 +58,20 @@ class ModelUsage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., forward_passes: _Optional[int] = ..., tokens_fed: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("completion_tokens", "steps", "steps_ensembled", "models", "elapsed_ms")
+    __slots__ = ("completion_tokens", "steps", "steps_ensembled", "models", "elapsed_ms", "lost_models")
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_ENSEMBLED_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    LOST_MODELS_FIELD_NUMBER: _ClassVar[int]
     completion_tokens: int
     steps: int
     steps_ensembled: int
     models: _containers.RepeatedCompositeFieldContainer[ModelUsage]
     elapsed_ms: float
-    def __init__(self, completion_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., steps_ensembled: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    lost_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, completion_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., steps_ensembled: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., elapsed_ms: _Optional[float] = ..., lost_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("finish_reason", "text", "usage", "request_id")

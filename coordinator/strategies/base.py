@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -18,12 +18,16 @@ class StepContext(Protocol):
     primary: int | None
     threshold: float
 
-    async def ask(self, models: Sequence[int]) -> list[UnionDist]:
-        """Each listed model's next-bytes distribution in the union (concurrently)."""
+    async def ask(self, models: Sequence[int]) -> dict[int, UnionDist]:
+        """The listed models' next-bytes distributions in the union, asked concurrently.
+
+        A model whose worker was lost (policy degrade) is missing from the answer; if no model is
+        left at all, this raises.
+        """
         ...
 
-    def mix(self, dists: Sequence[UnionDist], models: Sequence[int]) -> UnionDist:
-        """The weighted average of the listed models' distributions."""
+    def mix(self, answers: Mapping[int, UnionDist]) -> UnionDist:
+        """The weighted average of the answering models' distributions."""
         ...
 
 

@@ -9,6 +9,5 @@ class Gac(Strategy):
     name = "gac"
 
     async def step(self, ctx: StepContext) -> Decision:
-        models = list(range(ctx.n_models))
-        dists = await ctx.ask(models)
-        return Decision(ctx.mix(dists, models), ensembled=len(models) > 1)
+        answers = await ctx.ask(range(ctx.n_models))
+        return Decision(ctx.mix(answers), ensembled=len(answers) > 1)

@@ -15,9 +15,9 @@ class Threshold(Strategy):
 
     async def step(self, ctx: StepContext) -> Decision:
         assert ctx.primary is not None
-        (primary,) = await ctx.ask([ctx.primary])
-        if primary.max_prob() > ctx.threshold or ctx.n_models == 1:
+        answers = await ctx.ask([ctx.primary])  # empty if the primary's worker was lost (degrade)
+        primary = answers.get(ctx.primary)
+        if primary is not None and (primary.max_prob() > ctx.threshold or ctx.n_models == 1):
             return Decision(primary, ensembled=False)
-        others = [i for i in range(ctx.n_models) if i != ctx.primary]
-        dists = [primary, *await ctx.ask(others)]
-        return Decision(ctx.mix(dists, [ctx.primary, *others]), ensembled=True)
+        answers |= await ctx.ask([i for i in range(ctx.n_models) if i != ctx.primary])
+        return Decision(ctx.mix(answers), ensembled=len(answers) > 1)
