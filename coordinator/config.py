@@ -100,6 +100,8 @@ class Limits(_Section):
     max_new_tokens: int = Field(4096, ge=1)
     max_conversations: int = Field(64, ge=1)
     max_prompt_bytes: int = Field(1_000_000, ge=1)
+    # Conversations generated at once; past it requests get RESOURCE_EXHAUSTED at once (retryable).
+    max_running: int = Field(256, ge=1)
     # A worker that has answered before and takes longer than this for a step (or 4x its slowest
     # step so far) is declared lost; a first step (the prefill) and opening get the longer budget.
     step_timeout_s: float = Field(1.0, gt=0)

@@ -27,6 +27,7 @@ _DONE = object()
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, ensemble: Ensemble) -> None:
         self.ensemble = ensemble
+        self.running = 0  # conversations being generated: bounded, so overload cannot grow memory
 
     async def Models(
         self, request: coordinator_pb2.ModelsRequest, context: grpc.aio.ServicerContext
@@ -42,13 +43,23 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             requests = convert.requests_from_proto(request, self.ensemble.config)
         except convert.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        capacity = self.ensemble.config.limits.max_running
+        if self.running + len(requests) > capacity:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at capacity: {self.running} of {capacity} conversations running; retry later",
+            )
+        self.running += len(requests)
         timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
-        if len(requests) == 1:
-            async for event in _guarded(generate(self.ensemble, requests[0], timeout), context):
-                yield convert.event_to_proto(0, event)
-            return
-        async for index, event in _merged(self.ensemble, requests, timeout, context):
-            yield convert.event_to_proto(index, event)
+        try:
+            if len(requests) == 1:
+                async for event in _guarded(generate(self.ensemble, requests[0], timeout), context):
+                    yield convert.event_to_proto(0, event)
+                return
+            async for index, event in _merged(self.ensemble, requests, timeout, context):
+                yield convert.event_to_proto(index, event)
+        finally:
+            self.running -= len(requests)
 
 
 async def _guarded(
@@ -62,8 +73,8 @@ async def _guarded(
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            await context.abort(code, exc.details() or "invalid request")
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            await context.abort(code, exc.details() or code.name)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             await context.abort(code, "deadline exceeded while generating")
         log.warning("worker failed: %s %s", code, exc.details())

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--max-memory", type=json.loads, help='accelerate max_memory, e.g. \'{"0": "24GiB"}\'')
+    parser.add_argument(
+        "--max-sessions", type=int, default=1024, help="sessions held at once (RESOURCE_EXHAUSTED past it)"
+    )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any free one)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight sessions get on SIGTERM")
     parser.add_argument("--port-file", help="write the bound port here once serving (for supervisors)")
@@ -39,7 +42,7 @@ async def run(args: argparse.Namespace) -> None:
     loaded = await asyncio.to_thread(
         load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory
     )
-    await server.ready(Runtime(loaded))
+    await server.ready(Runtime(loaded, max_sessions=args.max_sessions))
     if args.port_file:
         with open(args.port_file, "w") as fh:
             fh.write(str(server.port))

@@ -27,6 +27,10 @@ class ContextFull(RequestError):
     """The text no longer fits the model's context."""
 
 
+class AtCapacity(Exception):
+    """The worker holds its maximum of sessions (RESOURCE_EXHAUSTED: retry later)."""
+
+
 @dataclass(frozen=True)
 class PromptSpec:
     text: str | None = None
@@ -56,8 +60,9 @@ class StepOutput:
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, max_sessions: int = 1024) -> None:
         self.loaded = loaded
+        self.max_sessions = max_sessions
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
@@ -90,6 +95,8 @@ class Runtime:
         return lines + "assistant: ", True
 
     def open(self, prompt: PromptSpec, request_id: str = "") -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise AtCapacity(f"{self.loaded.name}: {len(self.sessions)} sessions open, the most it holds; retry later")
         text, add_special = self.render(prompt)
         ids = self.conditioner.encode(text, add_special)
         if not ids:

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker import convert
-from model_worker.runtime import ContextFull, RequestError, Runtime, Session
+from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     raise RequestError("request: empty message, expected open or step")
         except ContextFull as exc:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        except AtCapacity as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:

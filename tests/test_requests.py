@@ -160,3 +160,25 @@ def test_health_and_reflection_on_both_servers(loop: LoopThread, default_workers
         status, services = _health_and_services(target)
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert {"chorus.v1.Coordinator", "grpc.health.v1.Health"} <= services
+
+
+def test_past_capacity_requests_get_resource_exhausted_at_once(
+    loop: LoopThread, endless_workers: list[WorkerProcess]
+) -> None:
+    config = make_config(endless_workers, limits={"max_running": 1})
+    with coordinator(loop, config) as target, chorus.Client(target, timeout=60) as client:
+        stream = client.stream(prompt="hello", max_new_tokens=4000)
+        next(stream)  # one conversation running: the coordinator is full
+        started = time.monotonic()
+        with pytest.raises(chorus.ResourceExhausted, match="capacity"):
+            client.generate(prompt="hello", max_new_tokens=4)
+        assert time.monotonic() - started < 10  # refused, not queued
+        stream.close()
+        deadline = time.monotonic() + 10
+        while True:  # the slot frees once the cancelled stream has wound down
+            try:
+                assert client.generate(prompt="hello", max_new_tokens=4).usage.completion_tokens == 4
+                break
+            except chorus.ResourceExhausted:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)

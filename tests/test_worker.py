@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
-from model_worker.runtime import PromptSpec, Runtime
+from model_worker.runtime import AtCapacity, PromptSpec, Runtime
 from model_worker.server import WorkerServer
 from tests.reference import ReferenceModel
 from tests.tiny_models import random_gpt2, random_llama
@@ -154,3 +154,12 @@ def test_accelerate_device_map_path_gives_the_same_distribution(model_dir: Path)
         return _as_dict(runtime, out.parts)
 
     _assert_close(asyncio.run(first_step(plain)), asyncio.run(first_step(mapped)))
+
+
+def test_a_full_worker_refuses_new_sessions(model_dir: Path) -> None:
+    runtime = Runtime(load_model(str(model_dir)), max_sessions=2)
+    first, _ = runtime.open(PromptSpec(text="a")), runtime.open(PromptSpec(text="b"))
+    with pytest.raises(AtCapacity):
+        runtime.open(PromptSpec(text="c"))
+    runtime.close(first)
+    runtime.close(runtime.open(PromptSpec(text="c")))
