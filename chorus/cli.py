@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--config", required=True)
     up.add_argument("--port", type=int, help="coordinator port (default: the config's server.port)")
     up.add_argument("--metrics-port", type=int, help="serve the coordinator's Prometheus metrics on this port")
+    up.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on SIGTERM")
 
     worker = sub.add_parser("worker", help="run one model worker (what the worker container runs)")
     add_worker_arguments(worker)
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     coord.add_argument("--config", required=True)
     coord.add_argument("--port", type=int)
     coord.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    coord.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on SIGTERM")
     coord.add_argument("--worker", action="append", default=[], metavar="NAME=HOST:PORT",
                        help="address of a model's worker (overrides the config's address)")  # fmt: skip
 
@@ -82,14 +84,14 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     with cluster.local_workers(config) as addresses:
-        asyncio.run(_serve(config, addresses, args.port, args.metrics_port))
+        asyncio.run(_serve(config, addresses, args.port, args.metrics_port, args.grace))
     return 0
 
 
 def _coordinator(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config.discovery.mode == "kubernetes":
-        asyncio.run(_serve(config, [], args.port, args.metrics_port))
+        asyncio.run(_serve(config, [], args.port, args.metrics_port, args.grace))
         return 0
     given = dict(w.split("=", 1) for w in args.worker)
     unknown = set(given) - set(config.model_names)
@@ -99,11 +101,13 @@ def _coordinator(args: argparse.Namespace) -> int:
     missing = [m.name for m, a in zip(config.models, addresses, strict=True) if not a]
     if missing:
         raise SystemExit(f"no worker address for {missing}: set models[].address or pass --worker NAME=HOST:PORT")
-    asyncio.run(_serve(config, [a for a in addresses if a], args.port, args.metrics_port))
+    asyncio.run(_serve(config, [a for a in addresses if a], args.port, args.metrics_port, args.grace))
     return 0
 
 
-async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None, metrics_port: int | None) -> None:
+async def _serve(
+    config: EnsembleConfig, addresses: list[str], port: int | None, metrics_port: int | None, grace: float
+) -> None:
     from coordinator import cluster
 
     running = await cluster.start_coordinator(config, addresses, port)
@@ -112,7 +116,7 @@ async def _serve(config: EnsembleConfig, addresses: list[str], port: int | None,
         print(f"metrics on http://{config.server.host}:{bound}/metrics", flush=True)
     print(f"chorus serving on {config.server.host}:{running.port}", flush=True)
     await wait_for_signal()
-    await running.stop()
+    await running.stop(grace)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -15,14 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from kubernetes.client import ApiClient
 from tqdm import tqdm
 
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.discovery import KubernetesDiscovery
 from coordinator.ensemble import Ensemble, connect
-from coordinator.server import serve
+from coordinator.server import CoordinatorServer
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +123,12 @@ def addresses(config: EnsembleConfig, workers: list[WorkerProcess]) -> list[str]
 @dataclass
 class RunningCoordinator:
     ensemble: Ensemble
-    server: grpc.aio.Server
-    port: int
+    server: CoordinatorServer
     discovery: KubernetesDiscovery | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.discovery is not None:
@@ -145,10 +147,12 @@ async def start_coordinator(
     bind = f"{config.server.host}:{config.server.port if port is None else port}"
     if config.discovery.mode == "kubernetes":
         ensemble = Ensemble.from_config(config)
-        server, bound = await serve(ensemble, bind)  # NOT_SERVING until every model has a ready pod
+        server = CoordinatorServer(ensemble, bind)
+        await server.start()  # NOT_SERVING until every model has a ready pod
         discovery = KubernetesDiscovery(ensemble, config.discovery, api_client)
         discovery.start()
-        return RunningCoordinator(ensemble, server, bound, discovery)
+        return RunningCoordinator(ensemble, server, discovery)
     ensemble = await connect(config, worker_addresses or [])
-    server, bound = await serve(ensemble, bind)
-    return RunningCoordinator(ensemble, server, bound)
+    server = CoordinatorServer(ensemble, bind)
+    await server.start()
+    return RunningCoordinator(ensemble, server)

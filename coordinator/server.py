@@ -28,6 +28,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, ensemble: Ensemble) -> None:
         self.ensemble = ensemble
         self.running = 0  # conversations being generated: bounded, so overload cannot grow memory
+        self.draining = False
 
     async def Models(
         self, request: coordinator_pb2.ModelsRequest, context: grpc.aio.ServicerContext
@@ -43,6 +44,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             requests = convert.requests_from_proto(request, self.ensemble.config)
         except convert.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator is shutting down; retry on another")
         capacity = self.ensemble.config.limits.max_running
         if self.running + len(requests) > capacity:
             await context.abort(
@@ -115,25 +118,38 @@ async def _when_all(tasks: list[asyncio.Task[None]], queue: asyncio.Queue[object
     await queue.put(_DONE)
 
 
-async def serve(ensemble: Ensemble, address: str) -> tuple[grpc.aio.Server, int]:
-    """Start the coordinator; health is SERVING exactly while every model has a ready worker."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ensemble), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    await server.start()
+class CoordinatorServer:
+    """The gRPC server. Health is SERVING exactly while every model has a ready worker and it is not draining."""
 
-    async def update_health() -> None:
-        serving = (
-            health_pb2.HealthCheckResponse.SERVING if ensemble.ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+    def __init__(self, ensemble: Ensemble, address: str) -> None:
+        self.ensemble = ensemble
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.service = CoordinatorService(ensemble)
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        self.ensemble.listeners.append(lambda: loop.create_task(self._update_health()))
+        await self._update_health()
+        log.info("coordinator serving on port %d", self.port)
+
+    async def stop(self, grace: float) -> None:
+        """Drain: NOT_SERVING at once, new calls refused, running ones get `grace` seconds to finish."""
+        self.service.draining = True
+        await self._update_health()
+        # Waiting here, not in grpc's stop(grace): that cancelled running streams here early.
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.service.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(0)
+
+    async def _update_health(self) -> None:
+        serving = self.ensemble.ready and not self.service.draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, serving)
-
-    loop = asyncio.get_running_loop()
-    ensemble.listeners.append(lambda: loop.create_task(update_health()))
-    await update_health()
-    log.info("coordinator serving on port %d", port)
-    return server, port
+            await self.health.set(name, status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess
+from coordinator.cluster import WorkerProcess, start_coordinator
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
 from tests.tiny_models import never_ending_llama
 
@@ -182,3 +184,27 @@ def test_past_capacity_requests_get_resource_exhausted_at_once(
             except chorus.ResourceExhausted:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+def test_draining_finishes_running_requests_and_refuses_new_ones(
+    loop: LoopThread, endless_workers: list[WorkerProcess]
+) -> None:
+    config = make_config(endless_workers)
+    running = loop.run(start_coordinator(config, [w.address for w in endless_workers], port=0))
+    target = f"127.0.0.1:{running.port}"
+    with chorus.Client(target, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(client.generate, prompt="hello", max_new_tokens=150)
+        deadline = time.monotonic() + 30
+        while _active_sessions(endless_workers[0].address) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stopping = asyncio.run_coroutine_threadsafe(running.stop(grace=30), loop.loop)  # what SIGTERM does
+        while _health_and_services(target)[0] != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(chorus.Unavailable):
+            client.generate(prompt="hello", max_new_tokens=4)
+        result = in_flight.result(60)
+        stopping.result(60)
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 150
