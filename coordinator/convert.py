@@ -114,7 +114,7 @@ def _number(
         return default
     value = float(getattr(request, field))
     below = value <= low if low_open else value < low
-    if math.isnan(value) or below or value > high:
+    if not math.isfinite(value) or below or value > high:
         bound = "(" if low_open else "["
         raise InvalidRequest(f"{field}: {value} is outside {bound}{low}, {high}]")
     return value
