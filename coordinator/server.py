@@ -133,6 +133,8 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         await self.server.start()
+        # "liveness" answers SERVING while the process runs (Kubernetes liveness probes ask it).
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()
         self.ensemble.listeners.append(lambda: loop.create_task(self._update_health()))
         await self._update_health()

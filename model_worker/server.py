@@ -92,6 +92,8 @@ class WorkerServer:
     async def start(self) -> None:
         await self.server.start()
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # "liveness" answers SERVING while the process runs (Kubernetes liveness probes ask it).
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
     async def ready(self, runtime: Runtime) -> None:
         runtime.batcher.start()

@@ -11,7 +11,7 @@ import coordinator.metrics
 import model_worker.metrics
 from tests.cluster_helpers import ROOT
 
-DASHBOARD = ROOT / "deploy" / "grafana" / "chorus-dashboard.json"
+DASHBOARD = ROOT / "deploy" / "helm" / "chorus" / "dashboards" / "chorus-dashboard.json"
 
 
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
