@@ -232,3 +232,39 @@ class _StopMatcher:
                     best = k
                     break
         return best
+
+
+async def generate_many(
+    ensemble: Ensemble, requests: list[GenerationRequest], timeout: float | None = None
+) -> AsyncIterator[tuple[int, TextPiece | Finished]]:
+    """Generate every conversation of a batch concurrently; yield (index, event) as they come."""
+    if len(requests) == 1:
+        events = generate(ensemble, requests[0], timeout)
+        try:
+            async for event in events:
+                yield 0, event
+        finally:
+            await events.aclose()
+        return
+    queue: asyncio.Queue[tuple[int, TextPiece | Finished] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async for event in generate(ensemble, request, timeout):
+                await queue.put((index, event))
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    finished = 0
+    try:
+        while finished < len(requests):
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item[1], Finished):
+                finished += 1
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()

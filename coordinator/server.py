@@ -13,22 +13,20 @@ from grpc_reflection.v1alpha import reflection
 
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
+from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady
-from coordinator.generation import WorkerLost, generate
-from coordinator.types import Finished, GenerationRequest, TextPiece
+from coordinator.generation import WorkerLost, generate_many
 from coordinator.workers import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
-_DONE = object()
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, ensemble: Ensemble) -> None:
+    def __init__(self, ensemble: Ensemble, admission: Admission) -> None:
         self.ensemble = ensemble
-        self.running = 0  # conversations being generated: bounded, so overload cannot grow memory
-        self.draining = False
+        self.admission = admission
 
     async def Models(
         self, request: coordinator_pb2.ModelsRequest, context: grpc.aio.ServicerContext
@@ -44,78 +42,26 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             requests = convert.requests_from_proto(request, self.ensemble.config)
         except convert.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator is shutting down; retry on another")
-        capacity = self.ensemble.config.limits.max_running
-        if self.running + len(requests) > capacity:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"at capacity: {self.running} of {capacity} conversations running; retry later",
-            )
-        self.running += len(requests)
         timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
+        events = generate_many(self.ensemble, requests, timeout)
         try:
-            if len(requests) == 1:
-                async for event in _guarded(generate(self.ensemble, requests[0], timeout), context):
-                    yield convert.event_to_proto(0, event)
-                return
-            async for index, event in _merged(self.ensemble, requests, timeout, context):
-                yield convert.event_to_proto(index, event)
+            with self.admission.admit(len(requests)):
+                async for index, event in events:
+                    yield convert.event_to_proto(index, event)
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (Draining, NotReady, WorkerLost) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                await context.abort(code, exc.details() or code.name)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await context.abort(code, "deadline exceeded while generating")
+            log.warning("worker failed: %s %s", code, exc.details())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"a model worker failed: {code.name}: {exc.details()}")
         finally:
-            self.running -= len(requests)
-
-
-async def _guarded(
-    events: AsyncIterator[TextPiece | Finished], context: grpc.aio.ServicerContext
-) -> AsyncIterator[TextPiece | Finished]:
-    """Map worker failures to the client's status."""
-    try:
-        async for event in events:
-            yield event
-    except (NotReady, WorkerLost) as exc:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            await context.abort(code, exc.details() or code.name)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            await context.abort(code, "deadline exceeded while generating")
-        log.warning("worker failed: %s %s", code, exc.details())
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"a model worker failed: {code.name}: {exc.details()}")
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-
-
-async def _merged(
-    ensemble: Ensemble, requests: list[GenerationRequest], timeout: float | None, context: grpc.aio.ServicerContext
-) -> AsyncIterator[tuple[int, TextPiece | Finished]]:
-    """Generate every conversation of a batch concurrently; interleave their events."""
-    queue: asyncio.Queue[object] = asyncio.Queue()
-
-    async def pump(index: int, request: GenerationRequest) -> None:
-        async for event in _guarded(generate(ensemble, request, timeout), context):
-            await queue.put((index, event))
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-    waiter = asyncio.create_task(_when_all(tasks, queue))
-    try:
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        for task in [*tasks, waiter]:
-            task.cancel()
-
-
-async def _when_all(tasks: list[asyncio.Task[None]], queue: asyncio.Queue[object]) -> None:
-    for task in asyncio.as_completed(tasks):
-        try:
-            await task
-        except BaseException as exc:
-            await queue.put(exc)
-            return
-    await queue.put(_DONE)
+            await events.aclose()
 
 
 class CoordinatorServer:
@@ -124,7 +70,8 @@ class CoordinatorServer:
     def __init__(self, ensemble: Ensemble, address: str) -> None:
         self.ensemble = ensemble
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        self.service = CoordinatorService(ensemble)
+        self.admission = Admission(ensemble.config.limits.max_running)
+        self.service = CoordinatorService(ensemble, self.admission)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -142,16 +89,16 @@ class CoordinatorServer:
 
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING at once, new calls refused, running ones get `grace` seconds to finish."""
-        self.service.draining = True
+        self.admission.draining = True
         await self._update_health()
         # Waiting here, not in grpc's stop(grace): that cancelled running streams here early.
         deadline = asyncio.get_running_loop().time() + grace
-        while self.service.running and asyncio.get_running_loop().time() < deadline:
+        while self.admission.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
 
     async def _update_health(self) -> None:
-        serving = self.ensemble.ready and not self.service.draining
+        serving = self.ensemble.ready and not self.admission.draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
