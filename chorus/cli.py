@@ -114,6 +114,8 @@ async def _serve(
     if metrics_port is not None:
         bound = serve_metrics(config.server.host, metrics_port)
         print(f"metrics on http://{config.server.host}:{bound}/metrics", flush=True)
+    if running.http is not None:
+        print(f"HTTP API (OpenAI, GaC) on http://{config.http.host}:{running.http.port}", flush=True)
     print(f"chorus serving on {config.server.host}:{running.port}", flush=True)
     await wait_for_signal()
     await running.stop(grace)

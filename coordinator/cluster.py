@@ -21,6 +21,7 @@ from tqdm import tqdm
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.discovery import KubernetesDiscovery
 from coordinator.ensemble import Ensemble, connect
+from coordinator.http_api import HttpApi
 from coordinator.server import CoordinatorServer
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class RunningCoordinator:
     ensemble: Ensemble
     server: CoordinatorServer
     discovery: KubernetesDiscovery | None = None
+    http: HttpApi | None = None
 
     @property
     def port(self) -> int:
@@ -133,7 +135,11 @@ class RunningCoordinator:
     async def stop(self, grace: float = 5.0) -> None:
         if self.discovery is not None:
             self.discovery.stop()
+        if self.http is not None:
+            self.http.admission.draining = True  # refuse new HTTP requests while gRPC drains
         await self.server.stop(grace)
+        if self.http is not None:
+            await self.http.stop()
         await self.ensemble.close()
 
 
@@ -145,14 +151,18 @@ async def start_coordinator(
 ) -> RunningCoordinator:
     """Serve config's ensemble: over fixed worker addresses, or over pods found in Kubernetes."""
     bind = f"{config.server.host}:{config.server.port if port is None else port}"
+    discovery = None
     if config.discovery.mode == "kubernetes":
-        ensemble = Ensemble.from_config(config)
-        server = CoordinatorServer(ensemble, bind)
-        await server.start()  # NOT_SERVING until every model has a ready pod
-        discovery = KubernetesDiscovery(ensemble, config.discovery, api_client)
-        discovery.start()
-        return RunningCoordinator(ensemble, server, discovery)
-    ensemble = await connect(config, worker_addresses or [])
+        ensemble = Ensemble.from_config(config)  # NOT_SERVING until every model has a ready pod
+    else:
+        ensemble = await connect(config, worker_addresses or [])
     server = CoordinatorServer(ensemble, bind)
     await server.start()
-    return RunningCoordinator(ensemble, server)
+    if config.discovery.mode == "kubernetes":
+        discovery = KubernetesDiscovery(ensemble, config.discovery, api_client)
+        discovery.start()
+    http = None
+    if config.http.enabled:
+        http = HttpApi(ensemble, server.admission)
+        await http.start(config.http.host, config.http.port)
+    return RunningCoordinator(ensemble, server, discovery, http)

@@ -113,6 +113,14 @@ class Server(_Section):
     port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
 
 
+class Http(_Section):
+    """The OpenAI- and GaC-compatible HTTP APIs, served by the coordinator process."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)  # 0 = any free port
+
+
 class Discovery(_Section):
     """Where the coordinator finds workers: fixed addresses, or pods found through the Kubernetes API."""
 
@@ -212,6 +220,7 @@ class EnsembleConfig(_Section):
     limits: Limits = Limits()
     server: Server = Server()
     discovery: Discovery = Discovery()
+    http: Http = Http()
     models: tuple[ModelSpec, ...] = Field(strict=False)
 
     @model_validator(mode="before")
@@ -224,7 +233,7 @@ class EnsembleConfig(_Section):
                 return {**data, "strategy": "threshold"}
         return data
 
-    @field_validator("transport", "defaults", "limits", "server", "discovery", mode="before")
+    @field_validator("transport", "defaults", "limits", "server", "discovery", "http", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # `defaults:` with every line commented out
