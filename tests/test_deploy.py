@@ -73,6 +73,7 @@ def test_rendered_config_is_a_valid_ensemble_config(helm: str, values: Path) -> 
     expected = [m["name"] for m in yaml.safe_load(values.read_text())["models"]]
     assert list(config.model_names) == expected
     assert config.discovery.mode == "kubernetes"
+    assert config.http.enabled and config.http.port == 8000
     assert config.discovery.namespace == "ml"
     workers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"].get("chorus.dev/model")]
     assert sorted(d["metadata"]["labels"]["chorus.dev/model"] for d in workers) == sorted(expected)
