@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run up test lint format protos models check-models clean
+.PHONY: run up test lint format protos models check-models load-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ check-models: $(STAMP)
 	rm -rf .models-check && $(PY) scripts/train_default_models.py --out .models-check
 	for m in arith-bpe arith-sp; do diff -r models/$$m .models-check/$$m || exit 1; done
 	rm -rf .models-check
+
+## load-test: 64 concurrent clients for 60 s against the embedded default (errors, latency, memory)
+load-test: $(STAMP)
+	$(PY) scripts/load_test.py --clients 64 --seconds 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-sessions", type=int, default=1024, help="sessions held at once (RESOURCE_EXHAUSTED past it)"
     )
+    parser.add_argument("--session-ttl", type=float, default=600.0, help="reclaim sessions idle this many seconds")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any free one)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight sessions get on SIGTERM")
     parser.add_argument("--port-file", help="write the bound port here once serving (for supervisors)")
@@ -34,7 +35,7 @@ async def run(args: argparse.Namespace) -> None:
     from model_worker.runtime import Runtime
     from model_worker.server import WorkerServer
 
-    server = WorkerServer(f"{args.host}:{args.port}")
+    server = WorkerServer(f"{args.host}:{args.port}", session_ttl=args.session_ttl)
     await server.start()  # health answers NOT_SERVING while the model loads
     if args.metrics_port is not None:
         log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from model_worker import metrics
@@ -27,6 +28,10 @@ class ContextFull(RequestError):
     """The text no longer fits the model's context."""
 
 
+class SessionExpired(Exception):
+    """The session sat idle past the TTL and its KV cache was reclaimed (FAILED_PRECONDITION)."""
+
+
 class AtCapacity(Exception):
     """The worker holds its maximum of sessions (RESOURCE_EXHAUSTED: retry later)."""
 
@@ -47,6 +52,8 @@ class Session:
     prompt_tokens: int
     generated: bytearray = field(default_factory=bytearray)
     kv: KVState = field(default_factory=KVState)
+    last_used: float = field(default_factory=time.monotonic)
+    expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,17 @@ class Runtime:
                   extra={"request_id": request_id})  # fmt: skip
         return session
 
+    def reap(self, ttl: float) -> int:
+        """Close sessions idle for more than ttl seconds (a client that holds a stream but never steps)."""
+        cutoff = time.monotonic() - ttl
+        idle = [s for s in self.sessions.values() if s.last_used < cutoff]
+        for session in idle:
+            session.expired = True
+            self.close(session)
+        if idle:
+            log.warning("reclaimed %d sessions idle for more than %.0f s", len(idle), ttl)
+        return len(idle)
+
     def close(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         log.debug("session %d of request %s closed", session.id, session.request_id,
@@ -120,6 +138,9 @@ class Runtime:
 
     async def step(self, session: Session, append: bytes, fmt: Format) -> StepOutput:
         """Commit `append` and return the distribution over the next bytes."""
+        if session.expired:
+            raise SessionExpired(f"session {session.id} was idle too long and its KV cache was reclaimed")
+        session.last_used = time.monotonic()
         session.generated += append
         plan = self.conditioner.plan(session.prompt, session.add_special_tokens, bytes(session.generated))
         if len(plan.ids) >= self.loaded.context_length:

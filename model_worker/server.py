@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker import convert
-from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session
+from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except AtCapacity as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except SessionExpired as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
@@ -75,7 +78,9 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
 class WorkerServer:
     """The worker's gRPC server. Health says NOT_SERVING until the model is loaded and while draining."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, session_ttl: float = 600.0) -> None:
+        self.session_ttl = session_ttl
+        self._reaper: asyncio.Task[None] | None = None
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -98,10 +103,18 @@ class WorkerServer:
     async def ready(self, runtime: Runtime) -> None:
         runtime.batcher.start()
         self.service.runtime = runtime
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(runtime))
         await self._set(health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %s serving on port %d", runtime.loaded.name, self.port)
 
+    async def _reap(self, runtime: Runtime) -> None:
+        while True:
+            await asyncio.sleep(min(10.0, self.session_ttl / 4))
+            runtime.reap(self.session_ttl)
+
     async def stop(self, grace: float) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         if self.service.runtime is not None:

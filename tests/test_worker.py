@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
-from model_worker.runtime import AtCapacity, PromptSpec, Runtime
+from model_worker.runtime import AtCapacity, PromptSpec, Runtime, SessionExpired
 from model_worker.server import WorkerServer
 from tests.reference import ReferenceModel
 from tests.tiny_models import random_gpt2, random_llama
@@ -163,3 +163,22 @@ def test_a_full_worker_refuses_new_sessions(model_dir: Path) -> None:
         runtime.open(PromptSpec(text="c"))
     runtime.close(first)
     runtime.close(runtime.open(PromptSpec(text="c")))
+
+
+def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
+    runtime = Runtime(load_model(str(model_dir)))
+
+    async def run() -> None:
+        runtime.batcher.start()
+        idle, busy = runtime.open(PromptSpec(text="a")), runtime.open(PromptSpec(text="b"))
+        await runtime.step(idle, b"", FULL)
+        await runtime.step(busy, b"", FULL)
+        idle.last_used -= 120  # two minutes without a step
+        assert runtime.reap(ttl=60) == 1
+        assert list(runtime.sessions.values()) == [busy] and idle.kv.layers is None
+        with pytest.raises(SessionExpired):
+            await runtime.step(idle, b"x", FULL)
+        await runtime.step(busy, b"x", FULL)  # the active one is untouched
+        await runtime.batcher.stop()
+
+    asyncio.run(run())
