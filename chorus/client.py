@@ -97,6 +97,7 @@ def build_request(
     threshold: float | None = None,
     request_id: str | None = None,
     on_worker_loss: str | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     given = [x is not None for x in (prompt, messages, conversations)]
     if sum(given) != 1:
@@ -124,6 +125,8 @@ def build_request(
             setattr(request, name, value)
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else stop)
+    if weights:
+        request.weights.update(weights)
     return request
 
 

@@ -70,6 +70,7 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         if not s:
             raise InvalidRequest(f"stop[{i}]: empty stop string")
     seed = request.seed if request.HasField("seed") else None
+    weights = _weights(request, config)
     on_loss = request.on_worker_loss or defaults.on_worker_loss
     if on_loss not in ("fail", "degrade"):
         raise InvalidRequest(f"on_worker_loss: {on_loss!r} is not 'fail' or 'degrade'")
@@ -85,11 +86,26 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
             threshold=threshold,
             request_id=request.request_id,
             on_worker_loss=on_loss,
+            weights=weights,
             step_timeout=limits.step_timeout_s,
             first_step_timeout=limits.first_step_timeout_s,
         )
         for i, p in enumerate(prompts)
     ]
+
+
+def _weights(request: coordinator_pb2.GenerateRequest, config: EnsembleConfig) -> tuple[float, ...]:
+    """Per-request weights by model name over the configured ones, normalised; () if none given."""
+    if not request.weights:
+        return ()
+    names = config.model_names
+    for name, value in request.weights.items():
+        if name not in names:
+            raise InvalidRequest(f"weights: unknown model {name!r}, the ensemble has {list(names)}")
+        if not math.isfinite(value) or value <= 0:
+            raise InvalidRequest(f"weights[{name!r}]: {value} must be a finite number > 0")
+    raw = [request.weights.get(name, w) for name, w in zip(names, config.weight_vector(), strict=True)]
+    return tuple(w / sum(raw) for w in raw)
 
 
 def _conversation(conv: common_pb2.Conversation, template: bool, field: str) -> Prompt:

@@ -45,7 +45,7 @@ class _Step:
         assert run.ensemble.union is not None  # checked ready before the first step
         self.extras = StepExtras(run.ensemble.union)
         self.n_models = len(run.ensemble.members)
-        self.weights = [m.weight for m in run.ensemble.members]
+        self.weights = list(run.request.weights) or [m.weight for m in run.ensemble.members]
         self.primary = run.ensemble.primary
         self.threshold = run.request.threshold
         self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step

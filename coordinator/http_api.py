@@ -59,6 +59,11 @@ def _openai_fields(body: Json, request: coordinator_pb2.GenerateRequest, templat
     for name in ("strategy", "on_worker_loss"):
         if body.get(name) is not None:
             setattr(request, name, str(body[name]))
+    weights = body.get("weights")
+    if weights is not None:
+        if not isinstance(weights, dict) or not all(isinstance(v, int | float) for v in weights.values()):
+            raise BadRequest("weights: expected an object of model name -> number", "weights")
+        request.weights.update({str(k): float(v) for k, v in weights.items()})
     stop = body.get("stop")
     if stop is not None:
         request.stop.extend([stop] if isinstance(stop, str) else [str(s) for s in stop])

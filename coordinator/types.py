@@ -32,6 +32,7 @@ class GenerationRequest:
     threshold: float = 1.0
     request_id: str = ""
     on_worker_loss: str = "fail"  # or "degrade"
+    weights: tuple[float, ...] = ()  # per model, normalised; empty = the configured ones
     step_timeout: float = 1.0
     first_step_timeout: float = 60.0
 

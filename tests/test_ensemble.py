@@ -143,3 +143,16 @@ def test_coordinators_share_nothing(loop: LoopThread, default_workers: dict[str,
         with ThreadPoolExecutor(len(jobs)) as pool:
             texts = list(pool.map(lambda job: job[0].generate(prompt=job[1], max_new_tokens=6).text, jobs))
     assert texts[: len(PROMPTS)] == texts[len(PROMPTS) :]
+
+
+def test_per_request_weights(loop: LoopThread, default_workers: dict[str, WorkerProcess]) -> None:
+    """A model weighted to (almost) nothing leaves the answer to the other one."""
+    bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
+    with coordinator(loop, make_config([bpe])) as target:
+        bpe_alone = _texts(target, ["12+35=", "90+9="], max_new_tokens=4)
+    with coordinator(loop, make_config([sp])) as target:
+        sp_alone = _texts(target, ["12+35=", "90+9="], max_new_tokens=4)
+    assert bpe_alone != sp_alone  # the members disagree on these sums
+    with coordinator(loop, make_config([bpe, sp])) as target:
+        assert _texts(target, ["12+35=", "90+9="], max_new_tokens=4, weights={"arith-sp": 1e-6}) == bpe_alone
+        assert _texts(target, ["12+35=", "90+9="], max_new_tokens=4, weights={"arith-bpe": 1e-6}) == sp_alone

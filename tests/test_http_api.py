@@ -61,6 +61,10 @@ def test_completions_with_a_list_of_prompts_and_ensemble_options(client: openai.
         model="chorus", prompt=["48+27=", "7+86="], max_tokens=4, extra_body={"strategy": "gac", "top_k": 0}
     )
     assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == ["75", "93"]
+    weighted = client.completions.create(
+        model="chorus", prompt="12+35=", max_tokens=4, extra_body={"weights": {"arith-sp": 1, "arith-bpe": 1e-6}}
+    )
+    assert weighted.choices[0].text == "47"  # arith-sp's answer (arith-bpe alone says 48)
     stream = client.completions.create(model="chorus", prompt="48+27=", max_tokens=4, stream=True)
     assert "".join(c.choices[0].text for c in stream) == "75"
 

@@ -82,6 +82,8 @@ BAD_REQUESTS = [
     ({"prompt": "1+1=", "stop": [""]}, "stop"),
     ({"prompt": "1+1=", "threshold": -0.5}, "threshold"),
     ({"prompt": "1+1=" * 100}, "context"),
+    ({"prompt": "1+1=", "weights": {"no-such-model": 1.0}}, "weights"),
+    ({"prompt": "1+1=", "weights": {"arith-bpe": -1.0}}, "weights"),
     ({"conversations": [[{"role": "user", "content": "1"}]] * 65}, "conversations"),
 ]
 
