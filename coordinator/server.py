@@ -8,15 +8,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from chorus.serving import GrpcServer
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady
 from coordinator.generation import WorkerLost, generate_many
-from coordinator.workers import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +67,30 @@ class CoordinatorServer:
 
     def __init__(self, ensemble: Ensemble, address: str) -> None:
         self.ensemble = ensemble
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.admission = Admission(ensemble.config.limits.max_running)
         self.service = CoordinatorService(ensemble, self.admission)
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(address)
+        self.grpc = GrpcServer(
+            address,
+            SERVICE_NAME,
+            lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server),
+        )
+        self.port = self.grpc.port
 
     async def start(self) -> None:
-        await self.server.start()
-        # "liveness" answers SERVING while the process runs (Kubernetes liveness probes ask it).
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self.grpc.start(serving=self._serving())
         loop = asyncio.get_running_loop()
-        self.ensemble.listeners.append(lambda: loop.create_task(self._update_health()))
-        await self._update_health()
+        self.ensemble.listeners.append(lambda: loop.create_task(self.grpc.set_serving(self._serving())))
         log.info("coordinator serving on port %d", self.port)
 
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING at once, new calls refused, running ones get `grace` seconds to finish."""
         self.admission.draining = True
-        await self._update_health()
+        await self.grpc.set_serving(False)
         # Waiting here, not in grpc's stop(grace): that cancelled running streams here early.
         deadline = asyncio.get_running_loop().time() + grace
         while self.admission.running and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        await self.server.stop(0)
+        await self.grpc.server.stop(0)
 
-    async def _update_health(self) -> None:
-        serving = self.ensemble.ready and not self.admission.draining
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+    def _serving(self) -> bool:
+        return self.ensemble.ready and not self.admission.draining

@@ -13,14 +13,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from chorus.serving import MESSAGE_OPTIONS
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
-MAX_MESSAGE_BYTES = 256 << 20
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *MESSAGE_OPTIONS,
     # A restarted worker is used again within seconds, not after gRPC's default backoff of up to 2 min.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),

@@ -7,16 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from chorus.serving import GrpcServer
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker import convert
 from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 << 20  # full distributions of 200k-token vocabularies travel here
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 
 
@@ -81,30 +79,22 @@ class WorkerServer:
     def __init__(self, address: str, session_ttl: float = 600.0) -> None:
         self.session_ttl = session_ttl
         self._reaper: asyncio.Task[None] | None = None
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ]
-        )
         self.service = WorkerService()
-        worker_pb2_grpc.add_ModelWorkerServicer_to_server(self.service, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(address)
+        self.grpc = GrpcServer(
+            address,
+            SERVICE_NAME,
+            lambda server: worker_pb2_grpc.add_ModelWorkerServicer_to_server(self.service, server),
+        )
+        self.port = self.grpc.port
 
     async def start(self) -> None:
-        await self.server.start()
-        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        # "liveness" answers SERVING while the process runs (Kubernetes liveness probes ask it).
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self.grpc.start(serving=False)
 
     async def ready(self, runtime: Runtime) -> None:
         runtime.batcher.start()
         self.service.runtime = runtime
         self._reaper = asyncio.get_running_loop().create_task(self._reap(runtime))
-        await self._set(health_pb2.HealthCheckResponse.SERVING)
+        await self.grpc.set_serving(True)
         log.info("worker %s serving on port %d", runtime.loaded.name, self.port)
 
     async def _reap(self, runtime: Runtime) -> None:
@@ -115,11 +105,7 @@ class WorkerServer:
     async def stop(self, grace: float) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.grpc.set_serving(False)
+        await self.grpc.server.stop(grace)
         if self.service.runtime is not None:
             await self.service.runtime.batcher.stop()
-
-    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
