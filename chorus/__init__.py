@@ -1,7 +1,15 @@
 """Chorus: token-level ensembles of LLMs. This package is the client SDK (no torch needed)."""
 
 from chorus.client import AsyncClient, Client, EnsembleInfo, ModelInfo, ModelUsage, Result, Usage
-from chorus.errors import Cancelled, ChorusError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from chorus.errors import (
+    Cancelled,
+    ChorusError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
 __all__ = [
     "AsyncClient",
@@ -15,6 +23,7 @@ __all__ = [
     "ModelUsage",
     "ResourceExhausted",
     "Result",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -171,13 +172,40 @@ def _ensemble(response: coordinator_pb2.ModelsResponse) -> EnsembleInfo:
     )
 
 
-class Client:
-    """Blocking client. `timeout` (seconds) is the default deadline of every call."""
+def _credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS to the coordinator: trust `ca` (None with cert/key = the system's roots); cert/key for mutual TLS."""
+    if ca is None and cert is None:
+        return None
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call; `token` is sent as
+    a bearer token; `tls_ca` (and `tls_cert`/`tls_key` for mutual TLS) turn on TLS."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        if creds is None:
+            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, creds, options=_OPTIONS)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._timeout = timeout
+        self._metadata = _auth(token)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Result:
         """Generate for one prompt (or `messages=[...]`); returns the whole result."""
@@ -192,7 +220,9 @@ class Client:
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield text pieces as they are generated."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self._timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout, metadata=self._metadata
+        )
         try:
             for response in call:
                 if response.text:
@@ -204,7 +234,9 @@ class Client:
 
     def models(self, *, timeout: float | None = None) -> EnsembleInfo:
         try:
-            response = self._stub.Models(coordinator_pb2.ModelsRequest(), timeout=timeout or self._timeout)
+            response = self._stub.Models(
+                coordinator_pb2.ModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return _ensemble(response)
@@ -212,7 +244,7 @@ class Client:
     def _collect(self, request: coordinator_pb2.GenerateRequest, timeout: float | None) -> list[Result]:
         results = _Results()
         try:
-            for response in self._stub.Generate(request, timeout=timeout or self._timeout):
+            for response in self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata):
                 results.add(response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -231,10 +263,24 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client`, as coroutines / async iterators."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        creds = _credentials(tls_ca, tls_cert, tls_key)
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target, creds, options=_OPTIONS)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._timeout = timeout
+        self._metadata = _auth(token)
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Result:
         return (await self._collect(build_request(prompt, **kwargs), timeout))[0]
@@ -247,7 +293,9 @@ class AsyncClient:
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[str]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self._timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout, metadata=self._metadata
+        )
         try:
             async for response in call:
                 if response.text:
@@ -259,7 +307,9 @@ class AsyncClient:
 
     async def models(self, *, timeout: float | None = None) -> EnsembleInfo:
         try:
-            response = await self._stub.Models(coordinator_pb2.ModelsRequest(), timeout=timeout or self._timeout)
+            response = await self._stub.Models(
+                coordinator_pb2.ModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return _ensemble(response)
@@ -267,7 +317,9 @@ class AsyncClient:
     async def _collect(self, request: coordinator_pb2.GenerateRequest, timeout: float | None) -> list[Result]:
         results = _Results()
         try:
-            async for response in self._stub.Generate(request, timeout=timeout or self._timeout):
+            async for response in self._stub.Generate(
+                request, timeout=timeout or self._timeout, metadata=self._metadata
+            ):
                 results.add(response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

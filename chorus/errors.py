@@ -30,6 +30,10 @@ class DeadlineExceeded(ChorusError):
     """The call ran past its deadline."""
 
 
+class Unauthenticated(ChorusError):
+    """No valid bearer token was sent."""
+
+
 class Cancelled(ChorusError):
     """The call was cancelled."""
 
@@ -40,6 +44,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ChorusError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

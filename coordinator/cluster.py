@@ -50,6 +50,7 @@ def spawn_worker(
     threads: int | None = None,
     metrics_port: int | None = None,
     port: int = 0,
+    extra_args: tuple[str, ...] = (),
 ) -> WorkerProcess:
     """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads)."""
     port_file = Path(tempfile.mkdtemp(prefix="chorus-worker-")) / "port"
@@ -60,6 +61,7 @@ def spawn_worker(
     ]  # fmt: skip
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
+    command += extra_args
     if spec.max_memory:
         command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

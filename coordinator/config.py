@@ -111,6 +111,26 @@ class Limits(_Section):
 class Server(_Section):
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
+    tls_cert: str | None = None  # PEM files: serve TLS to clients
+    tls_key: str | None = None
+    client_ca: str | None = None  # clients must then present a certificate this CA signed
+    tokens_file: str | None = None  # bearer tokens clients must send, one per line
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Server:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca needs tls_cert and tls_key")
+        return self
+
+
+class WorkerTls(_Section):
+    """How the coordinator reaches workers that serve TLS (mutual TLS when they require a client cert)."""
+
+    ca: str = Field(min_length=1)  # the CA that signed the workers' certificates
+    cert: str = Field(min_length=1)  # the coordinator's client certificate and key
+    key: str = Field(min_length=1)
 
 
 class Http(_Section):
@@ -221,6 +241,7 @@ class EnsembleConfig(_Section):
     server: Server = Server()
     discovery: Discovery = Discovery()
     http: Http = Http()
+    worker_tls: WorkerTls | None = None
     models: tuple[ModelSpec, ...] = Field(strict=False)
 
     @model_validator(mode="before")

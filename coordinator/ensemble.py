@@ -11,9 +11,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from chorus.security import TlsFiles
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab, UnionVocab
@@ -72,6 +74,11 @@ class Ensemble:
         return cls(config, members, transport)
 
     @property
+    def worker_tls(self) -> TlsFiles | None:
+        t = self.config.worker_tls
+        return None if t is None else TlsFiles(cert=Path(t.cert), key=Path(t.key), ca=Path(t.ca))
+
+    @property
     def primary(self) -> int | None:
         return self.config.primary_index
 
@@ -92,7 +99,7 @@ class Ensemble:
             return
         if address in member.replicas and not member.replicas[address].retired:
             return
-        client = WorkerClient(address)
+        client = WorkerClient(address, self.worker_tls)
         try:
             info = await client.info()
             if member.info is not None and info.fingerprint != member.info.fingerprint:
@@ -136,7 +143,7 @@ class Ensemble:
 async def connect(config: EnsembleConfig, addresses: list[str], timeout: float = 600.0) -> Ensemble:
     """An ensemble over fixed worker addresses (one per model, in config order), once all are ready."""
     ensemble = Ensemble.from_config(config)
-    probes = [WorkerClient(a) for a in addresses]
+    probes = [WorkerClient(a, ensemble.worker_tls) for a in addresses]
     try:
         await asyncio.gather(*(p.wait_ready(timeout) for p in probes))
     finally:

@@ -6,9 +6,11 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
+from chorus.security import TlsFiles, read_tokens
 from chorus.serving import GrpcServer
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
@@ -69,10 +71,18 @@ class CoordinatorServer:
         self.ensemble = ensemble
         self.admission = Admission(ensemble.config.limits.max_running)
         self.service = CoordinatorService(ensemble, self.admission)
+        settings = ensemble.config.server
+        tls = None
+        if settings.tls_cert and settings.tls_key:
+            ca = Path(settings.client_ca) if settings.client_ca else None
+            tls = TlsFiles(cert=Path(settings.tls_cert), key=Path(settings.tls_key), ca=ca)
+        tokens = read_tokens(Path(settings.tokens_file)) if settings.tokens_file else ()
         self.grpc = GrpcServer(
             address,
             SERVICE_NAME,
             lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server),
+            tls=tls,
+            tokens=tokens,
         )
         self.port = self.grpc.port
 

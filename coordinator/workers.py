@@ -13,6 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from chorus.security import TlsFiles
 from chorus.serving import MESSAGE_OPTIONS
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
@@ -37,9 +38,12 @@ class Transport:
 
 
 class WorkerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: TlsFiles | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
 
     async def wait_ready(self, timeout: float) -> None:

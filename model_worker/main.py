@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import json
 import logging
+from pathlib import Path
 
 from chorus import logs
 from chorus.lifecycle import serve_metrics, wait_for_signal
+from chorus.security import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-sessions", type=int, default=1024, help="sessions held at once (RESOURCE_EXHAUSTED past it)"
     )
     parser.add_argument("--session-ttl", type=float, default=600.0, help="reclaim sessions idle this many seconds")
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (and --tls-key)")
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument(
+        "--tls-ca", type=Path, help="require clients (the coordinator) to present a cert this CA signed"
+    )
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = any free one)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight sessions get on SIGTERM")
     parser.add_argument("--port-file", help="write the bound port here once serving (for supervisors)")
@@ -35,7 +42,12 @@ async def run(args: argparse.Namespace) -> None:
     from model_worker.runtime import Runtime
     from model_worker.server import WorkerServer
 
-    server = WorkerServer(f"{args.host}:{args.port}", session_ttl=args.session_ttl)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    server = WorkerServer(f"{args.host}:{args.port}", session_ttl=args.session_ttl, tls=tls)
     await server.start()  # health answers NOT_SERVING while the model loads
     if args.metrics_port is not None:
         log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))

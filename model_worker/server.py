@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from chorus.security import TlsFiles
 from chorus.serving import GrpcServer
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from model_worker import convert
@@ -76,7 +77,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
 class WorkerServer:
     """The worker's gRPC server. Health says NOT_SERVING until the model is loaded and while draining."""
 
-    def __init__(self, address: str, session_ttl: float = 600.0) -> None:
+    def __init__(self, address: str, session_ttl: float = 600.0, tls: TlsFiles | None = None) -> None:
         self.session_ttl = session_ttl
         self._reaper: asyncio.Task[None] | None = None
         self.service = WorkerService()
@@ -84,6 +85,7 @@ class WorkerServer:
             address,
             SERVICE_NAME,
             lambda server: worker_pb2_grpc.add_ModelWorkerServicer_to_server(self.service, server),
+            tls=tls,
         )
         self.port = self.grpc.port
 
