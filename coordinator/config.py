@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-STRATEGIES: tuple[str, ...] = ("gac", "threshold")
+STRATEGIES: tuple[str, ...] = ("gac", "threshold", "me", "unite", "safe", "chared")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 GAC_KEYS = ("NORM_TYPE_API_SERVER", "THRESHOLD_API_SERVER", "CONFIG_API_SERVER")
@@ -131,6 +131,31 @@ class WorkerTls(_Section):
     ca: str = Field(min_length=1)  # the CA that signed the workers' certificates
     cert: str = Field(min_length=1)  # the coordinator's client certificate and key
     key: str = Field(min_length=1)
+    # The name the workers' certificate is checked against (workers are dialled by pod IP, so one
+    # shared certificate names the service instead); None = the address's host.
+    server_name: str | None = Field(None, min_length=1)
+
+
+class UniteSettings(_Section):
+    top_k: int = Field(10, ge=1, le=1000)  # each model's top-k tokens form the union of candidates
+
+
+class SafeSettings(_Section):
+    drafter: str | None = None  # model name; default the primary model, else the first
+    draft_tokens: int = Field(5, ge=1, le=64)  # tokens drafted per generate-verify cycle
+    ensemble: Literal["gac", "unite"] = "gac"  # the distribution at an ensembled position
+    sharpen: bool = False  # add the mass of extending tokens to a candidate when the top is below 0.5
+    top_k: int = Field(10, ge=1, le=1000)  # verifiers' distributions per position, for the skip rules
+
+
+class MeSettings(_Section):
+    max_run: int = Field(32, ge=1, le=4096)  # tokens one model draws per call at most
+
+
+class CharedSettings(_Section):
+    # Re-ask a model when the tokens that end at the chosen character hold at least this share of
+    # its remaining mass (0 = always exact: re-ask whenever any does).
+    requery_mass: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class Http(_Section):
@@ -242,6 +267,10 @@ class EnsembleConfig(_Section):
     discovery: Discovery = Discovery()
     http: Http = Http()
     worker_tls: WorkerTls | None = None
+    unite: UniteSettings = UniteSettings()
+    safe: SafeSettings = SafeSettings()
+    me: MeSettings = MeSettings()
+    chared: CharedSettings = CharedSettings()
     models: tuple[ModelSpec, ...] = Field(strict=False)
 
     @model_validator(mode="before")
@@ -254,7 +283,9 @@ class EnsembleConfig(_Section):
                 return {**data, "strategy": "threshold"}
         return data
 
-    @field_validator("transport", "defaults", "limits", "server", "discovery", "http", mode="before")
+    @field_validator(
+        "transport", "defaults", "limits", "server", "discovery", "http", "unite", "safe", "me", "chared", mode="before"
+    )
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value  # `defaults:` with every line commented out
@@ -291,15 +322,31 @@ class EnsembleConfig(_Section):
                 primaries.append(i)
             if self.weights == "score" and model.score is None:
                 problems.append((("models", i, "score"), "required when weights is 'score'"))
+        if self.safe.drafter is not None and self.safe.drafter not in seen_names:
+            msg = f"unknown model {self.safe.drafter!r}; the models are {list(seen_names)}"
+            problems.append((("safe", "drafter"), msg))
         if self.strategy == "threshold" and not primaries:
             msg = "'threshold' needs exactly one model with priority 'primary' (found none)"
             problems.append((("strategy",), msg))
+        problems += self._strategy_accepts_defaults()
         if self.defaults.max_new_tokens > self.limits.max_new_tokens:
             msg = f"{self.defaults.max_new_tokens} exceeds limits.max_new_tokens ({self.limits.max_new_tokens})"
             problems.append((("defaults", "max_new_tokens"), msg))
         if problems:
             raise _CrossFieldError(problems)
         return self
+
+    def _strategy_accepts_defaults(self) -> list[tuple[Loc, str]]:
+        from coordinator.strategies import STRATEGIES as MODULES  # they need no config: no cycle at run time
+        from coordinator.types import SamplingParams
+
+        d = self.defaults
+        try:
+            MODULES[self.strategy].check(SamplingParams(d.temperature, d.top_p, d.top_k))
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            return [(("defaults", field), message)]
+        return []
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -308,6 +355,14 @@ class EnsembleConfig(_Section):
     @property
     def primary_index(self) -> int | None:
         return next((i for i, m in enumerate(self.models) if m.priority == "primary"), None)
+
+    @property
+    def drafter_index(self) -> int:
+        """SAFE's drafter: the configured one, else the primary model, else the first."""
+        if self.safe.drafter is not None:
+            return self.model_names.index(self.safe.drafter)
+        primary = self.primary_index
+        return 0 if primary is None else primary
 
     @property
     def primary(self) -> ModelSpec | None:

@@ -62,6 +62,10 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         top_p=_number(request, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
         top_k=request.top_k if request.HasField("top_k") else defaults.top_k,
     )
+    try:
+        STRATEGIES[strategy].check(sampling)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     threshold = _number(request, "threshold", config.threshold, 0.0, math.inf)
     stop = tuple(request.stop)
     if len(stop) > MAX_STOP_STRINGS:

@@ -6,7 +6,7 @@ import asyncio
 import codecs
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
@@ -15,10 +15,11 @@ import numpy as np
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.metrics import RequestMetrics
 from coordinator.sampling import choose
-from coordinator.strategies import STRATEGIES
-from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage
+from coordinator.strategies import STRATEGIES, Drafted
+from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage, WirePart
 from coordinator.union_dist import StepExtras, UnionDist, from_parts, mix
-from coordinator.workers import ModelSession
+from coordinator.union_vocab import END
+from coordinator.workers import ModelSession, Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,47 +39,105 @@ _LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Stat
 
 
 class _Step:
-    """The StepContext strategies see; sends each asked model the text it has not seen yet."""
+    """The StepContext strategies see; sends each model the text it has not seen yet."""
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run, rng: np.random.Generator) -> None:
         self._run = run
         assert run.ensemble.union is not None  # checked ready before the first step
         self.extras = StepExtras(run.ensemble.union)
+        self.config = run.ensemble.config
+        self.union = run.ensemble.union
         self.n_models = len(run.ensemble.members)
         self.weights = list(run.request.weights) or [m.weight for m in run.ensemble.members]
         self.primary = run.ensemble.primary
         self.threshold = run.request.threshold
+        self.sampling = run.request.sampling
+        self.rng = rng
+        self.remaining = run.request.max_new_tokens - run.usage.completion_tokens
+        self.text = bytes(run.text)
+        self.alive = run.alive
         self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step
 
-    async def ask(self, models: Sequence[int]) -> dict[int, UnionDist]:
-        alive = [i for i in models if self._run.alive[i]]
-        results = await asyncio.gather(*(self._ask_one(i) for i in alive))
-        answers = {i: d for i, d in zip(alive, results, strict=True) if d is not None}
-        if not any(self._run.alive):
-            raise WorkerLost(f"every model's worker was lost: {', '.join(self._run.usage.lost_models)}")
+    async def ask(self, models: Sequence[int], top_k: int | None = None) -> dict[int, UnionDist]:
+        transport = self._run.ensemble.transport
+        if top_k is not None:
+            transport = Transport(top_k=top_k, half=transport.half)
+        answers = await self._each(models, lambda i: self._ask_one(i, transport))
         self.answers.update(answers)
         return answers
 
     def top_choices(self) -> dict[int, int]:
         return {i: d.top() for i, d in self.answers.items() if d.uids.size}
 
-    async def _ask_one(self, i: int) -> UnionDist | None:
-        run, member = self._run, self._run.ensemble.members[i]
-        append, run.unsent[i] = run.unsent[i], b""
+    async def _ask_one(self, i: int, transport: Transport) -> UnionDist | None:
+        run = self._run
+        rollback, append = run.sync(i)
         started = time.perf_counter()
-        step = await run.guarded(i, run.sessions[i].step(append, run.ensemble.transport), run.step_budget(i))
+        step = await run.guarded(i, run.sessions[i].step(append, transport, rollback), run.step_budget(i))
         if step is None:
             return None
         run.slowest[i] = max(run.slowest[i], time.perf_counter() - started)
-        usage = run.usage.models[i]
-        usage.forward_passes += step.forward_passes
-        usage.tokens_fed += step.tokens_fed
+        run.count(i, step.forward_passes, step.tokens_fed)
+        return self._dist(i, step.parts)
+
+    async def draft(self, model: int, max_tokens: int, report_top_k: int = 0) -> Drafted | None:
+        run = self._run
+        if not run.alive[model]:
+            return None
+        rollback, append = run.sync(model)
+        seed = int(self.rng.integers(2**63))
+        call = run.sessions[model].draft(append, rollback, max_tokens, self.sampling, seed, report_top_k)
+        started = time.perf_counter()
+        drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
+        if drafted is None:
+            return None
+        per_token = (time.perf_counter() - started) / max(1, len(drafted.pieces))
+        run.slowest[model] = max(run.slowest[model], per_token)
+        run.count(model, drafted.forward_passes, drafted.tokens_fed)
+        run.held_extra[model] = b"".join(drafted.pieces)
+        return Drafted(drafted.pieces, drafted.ended, [self._dist(model, parts) for parts in drafted.dists])
+
+    async def score(self, models: Sequence[int], pieces: list[bytes], top_k: int) -> dict[int, list[UnionDist | None]]:
+        return await self._each(models, lambda i: self._score_one(i, pieces, top_k))
+
+    async def _score_one(self, i: int, pieces: list[bytes], top_k: int) -> list[UnionDist | None] | None:
+        run = self._run
+        rollback, append = run.sync(i)
+        scored = await run.guarded(i, run.sessions[i].score(append, rollback, pieces, top_k), 2 * run.step_budget(i))
+        if scored is None:
+            return None
+        run.count(i, scored.forward_passes, scored.tokens_fed)
+        run.held_extra[i] = b"".join(pieces)
+        return [None if parts is None else self._dist(i, parts) for parts in scored.positions]
+
+    async def lookup(self, model: int, candidates: list[bytes]) -> np.ndarray | None:
+        run = self._run
+        if not run.alive[model]:
+            return None
+        return await run.guarded(model, run.sessions[model].lookup(candidates), run.step_budget(model))
+
+    async def _each(self, models: Sequence[int], call: Callable[[int], Awaitable[T | None]]) -> dict[int, T]:
+        """call(i) for every listed model still alive, concurrently; lost ones are left out."""
+        alive = [i for i in models if self._run.alive[i]]
+        results = await asyncio.gather(*(call(i) for i in alive))
+        if not any(self._run.alive):
+            raise WorkerLost(f"every model's worker was lost: {', '.join(self._run.usage.lost_models)}")
+        return {i: r for i, r in zip(alive, results, strict=True) if r is not None}
+
+    def _dist(self, i: int, parts: Sequence[WirePart]) -> UnionDist:
+        member = self._run.ensemble.members[i]
         assert member.vocab is not None  # checked ready before the first step
-        return from_parts(step.parts, member.index, member.vocab.tokens, self.extras)
+        return from_parts(parts, member.index, member.vocab.tokens, self.extras)
 
     def mix(self, answers: Mapping[int, UnionDist]) -> UnionDist:
         weights = np.array([self.weights[i] for i in answers])
         return mix(list(answers.values()), weights / weights.sum(), self.extras.size)
+
+    def uid(self, data: bytes) -> int:
+        return END if not data else self.extras.uid(data)
+
+    def bytes_of(self, uid: int) -> bytes:
+        return self.extras.bytes_of(uid)
 
 
 class _Run:
@@ -86,10 +145,27 @@ class _Run:
         self.ensemble = ensemble
         self.request = request
         self.sessions = sessions
-        self.unsent = [b""] * len(sessions)
+        self.text = bytearray()  # generated so far
+        # What each worker's session holds: text[:held_len[i]] + held_extra[i] (a draft or scored
+        # pieces not, or not yet, accepted); the next call rolls back what differs from text.
+        self.held_len = [0] * len(sessions)
+        self.held_extra = [b""] * len(sessions)
         self.usage = Usage(models=[ModelUsage(m.spec.name) for m in ensemble.members])
         self.alive = [True] * len(sessions)
         self.slowest = [0.0] * len(sessions)  # seconds, per model; 0 = no step answered yet
+
+    def sync(self, i: int) -> tuple[int, bytes]:
+        """(bytes to roll back, bytes to append) that bring model i's session to the text."""
+        ahead = bytes(self.text[self.held_len[i] :])
+        extra = self.held_extra[i]
+        same = _shared_prefix(extra, ahead)
+        self.held_len[i], self.held_extra[i] = len(self.text), b""
+        return len(extra) - same, ahead[same:]
+
+    def count(self, i: int, forward_passes: int, tokens_fed: int) -> None:
+        usage = self.usage.models[i]
+        usage.forward_passes += forward_passes
+        usage.tokens_fed += tokens_fed
 
     def step_budget(self, i: int) -> float:
         """How long model i may take: long for its first step (the prefill), short after."""
@@ -151,29 +227,40 @@ async def generate(
         for usage, n in zip(run.usage.models, prompt_tokens, strict=True):
             usage.prompt_tokens = n
         measure.opened(prompt_tokens)
-        for _ in range(request.max_new_tokens):
-            step = _Step(run)
+        while run.usage.completion_tokens < request.max_new_tokens and finish == "length":
+            step = _Step(run, rng)
             try:
                 decision = await strategy.step(step)
             except ContextExhausted:
                 break
-            run.usage.steps += 1
-            run.usage.steps_ensembled += int(decision.ensembled)
-            uid = choose(decision.dist, request.sampling, rng)
-            measure.step(decision.ensembled, step.top_choices(), uid)
-            if step.extras.union.is_end(uid):
+            chosen = list(decision.pieces)
+            end = decision.end
+            if not (chosen or end or decision.dist is not None):
+                raise RuntimeError(f"strategy {strategy.name!r} decided nothing")
+            for _piece in chosen:
+                measure.step(False, {}, -1)
+            if decision.dist is not None and not end:
+                uid = choose(decision.dist, request.sampling, rng)
+                measure.step(decision.ensembled, step.top_choices(), uid)
+                run.usage.steps_ensembled += int(decision.ensembled)
+                if step.extras.union.is_end(uid):
+                    end = True
+                else:
+                    chosen.append(step.extras.bytes_of(uid))
+            for piece in chosen[: request.max_new_tokens - run.usage.completion_tokens]:
+                run.usage.steps += 1
+                run.usage.completion_tokens += 1
+                measure.token()
+                run.text += piece
+                text, stopped = stops.feed(decoder.decode(piece))
+                if text:
+                    yield TextPiece(text)
+                if stopped:
+                    finish = "stop"
+                    break
+            if end and finish == "length":
+                run.usage.steps += 1
                 finish = "stop"
-                break
-            chosen = step.extras.bytes_of(uid)
-            run.usage.completion_tokens += 1
-            measure.token()
-            run.unsent = [u + chosen for u in run.unsent]
-            piece, stopped = stops.feed(decoder.decode(chosen))
-            if piece:
-                yield TextPiece(piece)
-            if stopped:
-                finish = "stop"
-                break
         if not stops.stopped:
             tail, _ = stops.feed(decoder.decode(b"", final=True), final=True)
             if tail:
@@ -195,6 +282,13 @@ async def generate(
             s.cancel()
         for m, replica in placed:
             await m.release(replica)
+
+
+def _shared_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(k for k in range(n) if a[k] != b[k])
 
 
 class _StopMatcher:

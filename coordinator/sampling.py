@@ -1,4 +1,8 @@
-"""Choosing one union entry from a distribution: greedy, or temperature / top-k / top-p sampling."""
+"""Choosing one entry from a distribution: greedy, or temperature / top-k / top-p sampling.
+
+`pick` works on a bare probability vector, so workers drafting tokens sample exactly as the
+coordinator does.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,16 @@ from coordinator.union_dist import UnionDist
 
 
 def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) -> int:
+    """A union id drawn from dist."""
     if dist.uids.size == 0:
         raise ValueError("empty distribution")
+    return int(dist.uids[pick(dist.probs, params, rng)])
+
+
+def pick(probs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """An index into probs (not necessarily normalised): the argmax when greedy, else a draw."""
     if params.temperature == 0:
-        return dist.top()
-    probs = dist.probs
+        return int(np.argmax(probs))
     keep = np.arange(probs.size)
     if params.top_k and params.top_k < probs.size:
         keep = np.argpartition(-probs, params.top_k - 1)[: params.top_k]
@@ -26,4 +35,4 @@ def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) ->
         cut = int(np.searchsorted(np.cumsum(p[order]), params.top_p)) + 1
         chosen = order[:cut]
         keep, p = keep[chosen], p[chosen] / p[chosen].sum()
-    return int(dist.uids[keep[rng.choice(p.size, p=p)]])
+    return int(keep[rng.choice(p.size, p=p)])

@@ -66,6 +66,26 @@ class ModelStep:
     forward_passes: int
 
 
+@dataclass(frozen=True)
+class ModelDraft:
+    """Tokens a worker drew itself: their bytes, and (when asked) each draw's distribution."""
+
+    pieces: list[bytes]
+    ended: bool  # an end-of-sequence token was drawn after the pieces
+    dists: list[list[WirePart]]
+    tokens_fed: int
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """A model's distributions before each scored piece and after the last (None: no token boundary)."""
+
+    positions: list[list[WirePart] | None]
+    tokens_fed: int
+    forward_passes: int
+
+
 @dataclass
 class ModelUsage:
     name: str

@@ -7,13 +7,15 @@ those get step-local ids past the union's end, shared by all models within the s
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from coordinator.types import WirePart
-from coordinator.union_vocab import UnionVocab
+from coordinator.union_vocab import DenseMap, UnionVocab
 
 # Below this many entries a sort-based merge beats a dense accumulator of the union's size.
 _SPARSE_LIMIT = 4096
@@ -66,6 +68,10 @@ class UnionDist:
 
 def from_parts(parts: Sequence[WirePart], index: np.ndarray, tokens: list[bytes], extras: StepExtras) -> UnionDist:
     """Map one model's parts into the union (index: model id -> union id, -1 = not text)."""
+    if len(parts) == 1 and parts[0].ids is None and parts[0].skip_bytes == 0 and parts[0].logprobs.size == index.size:
+        dense = extras.union.dense_map(index)
+        if dense is not None:  # the common step: one full distribution, mapped through a precomputed plan
+            return _from_dense(parts[0], dense)
     uids: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     for part in parts:
@@ -85,6 +91,15 @@ def mix(dists: Sequence[UnionDist], weights: Sequence[float], size: int) -> Unio
     """Weighted sum of distributions (weights already normalised)."""
     if len(dists) == 1:
         return dists[0]
+    plan = _mix_plan(dists)
+    if plan is not None:
+        # The same bincount as _merge's, over precomputed positions instead of union ids: same bits.
+        shares = np.empty(plan.positions.size)
+        start = 0
+        for d, w in zip(dists, weights, strict=True):
+            np.multiply(d.probs, w, out=shares[start : start + d.probs.size])
+            start += d.probs.size
+        return UnionDist(plan.uids, np.bincount(plan.positions, weights=shares, minlength=plan.uids.size))
     return _merge([d.uids for d in dists], [d.probs * w for d, w in zip(dists, weights, strict=True)], size)
 
 
@@ -99,3 +114,67 @@ def _merge(uids: list[np.ndarray], probs: list[np.ndarray], size: int) -> UnionD
     present[all_uids] = True
     nonzero = np.flatnonzero(present)
     return UnionDist(nonzero, dense[nonzero])
+
+
+# Identical results, less work: the fast paths below give exactly the bits the general path gives.
+# A dense part lands through the model's DenseMap (no union-sized scratch arrays), and mixing
+# distributions whose uids are DenseMap arrays reuses their merged uids and positions.
+
+
+@functools.cache
+def _exp_f16() -> np.ndarray:
+    """exp of every float16 value as float64, by bit pattern: np.exp computes each element alone, so
+    looking it up gives the same bits as np.exp(x.astype(float64))."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(np.arange(1 << 16, dtype="<u2").view("<f2").astype(np.float64))
+
+
+def _exp(logprobs: np.ndarray, log_scale: float, ids: np.ndarray) -> np.ndarray:
+    """np.exp(logprobs.astype(float64) + log_scale)[ids]."""
+    x = logprobs[ids]
+    if log_scale == 0.0 and x.dtype == np.dtype("<f2"):
+        return _exp_f16()[x.view("<u2")]
+    x = x.astype(np.float64)
+    if log_scale != 0.0:  # x + 0.0 only turns -0.0 into 0.0, and exp is 1 for both
+        x += log_scale
+    return np.exp(x)
+
+
+def _from_dense(part: WirePart, dense: DenseMap) -> UnionDist:
+    if dense.grouped is not None:
+        slot, ids = dense.grouped
+        probs = np.bincount(slot, weights=_exp(part.logprobs, part.log_scale, ids), minlength=dense.uids.size)
+        return UnionDist(dense.uids, probs)
+    probs = _exp(part.logprobs, part.log_scale, dense.first)  # 0.0 + p == p: the first addend alone
+    for slots, ids in dense.more:  # further tokens of shared union ids, in token id order as bincount adds them
+        probs[slots] += _exp(part.logprobs, part.log_scale, ids)
+    return UnionDist(dense.uids, probs)
+
+
+@dataclass(frozen=True)
+class _MixPlan:
+    sources: tuple[weakref.ref[np.ndarray], ...]  # the dists' uids arrays this plan is for
+    uids: np.ndarray  # their sorted union
+    positions: np.ndarray  # where each dist's uids sit in it, one dist after the other
+
+
+_MIX_PLANS: dict[tuple[int, ...], _MixPlan] = {}
+_MIX_PLANS_KEPT = 8  # model subsets x orders in use; plans for arrays that died are rebuilt or evicted
+
+
+def _mix_plan(dists: Sequence[UnionDist]) -> _MixPlan | None:
+    """A merge plan for dists whose uids are all read-only (DenseMap) arrays, cached; else None."""
+    if any(d.uids.flags.writeable for d in dists):
+        return None
+    key = tuple(id(d.uids) for d in dists)
+    plan = _MIX_PLANS.get(key)
+    if plan is not None and all(ref() is d.uids for ref, d in zip(plan.sources, dists, strict=True)):
+        return plan
+    uids = np.unique(np.concatenate([d.uids for d in dists]))
+    uids.flags.writeable = False
+    positions = np.searchsorted(uids, np.concatenate([d.uids for d in dists]))
+    plan = _MixPlan(tuple(weakref.ref(d.uids) for d in dists), uids, positions)
+    if len(_MIX_PLANS) >= _MIX_PLANS_KEPT:
+        _MIX_PLANS.pop(next(iter(_MIX_PLANS)))
+    _MIX_PLANS[key] = plan
+    return plan

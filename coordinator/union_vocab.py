@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class UnionVocab:
         self._bytes: list[bytes] = [b"", *ids]  # dicts keep insertion order, which is id order
         self.index = index
         self.size: int = len(self._bytes)
+        self._dense: list[DenseMap | None] = [None] * len(index)
 
     def bytes_of(self, uid: int) -> bytes:
         """The bytes of a union entry; END is b""."""
@@ -60,3 +62,71 @@ class UnionVocab:
 
     def is_end(self, uid: int) -> bool:
         return bool(uid == END)
+
+    @cached_property
+    def first_chars(self) -> tuple[np.ndarray, list[bytes]]:
+        """Each entry's first character as a key id, and the keys' bytes (END's key is b"").
+
+        Computed once per union, for strategies that decide character by character.
+        """
+        keys: dict[bytes, int] = {}
+        ids = np.fromiter((keys.setdefault(first_char(b), len(keys)) for b in self._bytes), np.int64, self.size)
+        return ids, list(keys)
+
+    def dense_map(self, index: np.ndarray) -> DenseMap | None:
+        """The (cached) DenseMap of a model whose index array this is; None for an array not in self.index."""
+        for m, own in enumerate(self.index):
+            if own is index:
+                found = self._dense[m]
+                if found is None:
+                    found = self._dense[m] = DenseMap(own)
+                return found
+        return None
+
+
+MAX_RANKS = 8  # DenseMap.more holds at most this many ranks
+
+
+class DenseMap:
+    """Where a dense distribution over one model's vocabulary lands in the union, computed once.
+
+    uids are the sorted distinct union ids of the model's text tokens; first[j] is the lowest token id
+    mapping to uids[j]; more[r - 1] lists (slots, token ids) of the r-th further token of each union id
+    that several tokens map to (identical bytes, several EOS ids), or, past MAX_RANKS such tokens, grouped
+    has every token's (slot, token id) ordered by slot then token id. Every array is read-only.
+    """
+
+    def __init__(self, index: np.ndarray) -> None:
+        ids = np.flatnonzero(index >= 0)
+        uids = index[ids]
+        order = np.argsort(uids, kind="stable")  # by union id, then token id
+        ids, uids = ids[order], uids[order]
+        new = np.ones(uids.size, dtype=bool)
+        new[1:] = uids[1:] != uids[:-1]
+        starts = np.flatnonzero(new)
+        slot = np.cumsum(new) - 1
+        rank = np.arange(uids.size) - starts[slot]
+        self.size = int(index.size)
+        self.uids: np.ndarray = _frozen(uids[starts].astype(np.int64))
+        self.first: np.ndarray = _frozen(ids[starts])
+        ranks = int(rank.max(initial=0))
+        self.more: list[tuple[np.ndarray, np.ndarray]] = []
+        self.grouped: tuple[np.ndarray, np.ndarray] | None = None  # (slot, token id) of every token, by slot
+        if ranks <= MAX_RANKS:
+            self.more = [(_frozen(slot[rank == r]), _frozen(ids[rank == r])) for r in range(1, ranks + 1)]
+        else:  # many tokens share a union id: one bincount beats a pass per rank
+            self.grouped = (_frozen(slot), _frozen(ids))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def first_char(data: bytes) -> bytes:
+    """The first UTF-8 character of data (fewer bytes if data ends inside it; one byte if invalid)."""
+    if not data:
+        return b""
+    lead = data[0]
+    need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 else 1
+    return data[:need]

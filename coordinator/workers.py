@@ -16,7 +16,7 @@ from tqdm import tqdm
 from chorus.security import TlsFiles
 from chorus.serving import MESSAGE_OPTIONS
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from coordinator.types import ModelStep, Prompt, WirePart, WorkerInfo
+from coordinator.types import ModelDraft, ModelScore, ModelStep, Prompt, SamplingParams, WirePart, WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
 CHANNEL_OPTIONS = [
@@ -43,7 +43,8 @@ class WorkerClient:
         if tls is None:
             self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+            options = CHANNEL_OPTIONS + tls.channel_options()
+            self.channel = grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
         self.stub = worker_pb2_grpc.ModelWorkerStub(self.channel)
 
     async def wait_ready(self, timeout: float) -> None:
@@ -115,12 +116,15 @@ class ModelSession:
         response = await self._read()
         return response.opened.prompt_tokens
 
-    async def step(self, append: bytes, transport: Transport) -> ModelStep:
+    # Every call that moves the text drops `rollback` bytes the worker holds, then appends `append`.
+
+    async def step(self, append: bytes, transport: Transport, rollback: int = 0) -> ModelStep:
         if transport.top_k:
             step = worker_pb2.SessionStep(append=append, format=worker_pb2.TOP_K, top_k=transport.top_k)
         else:
             fmt = worker_pb2.FULL_FP16 if transport.half else worker_pb2.FULL_FP32
             step = worker_pb2.SessionStep(append=append, format=fmt)
+        step.rollback = rollback
         await self._call.write(worker_pb2.SessionRequest(step=step))
         result = (await self._read()).step
         return ModelStep(
@@ -128,6 +132,39 @@ class ModelSession:
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,
         )
+
+    async def draft(
+        self, append: bytes, rollback: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int
+    ) -> ModelDraft:
+        params = worker_pb2.Sampling(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed
+        )
+        draft = worker_pb2.SessionDraft(
+            append=append, rollback=rollback, max_tokens=max_tokens, sampling=params, report_top_k=report_top_k
+        )
+        await self._call.write(worker_pb2.SessionRequest(draft=draft))
+        result = (await self._read()).draft
+        return ModelDraft(
+            pieces=list(result.pieces),
+            ended=result.ended,
+            dists=[[_part_from_proto(p) for p in d.parts] for d in result.dists],
+            tokens_fed=result.tokens_fed,
+            forward_passes=result.forward_passes,
+        )
+
+    async def score(self, append: bytes, rollback: int, pieces: list[bytes], top_k: int) -> ModelScore:
+        score = worker_pb2.SessionScore(append=append, rollback=rollback, pieces=pieces, top_k=top_k)
+        await self._call.write(worker_pb2.SessionRequest(score=score))
+        result = (await self._read()).score
+        return ModelScore(
+            positions=[[_part_from_proto(p) for p in d.parts] if d.boundary else None for d in result.positions],
+            tokens_fed=result.tokens_fed,
+            forward_passes=result.forward_passes,
+        )
+
+    async def lookup(self, candidates: list[bytes]) -> np.ndarray:
+        await self._call.write(worker_pb2.SessionRequest(lookup=worker_pb2.SessionLookup(candidates=candidates)))
+        return np.array((await self._read()).lookup.logprobs, dtype=np.float64)
 
     def cancel(self) -> None:
         self._call.cancel()

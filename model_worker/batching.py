@@ -33,6 +33,7 @@ class PassStats:
 class _Job:
     state: KVState
     new_ids: list[int]
+    rows: int  # output rows wanted (the last ones)
     future: asyncio.Future[PassStats]
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -57,10 +58,11 @@ class Batcher:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def forward(self, state: KVState, new_ids: list[int]) -> PassStats:
-        """Feed new_ids after the state's cached tokens; the state is updated in place."""
+    async def forward(self, state: KVState, new_ids: list[int], rows: int = ROWS_KEPT) -> PassStats:
+        """Feed new_ids after the state's cached tokens, keeping the outputs of the last `rows`;
+        the state is updated in place."""
         future: asyncio.Future[PassStats] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(state, new_ids, future))
+        self._pending.append(_Job(state, new_ids, min(max(rows, 1), len(new_ids)), future))
         self._wakeup.set()
         return await future
 
@@ -72,9 +74,9 @@ class Batcher:
             jobs = [j for j in self._pending if not j.future.done()]
             self._pending = []
             metrics.QUEUE_DEPTH.labels(self._name).set(len(jobs))
-            groups: dict[int, list[_Job]] = defaultdict(list)
+            groups: dict[tuple[int, int], list[_Job]] = defaultdict(list)
             for job in jobs:
-                groups[len(job.new_ids)].append(job)
+                groups[len(job.new_ids), job.rows].append(job)
             for group in groups.values():
                 for i in range(0, len(group), self._max_batch):
                     chunk = [j for j in group[i : i + self._max_batch] if not j.future.done()]
@@ -115,7 +117,7 @@ class Batcher:
             input_ids=input_ids,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=min(ROWS_KEPT, n),
+            logits_to_keep=jobs[0].rows,
             **kwargs,
         )
         cache = out.past_key_values

@@ -83,6 +83,10 @@ class Conditioner:
         self._tokens = tokens
         self._special = special
         self.index = PrefixIndex(tokens, special)
+        self.ids_by_bytes: dict[bytes, list[int]] = {}  # text tokens by their exact bytes
+        for i, b in enumerate(tokens):
+            if b and not special[i]:
+                self.ids_by_bytes.setdefault(b, []).append(i)
         self._byte_ids: dict[int, int] = {}
         for i, b in enumerate(tokens):
             if len(b) == 1 and not special[i]:

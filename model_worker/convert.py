@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from chorus.v1 import common_pb2, worker_pb2
+from coordinator.types import SamplingParams
 from model_worker.distribution import Format, Part
-from model_worker.runtime import PromptSpec, RequestError, Runtime, StepOutput
+from model_worker.runtime import DraftOutput, PromptSpec, RequestError, Runtime, ScoreOutput, StepOutput
 
 _FORMATS = {
     worker_pb2.FULL_FP16: np.dtype(np.float16),
@@ -31,6 +34,46 @@ def format_from_proto(step: worker_pb2.SessionStep) -> Format:
     if step.format not in _FORMATS:
         raise RequestError(f"step.format: unknown value {step.format}")
     return Format(top_k=0, dtype=_FORMATS[step.format])
+
+
+def sampling_from_proto(sampling: worker_pb2.Sampling) -> SamplingParams:
+    if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise RequestError(f"draft.sampling.temperature: {sampling.temperature} must be finite and >= 0")
+    if not (math.isfinite(sampling.top_p) and 0 <= sampling.top_p <= 1):
+        raise RequestError(f"draft.sampling.top_p: {sampling.top_p} must be in 0..1 (0 = no cut)")
+    return SamplingParams(sampling.temperature, sampling.top_p or 1.0, sampling.top_k)
+
+
+def draft_to_proto(out: DraftOutput) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(
+        draft=worker_pb2.DraftResult(
+            pieces=out.pieces,
+            ended=out.ended,
+            dists=[_position(parts) for parts in out.dists],
+            tokens_fed=out.tokens_fed,
+            forward_passes=out.forward_passes,
+        )
+    )
+
+
+def score_to_proto(out: ScoreOutput) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(
+        score=worker_pb2.ScoreResult(
+            positions=[_position(parts) for parts in out.positions],
+            tokens_fed=out.tokens_fed,
+            forward_passes=out.forward_passes,
+        )
+    )
+
+
+def lookup_to_proto(logprobs: list[float]) -> worker_pb2.SessionResponse:
+    return worker_pb2.SessionResponse(lookup=worker_pb2.LookupResult(logprobs=logprobs))
+
+
+def _position(parts: list[Part] | None) -> worker_pb2.PositionDistribution:
+    if parts is None:
+        return worker_pb2.PositionDistribution(boundary=False)
+    return worker_pb2.PositionDistribution(boundary=True, parts=[_part_to_proto(p) for p in parts])
 
 
 def step_to_proto(out: StepOutput) -> worker_pb2.SessionResponse:

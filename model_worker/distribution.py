@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from model_worker.conditioning import Plan, PrefixIndex
+from model_worker.conditioning import Conditioner, Plan, PrefixIndex
 
 
 @dataclass(frozen=True)
 class Format:
     top_k: int  # 0 = the full distribution
     dtype: np.dtype  # dtype of full distributions on the wire
+
+
+FULL = Format(0, np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,11 @@ def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, f
     if plan.pending:
         parts += _sparse(after, index.extensions(plan.pending), len(plan.pending), scale, fmt.top_k)
     else:
-        parts.append(_dense(after, scale, fmt))
+        parts.append(dense_part(after, scale, fmt))
     return parts
 
 
-def _dense(logprobs: torch.Tensor, scale: float, fmt: Format) -> Part:
+def dense_part(logprobs: torch.Tensor, scale: float, fmt: Format) -> Part:
     if fmt.top_k:
         values, ids = torch.topk(logprobs, min(fmt.top_k, logprobs.numel()))
         rest = max(0.0, 1.0 - float(values.exp().sum()))
@@ -64,3 +68,27 @@ def _sparse(logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, to
         index = index[order]
         rest = max(0.0, total - float(values.exp().sum()))
     return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), rest)]
+
+
+def lookup_logprob(plan: Plan, rows: dict[int, torch.Tensor], conditioner: Conditioner, eos: frozenset[int],
+                   candidate: bytes) -> float:  # fmt: skip
+    """Log-probability of the longest next-bytes option (a token, or the rest of a healed one) that
+    is a prefix of candidate, summed over the tokens that spell it; b"" = end of sequence."""
+    n = len(plan.ids)
+    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
+    options: list[tuple[bytes, float, torch.Tensor]] = []  # (bytes already committed, log scale, logprobs)
+    scale = 0.0
+    if plan.heal_prefix is not None:
+        before = torch.log_softmax(rows[n - 2].float(), dim=-1)
+        options.append((plan.heal_prefix, 0.0, before))
+        scale = float(before[plan.ids[-1]])
+    options.append((plan.pending, scale, after))
+    if not candidate:
+        ids = sorted(eos)
+        return float(torch.logsumexp(after[ids], 0)) + scale if ids and not plan.pending else -math.inf
+    for length in range(len(candidate), 0, -1):
+        spelled = [(s, lp, conditioner.ids_by_bytes.get(prefix + candidate[:length])) for prefix, s, lp in options]
+        terms = [s + float(lp[i]) for s, lp, ids in spelled if ids for i in ids]
+        if terms:
+            return float(np.logaddexp.reduce(terms))
+    return -math.inf

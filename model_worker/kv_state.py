@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Output rows kept per session: a step needs at most the last two (token healing).
+# Output rows kept per session between steps: a step needs at most the last two (token healing).
+# A scoring pass asks for more; they are kept until the next pass.
 ROWS_KEPT = 2
 
 
@@ -31,7 +32,8 @@ class KVState:
         self.layers = layers
         last = len(self.ids)
         self.rows.update({last - len(rows) + j: rows[j] for j in range(len(rows))})
-        self.rows = {p: r for p, r in self.rows.items() if p >= last - ROWS_KEPT}
+        oldest = last - max(ROWS_KEPT, len(rows))
+        self.rows = {p: r for p, r in self.rows.items() if p >= oldest}
 
     def nbytes(self) -> int:
         if self.layers is None:

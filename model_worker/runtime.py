@@ -5,13 +5,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from coordinator.sampling import pick
+from coordinator.types import SamplingParams
 from model_worker import metrics
-from model_worker.batching import Batcher
-from model_worker.conditioning import Conditioner
-from model_worker.distribution import Format, Part, build_parts
-from model_worker.kv_state import KVState, common_prefix
+from model_worker.batching import Batcher, PassStats
+from model_worker.conditioning import Conditioner, Plan
+from model_worker.distribution import FULL, Format, Part, build_parts, dense_part, lookup_logprob
+from model_worker.kv_state import ROWS_KEPT, KVState, common_prefix
 from model_worker.loading import LoadedModel
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
@@ -54,6 +59,7 @@ class Session:
     kv: KVState = field(default_factory=KVState)
     last_used: float = field(default_factory=time.monotonic)
     expired: bool = False
+    last_plan: Plan | None = None  # the plan of the last step, whose output rows are still kept
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,22 @@ class StepOutput:
     compute_ms: float
 
 
+@dataclass(frozen=True)
+class DraftOutput:
+    pieces: list[bytes]  # one per drawn token
+    ended: bool  # an end-of-sequence token was drawn after the pieces
+    dists: list[list[Part]]  # with report_top_k: the distribution of every draw
+    tokens_fed: int
+    forward_passes: int
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    positions: list[list[Part] | None]  # before each piece and after the last; None = no token boundary
+    tokens_fed: int
+    forward_passes: int
+
+
 class Runtime:
     def __init__(self, loaded: LoadedModel, max_sessions: int = 1024) -> None:
         self.loaded = loaded
@@ -74,6 +96,10 @@ class Runtime:
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
         self.eos_ids = _eos_ids(loaded)
+        self._eos = frozenset(self.eos_ids)
+        # Specials other than EOS, and empty tokens, are not text: never drawn (as in the union).
+        self._not_text = np.array([i not in self._eos and (sp or not b) for i, (b, sp) in
+                                   enumerate(zip(self.tokens, self.special, strict=True))])  # fmt: skip
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
         self.batcher = Batcher(loaded.model, loaded.device, loaded.name)
         self.sessions: dict[int, Session] = {}
@@ -136,27 +162,133 @@ class Runtime:
                   extra={"request_id": session.request_id})  # fmt: skip
         session.kv = KVState()
 
-    async def step(self, session: Session, append: bytes, fmt: Format) -> StepOutput:
-        """Commit `append` and return the distribution over the next bytes."""
-        if session.expired:
-            raise SessionExpired(f"session {session.id} was idle too long and its KV cache was reclaimed")
-        session.last_used = time.monotonic()
-        session.generated += append
-        plan = self.conditioner.plan(session.prompt, session.add_special_tokens, bytes(session.generated))
-        if len(plan.ids) >= self.loaded.context_length:
-            raise ContextFull(f"text: {len(plan.ids)} tokens reach {self.loaded.name}'s context length")
-        kv = session.kv
-        kv.truncate(common_prefix(kv.ids, plan.ids))
-        missing = [p for p in plan.rows_needed if p not in kv.rows]
-        stats = None
-        if missing:
-            kv.truncate(min(missing))
-            stats = await self.batcher.forward(kv, plan.ids[len(kv.ids) :])
-            metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
-        parts = build_parts(plan, kv.rows, self.conditioner.index, fmt)
+    async def step(self, session: Session, append: bytes, fmt: Format, rollback: int = 0) -> StepOutput:
+        """Commit `append` (after dropping `rollback` bytes) and return the distribution over the next bytes."""
+        self._move(session, rollback, append)
+        plan = self._plan(session, bytes(session.generated))
+        stats = await self._ensure_rows(session.kv, plan.ids, plan.rows_needed)
+        session.last_plan = plan
+        parts = build_parts(plan, session.kv.rows, self.conditioner.index, fmt)
         if stats is None:
             return StepOutput(parts, 0, 0, 0, 0.0, 0.0)
         return StepOutput(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms)
+
+    async def draft(
+        self,
+        session: Session,
+        append: bytes,
+        rollback: int,
+        max_tokens: int,
+        sampling: SamplingParams,
+        seed: int,
+        report_top_k: int = 0,
+    ) -> DraftOutput:
+        """Draw up to max_tokens tokens here, one step each; the session then holds them."""
+        if not 1 <= max_tokens <= self.loaded.context_length:
+            raise RequestError(f"draft.max_tokens: {max_tokens} is outside 1..{self.loaded.context_length}")
+        rng = np.random.default_rng(seed)
+        pieces: list[bytes] = []
+        dists: list[list[Part]] = []
+        fed = passes = 0
+        ended = False
+        for _ in range(max_tokens):
+            out = await self.step(session, append, FULL, rollback)
+            rollback = 0
+            fed, passes = fed + out.tokens_fed, passes + out.forward_passes
+            if report_top_k:
+                assert session.last_plan is not None
+                dists.append(build_parts(session.last_plan, session.kv.rows, self.conditioner.index,
+                                         Format(report_top_k, FULL.dtype)))  # fmt: skip
+            piece = self._draw(out.parts, sampling, rng)
+            if piece is None:
+                ended = True
+                break
+            pieces.append(piece)
+            append = piece
+        if not ended:
+            session.generated += append  # held; the next message feeds it
+        return DraftOutput(pieces, ended, dists, fed, passes)
+
+    def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> bytes | None:
+        """One continuation drawn from a step's parts: its bytes, or None for end of sequence."""
+        logps = []
+        for part in parts:
+            logp = part.logprobs.astype(np.float64) + part.log_scale
+            if part.ids is None:
+                logp[self._not_text] = -np.inf
+            logps.append(logp)
+        index = pick(np.exp(np.concatenate(logps)), sampling, rng)
+        starts = np.cumsum([0] + [lp.size for lp in logps])
+        k = int(np.searchsorted(starts, index, side="right")) - 1
+        part, offset = parts[k], index - int(starts[k])
+        token = offset if part.ids is None else int(part.ids[offset])
+        if part.ids is None and token in self._eos:
+            return None
+        return self.tokens[token][part.skip_bytes :]
+
+    async def score(
+        self, session: Session, append: bytes, rollback: int, pieces: list[bytes], top_k: int
+    ) -> ScoreOutput:
+        """Distributions before each piece and after the last, in one forward pass; the session keeps the pieces."""
+        self._move(session, rollback, append)
+        text = bytes(session.generated) + b"".join(pieces)
+        plan = self._plan(session, text)
+        # Where tokens end, counted in bytes from the end of the text (robust to BOS and SentencePiece's
+        # dummy prefix at the start).
+        suffixes = [sum(len(p) for p in pieces[j:]) for j in range(len(pieces) + 1)]
+        token_at: dict[int, int] = {}
+        tail = len(plan.pending)
+        for t in range(len(plan.ids) - 1, -1, -1):
+            token_at.setdefault(tail, t)
+            tail += len(self.tokens[plan.ids[t]])
+            if tail > suffixes[0]:
+                break
+        rows = [token_at.get(s) for s in suffixes]
+        stats = await self._ensure_rows(session.kv, plan.ids, {r for r in rows if r is not None})
+        session.generated = bytearray(text)
+        session.last_plan = None
+        fmt = Format(top_k, FULL.dtype)
+        positions = [None if r is None else [dense_part(session.kv.rows[r], 0.0, fmt)] for r in rows]
+        if stats is None:
+            return ScoreOutput(positions, 0, 0)
+        return ScoreOutput(positions, stats.tokens_fed, 1)
+
+    def lookup(self, session: Session, candidates: list[bytes]) -> list[float]:
+        """Log-probabilities of candidate continuations under the last step's distribution."""
+        if session.last_plan is None:
+            raise RequestError("lookup: no step to look up in (send a step first)")
+        plan, rows = session.last_plan, session.kv.rows
+        return [lookup_logprob(plan, rows, self.conditioner, self._eos, c) for c in candidates]
+
+    def _move(self, session: Session, rollback: int, append: bytes) -> None:
+        """Drop `rollback` bytes from the end of the session's text, then append."""
+        if session.expired:
+            raise SessionExpired(f"session {session.id} was idle too long and its KV cache was reclaimed")
+        session.last_used = time.monotonic()
+        if rollback > len(session.generated):
+            raise RequestError(f"rollback: {rollback} bytes, but the session holds {len(session.generated)}")
+        if rollback:
+            del session.generated[-rollback:]
+        session.generated += append
+
+    def _plan(self, session: Session, generated: bytes) -> Plan:
+        plan = self.conditioner.plan(session.prompt, session.add_special_tokens, generated)
+        if len(plan.ids) >= self.loaded.context_length:
+            raise ContextFull(f"text: {len(plan.ids)} tokens reach {self.loaded.name}'s context length")
+        return plan
+
+    async def _ensure_rows(self, kv: KVState, ids: list[int], needed: Iterable[int]) -> PassStats | None:
+        """Make the cache hold ids with the output rows at `needed` positions: one forward pass at most,
+        over the tokens that changed (and back to the earliest missing row)."""
+        kv.truncate(common_prefix(kv.ids, ids))
+        missing = [p for p in needed if p not in kv.rows]
+        if not missing:
+            return None
+        first = min(missing)
+        kv.truncate(first)
+        stats = await self.batcher.forward(kv, ids[len(kv.ids) :], rows=max(ROWS_KEPT, len(ids) - first))
+        metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
+        return stats
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:

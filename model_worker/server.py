@@ -53,12 +53,26 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     yield worker_pb2.SessionResponse(
                         opened=worker_pb2.SessionOpened(prompt_tokens=session.prompt_tokens)
                     )
+                elif kind is not None and session is None:
+                    raise RequestError(f"{kind}: open the session first")
                 elif kind == "step":
-                    if session is None:
-                        raise RequestError("step: open the session first")
-                    fmt = convert.format_from_proto(request.step)
-                    out = await runtime.step(session, request.step.append, fmt)
+                    step = request.step
+                    out = await runtime.step(session, step.append, convert.format_from_proto(step), step.rollback)
                     yield convert.step_to_proto(out)
+                elif kind == "draft":
+                    d = request.draft
+                    sampling = convert.sampling_from_proto(d.sampling)
+                    drafted = await runtime.draft(
+                        session, d.append, d.rollback, d.max_tokens, sampling, d.sampling.seed, d.report_top_k
+                    )
+                    yield convert.draft_to_proto(drafted)
+                elif kind == "score":
+                    sc = request.score
+                    top_k = sc.top_k or convert.DEFAULT_TOP_K
+                    scored = await runtime.score(session, sc.append, sc.rollback, list(sc.pieces), top_k)
+                    yield convert.score_to_proto(scored)
+                elif kind == "lookup":
+                    yield convert.lookup_to_proto(runtime.lookup(session, list(request.lookup.candidates)))
                 else:
                     raise RequestError("request: empty message, expected open or step")
         except ContextFull as exc:

@@ -214,10 +214,18 @@ def test_primary_implies_threshold_unless_explicit(strategy_given: str | None, e
 
 
 def test_strategies_registry() -> None:
-    assert STRATEGIES == ("gac", "threshold")
+    from coordinator.strategies import STRATEGIES as MODULES
+
+    assert set(STRATEGIES) == set(MODULES) == {"gac", "threshold", "me", "unite", "safe", "chared"}
+    sampling = {"defaults": {"temperature": 1.0}}  # me samples; it refuses greedy defaults
     for name in STRATEGIES:
         models = two(priority="primary")
-        assert load_config({"strategy": name, "models": models}).strategy == name
+        assert load_config({"strategy": name, "models": models, **sampling}).strategy == name
+
+
+def test_a_strategy_refusing_the_default_sampling_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"defaults\.temperature.*'me'"):
+        load_config({"strategy": "me", "models": two()})
 
 
 # --------------------------------------------------------------------------- mistakes
@@ -266,8 +274,8 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "unknown strategy",
-        {"strategy": "unite", "models": two()},
-        ["strategy: unknown strategy 'unite'; valid: gac, threshold"],
+        {"strategy": "mixture", "models": two()},
+        ["strategy: unknown strategy 'mixture'; valid: gac, threshold, me, unite, safe, chared"],
     ),
     (
         "strategy type",

@@ -81,22 +81,74 @@ class SessionOpen(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("append", "format", "top_k")
+    __slots__ = ("append", "format", "top_k", "rollback")
     APPEND_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     append: bytes
     format: DistributionFormat
     top_k: int
-    def __init__(self, append: _Optional[bytes] = ..., format: _Optional[_Union[DistributionFormat, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    rollback: int
+    def __init__(self, append: _Optional[bytes] = ..., format: _Optional[_Union[DistributionFormat, str]] = ..., top_k: _Optional[int] = ..., rollback: _Optional[int] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SessionDraft(_message.Message):
+    __slots__ = ("append", "rollback", "max_tokens", "sampling", "report_top_k")
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REPORT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    append: bytes
+    rollback: int
+    max_tokens: int
+    sampling: Sampling
+    report_top_k: int
+    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., report_top_k: _Optional[int] = ...) -> None: ...
+
+class SessionScore(_message.Message):
+    __slots__ = ("append", "rollback", "pieces", "top_k")
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    append: bytes
+    rollback: int
+    pieces: _containers.RepeatedScalarFieldContainer[bytes]
+    top_k: int
+    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., pieces: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class SessionLookup(_message.Message):
+    __slots__ = ("candidates",)
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, candidates: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("open", "step")
+    __slots__ = ("open", "step", "draft", "score", "lookup")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     step: SessionStep
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ...) -> None: ...
+    draft: SessionDraft
+    score: SessionScore
+    lookup: SessionLookup
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ..., draft: _Optional[_Union[SessionDraft, _Mapping]] = ..., score: _Optional[_Union[SessionScore, _Mapping]] = ..., lookup: _Optional[_Union[SessionLookup, _Mapping]] = ...) -> None: ...
 
 class DistributionPart(_message.Message):
     __slots__ = ("skip_bytes", "log_scale", "ids", "logprobs", "dtype", "rest_mass")
@@ -136,10 +188,54 @@ class SessionOpened(_message.Message):
     prompt_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class PositionDistribution(_message.Message):
+    __slots__ = ("boundary", "parts")
+    BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    boundary: bool
+    parts: _containers.RepeatedCompositeFieldContainer[DistributionPart]
+    def __init__(self, boundary: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[DistributionPart, _Mapping]]] = ...) -> None: ...
+
+class DraftResult(_message.Message):
+    __slots__ = ("pieces", "ended", "dists", "tokens_fed", "forward_passes")
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    DISTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    pieces: _containers.RepeatedScalarFieldContainer[bytes]
+    ended: bool
+    dists: _containers.RepeatedCompositeFieldContainer[PositionDistribution]
+    tokens_fed: int
+    forward_passes: int
+    def __init__(self, pieces: _Optional[_Iterable[bytes]] = ..., ended: _Optional[bool] = ..., dists: _Optional[_Iterable[_Union[PositionDistribution, _Mapping]]] = ..., tokens_fed: _Optional[int] = ..., forward_passes: _Optional[int] = ...) -> None: ...
+
+class ScoreResult(_message.Message):
+    __slots__ = ("positions", "tokens_fed", "forward_passes")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    positions: _containers.RepeatedCompositeFieldContainer[PositionDistribution]
+    tokens_fed: int
+    forward_passes: int
+    def __init__(self, positions: _Optional[_Iterable[_Union[PositionDistribution, _Mapping]]] = ..., tokens_fed: _Optional[int] = ..., forward_passes: _Optional[int] = ...) -> None: ...
+
+class LookupResult(_message.Message):
+    __slots__ = ("logprobs",)
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "step")
+    __slots__ = ("opened", "step", "draft", "score", "lookup")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     step: StepResult
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+    draft: DraftResult
+    score: ScoreResult
+    lookup: LookupResult
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., draft: _Optional[_Union[DraftResult, _Mapping]] = ..., score: _Optional[_Union[ScoreResult, _Mapping]] = ..., lookup: _Optional[_Union[LookupResult, _Mapping]] = ...) -> None: ...

@@ -1,45 +1,98 @@
-"""The interface every ensemble strategy implements: decide one step's distribution."""
+"""The interface every ensemble strategy implements: decide the next piece(s) of text.
+
+A strategy gets a StepContext per step. It may ask models for their next-bytes distributions,
+have one model draft tokens inside its worker, have models score a continuation in one pass, or
+look up scores of candidate continuations, and answers with a Decision: pieces of text already
+chosen (drafted tokens it accepts), then optionally a distribution the next token is drawn from.
+A strategy object lives for one conversation, so it may keep state between steps.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import numpy as np
+
+from coordinator.types import SamplingParams
 from coordinator.union_dist import UnionDist
+
+if TYPE_CHECKING:
+    from coordinator.config import EnsembleConfig
+    from coordinator.union_vocab import UnionVocab
+
+
+@dataclass(frozen=True)
+class Drafted:
+    pieces: list[bytes]  # one per token the model drew
+    ended: bool  # it drew end of sequence after the pieces
+    dists: list[UnionDist]  # with report_top_k: the distribution of each draw (the end draw included)
 
 
 class StepContext(Protocol):
-    """What a strategy may ask for during one step."""
+    """What a strategy may see and ask for during one step."""
 
+    config: EnsembleConfig
+    union: UnionVocab
     n_models: int
     weights: Sequence[float]  # normalised, per model
     primary: int | None
     threshold: float
+    sampling: SamplingParams
+    rng: np.random.Generator  # the request's seeded generator
+    remaining: int  # tokens the request may still generate
+    text: bytes  # the text generated so far
+    alive: Sequence[bool]  # per model: its worker is still there (policy degrade)
 
-    async def ask(self, models: Sequence[int]) -> dict[int, UnionDist]:
-        """The listed models' next-bytes distributions in the union, asked concurrently.
+    async def ask(self, models: Sequence[int], top_k: int | None = None) -> dict[int, UnionDist]:
+        """The listed models' next-bytes distributions in the union, asked concurrently (top_k
+        overrides the configured transport). A model whose worker was lost (policy degrade) is
+        missing from the answer; if no model is left at all, this raises."""
+        ...
 
-        A model whose worker was lost (policy degrade) is missing from the answer; if no model is
-        left at all, this raises.
-        """
+    async def draft(self, model: int, max_tokens: int, report_top_k: int = 0) -> Drafted | None:
+        """Let one model draw up to max_tokens tokens itself with the request's sampling; None if lost."""
+        ...
+
+    async def score(self, models: Sequence[int], pieces: list[bytes], top_k: int) -> dict[int, list[UnionDist | None]]:
+        """Each model's top-k distribution before every piece and after the last, where the text
+        there ends on one of its token boundaries (else None); one forward pass per model."""
+        ...
+
+    async def lookup(self, model: int, candidates: list[bytes]) -> np.ndarray | None:
+        """Log-probabilities (under the model's last asked distribution) of each candidate's first
+        token in the model's own spelling; b"" is end of sequence. None if the worker was lost."""
         ...
 
     def mix(self, answers: Mapping[int, UnionDist]) -> UnionDist:
         """The weighted average of the answering models' distributions."""
         ...
 
+    def uid(self, data: bytes) -> int:
+        """The union id of these bytes (b"" = end of sequence) for this step."""
+        ...
+
+    def bytes_of(self, uid: int) -> bytes: ...
+
 
 @dataclass(frozen=True)
 class Decision:
-    dist: UnionDist  # what the next union entry is drawn from
-    ensembled: bool  # more than one model decided this step
+    dist: UnionDist | None = None  # what the next token is drawn from, after the pieces
+    ensembled: bool = False  # more than one model decided `dist`
+    pieces: tuple[bytes, ...] = ()  # tokens already chosen (e.g. a model's accepted draft)
+    end: bool = False  # end of sequence after the pieces
 
 
 class Strategy(ABC):
     name: ClassVar[str]
     needs_primary: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, sampling: SamplingParams) -> None:
+        """Refuse sampling settings this strategy cannot honour (ValueError naming the field)."""
+        return None
 
     @abstractmethod
     async def step(self, ctx: StepContext) -> Decision: ...

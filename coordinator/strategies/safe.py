@@ -1,0 +1,94 @@
+"""SAFE, generate-verify-ensemble: a drafter writes a few tokens, the other models verify them in
+one forward pass each, and only unstable positions are ensembled.
+
+A drafted position is ensembled only if (a) the text before it ends on a token boundary of every
+verifier (else the token would be out-of-vocabulary-like for them) and (b) the models do not
+already agree: every verifier's top choice is the drafted token, or the models' mean probability
+of it exceeds 0.5. These skip rules never change the ensemble's argmax. Drafts after an ensembled
+position are discarded (the workers roll them back on their next message); the ensembled
+distribution is GaC or UniTE, optionally sharpened.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.strategies.base import Decision, StepContext, Strategy
+from coordinator.strategies.unite import unite_step
+from coordinator.union_dist import UnionDist
+
+_SHARPEN_BELOW = 0.5
+_SHARPEN_CANDIDATES = 8
+
+
+class Safe(Strategy):
+    name = "safe"
+
+    def __init__(self) -> None:
+        self._ensemble_next = False
+
+    async def step(self, ctx: StepContext) -> Decision:
+        if self._ensemble_next:
+            self._ensemble_next = False
+            return await self._ensemble(ctx)
+        settings = ctx.config.safe
+        drafter = ctx.config.drafter_index
+        if not ctx.alive[drafter]:
+            return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
+        drafted = await ctx.draft(drafter, min(settings.draft_tokens, ctx.remaining), report_top_k=settings.top_k)
+        if drafted is None:
+            return await self._ensemble(ctx)
+        verifiers = [i for i in range(ctx.n_models) if i != drafter]
+        scored = await ctx.score(verifiers, drafted.pieces, settings.top_k) if verifiers else {}
+        choices = [*drafted.pieces, b""] if drafted.ended else drafted.pieces
+        for j, piece in enumerate(choices):
+            token = ctx.uid(piece)
+            at_j = [positions[j] for positions in scored.values()]
+            if any(d is None for d in at_j):
+                continue  # not a token boundary for some verifier: ensembling here would split its tokens
+            dists = [drafted.dists[j], *(d for d in at_j if d is not None)]
+            if _agree(token, dists[1:], dists):
+                continue
+            self._ensemble_next = j > 0
+            if j == 0:
+                return await self._ensemble(ctx)
+            return Decision(pieces=tuple(drafted.pieces[:j]))
+        return Decision(pieces=tuple(drafted.pieces), end=drafted.ended)
+
+    async def _ensemble(self, ctx: StepContext) -> Decision:
+        settings = ctx.config.safe
+        if settings.ensemble == "unite":
+            decision = await unite_step(ctx, ctx.config.unite.top_k)
+        else:
+            answers = await ctx.ask(range(ctx.n_models))
+            decision = Decision(ctx.mix(answers), ensembled=len(answers) > 1)
+        if settings.sharpen and decision.dist is not None and decision.dist.max_prob() < _SHARPEN_BELOW:
+            return Decision(_sharpen(decision.dist.normalized(), ctx), ensembled=decision.ensembled)
+        return decision
+
+
+def _agree(token: int, verifiers: list[UnionDist | None], everyone: list[UnionDist | None]) -> bool:
+    """Every verifier's top choice is the drafted token, or the mean probability of it exceeds 0.5."""
+    if all(d is not None and d.uids.size and d.top() == token for d in verifiers):
+        return True
+    probs = [_prob(d, token) for d in everyone if d is not None]
+    return float(np.mean(probs)) > 0.5
+
+
+def _prob(dist: UnionDist, uid: int) -> float:
+    at = int(np.searchsorted(dist.uids, uid))
+    return float(dist.probs[at]) if at < dist.uids.size and dist.uids[at] == uid else 0.0
+
+
+def _sharpen(dist: UnionDist, ctx: StepContext) -> UnionDist:
+    """Add to each leading candidate the mass of entries that extend its bytes (they would write it first)."""
+    order = np.argsort(-dist.probs)[:_SHARPEN_CANDIDATES]
+    spelled = [ctx.bytes_of(int(u)) for u in dist.uids]
+    probs = dist.probs.copy()
+    for k in order:
+        head = spelled[k]
+        if not head:
+            continue
+        extra = sum(p for s, p in zip(spelled, dist.probs, strict=True) if len(s) > len(head) and s.startswith(head))
+        probs[k] += extra
+    return UnionDist(dist.uids, probs / probs.sum())
