@@ -21,11 +21,15 @@ class TlsFiles:
     cert: Path
     key: Path
     ca: Path | None = None
+    server_name: str | None = None  # as a client: the name the server's certificate must carry
 
     def server_credentials(self) -> grpc.ServerCredentials:
         pair = [(self.key.read_bytes(), self.cert.read_bytes())]
         ca = self.ca.read_bytes() if self.ca else None
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """As a client: trust `ca`, and present this cert (for servers that require one)."""

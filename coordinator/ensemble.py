@@ -76,7 +76,7 @@ class Ensemble:
     @property
     def worker_tls(self) -> TlsFiles | None:
         t = self.config.worker_tls
-        return None if t is None else TlsFiles(cert=Path(t.cert), key=Path(t.key), ca=Path(t.ca))
+        return None if t is None else TlsFiles(Path(t.cert), Path(t.key), Path(t.ca), t.server_name)
 
     @property
     def primary(self) -> int | None:

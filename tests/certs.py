@@ -38,14 +38,16 @@ def make_ca(directory: Path, name: str = "ca") -> Path:
     return directory / name
 
 
-def issue(ca: Path, name: str, server: bool) -> Path:
-    """A certificate for 127.0.0.1/localhost (server) or a client, signed by the CA at `ca`."""
+def issue(ca: Path, name: str, server: bool, dns: tuple[str, ...] = ("localhost",), ip: bool = True) -> Path:
+    """A certificate for the dns names (and 127.0.0.1 if ip) or a client, signed by the CA at `ca`."""
     ca_key = serialization.load_pem_private_key(ca.with_suffix(".key").read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(ca.with_suffix(".crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    if ip:
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     cert = (
         x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + DAY)

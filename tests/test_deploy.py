@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator.config import parse_config
+from coordinator.cluster import spawn_worker
+from coordinator.config import ModelSpec, parse_config
+from tests.certs import make_ca
 from tests.cluster_helpers import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "chorus"
@@ -73,7 +81,8 @@ def test_rendered_config_is_a_valid_ensemble_config(helm: str, values: Path) -> 
     expected = [m["name"] for m in yaml.safe_load(values.read_text())["models"]]
     assert list(config.model_names) == expected
     assert config.discovery.mode == "kubernetes"
-    assert config.http.enabled and config.http.port == 8000
+    assert config.http.enabled == yaml.safe_load(values.read_text()).get("http", {}).get("enabled", True)
+    assert config.http.port == 8000
     assert config.discovery.namespace == "ml"
     workers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"].get("chorus.dev/model")]
     assert sorted(d["metadata"]["labels"]["chorus.dev/model"] for d in workers) == sorted(expected)
@@ -110,7 +119,9 @@ def test_rbac_network_policy_disruption_budgets_and_autoscaling(helm: str) -> No
         by_kind.setdefault(doc["kind"], []).append(doc)
     (role,) = by_kind["Role"]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    (policy,) = by_kind["NetworkPolicy"]
+    policies = {p["metadata"]["name"]: p for p in by_kind["NetworkPolicy"]}
+    assert sorted(policies) == ["chorus-coordinator", "chorus-test", "chorus-workers"]
+    policy = policies["chorus-workers"]
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
     sources = policy["spec"]["ingress"][0]["from"]
     assert sources == [{"podSelector": {"matchLabels": {
@@ -135,6 +146,9 @@ BAD_VALUES = [
     (["--set", "models[0].name=a", "--set", "models[0].source.hub.id=x", "--set", "models[0].sorce=y"], "sorce"),
     (["--set", "coordinator.port=70000"], "/coordinator/port"),
     (["-f", str(CHART / "ci" / "one-model-values.yaml"), "--set", "ensemble.strategy=threshold"], "primary"),
+    (["--set", "tls.clients.enabled=true", "--set", "http.enabled=false"], "/tls/clients/secretName"),
+    (["--set", "tls.workers.enabled=true"], "/tls/workers/secretName"),
+    (["--set", "auth.tokensSecret=tokens"], "http.enabled"),  # the HTTP APIs would bypass the tokens
 ]
 
 
@@ -143,3 +157,147 @@ def test_bad_values_are_refused_with_a_message_naming_them(helm: str, args: list
     out = subprocess.run([helm, "template", "chorus", str(CHART), *args], capture_output=True, text=True)
     assert out.returncode != 0
     assert named in out.stderr, out.stderr
+
+
+TLS_VALUES = CHART / "ci" / "tls-values.yaml"
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _mounts(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """mount path -> (Secret name, its volume) for every Secret volume the container mounts."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    out = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            assert mount["readOnly"] is True, mount
+            out[mount["mountPath"]] = (volume["secret"]["secretName"], volume["secret"])
+    return out
+
+
+def test_tls_values_mount_the_secrets_where_config_and_args_point(helm: str) -> None:
+    docs = _render(helm, *_values(TLS_VALUES))
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+
+    coordinator = deployments["chorus-coordinator"]["spec"]["template"]["spec"]
+    mounts = _mounts(coordinator, coordinator["containers"][0])
+    assert {path: secret for path, (secret, _) in mounts.items()} == {
+        "/etc/chorus-tls/clients": "chorus-tls-clients",
+        "/etc/chorus-tls/workers": "chorus-tls-coordinator",  # tls.workers.clientSecretName
+        "/etc/chorus-auth": "chorus-tokens",
+    }
+    server = config.server
+    clients, workers_dir = "/etc/chorus-tls/clients", "/etc/chorus-tls/workers"
+    assert (server.tls_cert, server.tls_key, server.client_ca) == (
+        f"{clients}/tls.crt",
+        f"{clients}/tls.key",
+        f"{clients}/ca.crt",
+    )
+    assert server.tokens_file == "/etc/chorus-auth/tokens"
+    assert config.worker_tls is not None
+    assert (config.worker_tls.ca, config.worker_tls.cert, config.worker_tls.key) == (
+        f"{workers_dir}/ca.crt",
+        f"{workers_dir}/tls.crt",
+        f"{workers_dir}/tls.key",
+    )
+    assert config.worker_tls.server_name == "chorus-worker"  # workers are dialled by IP
+    assert not config.http.enabled  # the HTTP APIs check neither TLS nor tokens
+    # The files are readable by the containers' user only through the pod's fsGroup.
+    assert coordinator["securityContext"]["fsGroup"] == 10001
+    assert {volume["defaultMode"] for _, volume in mounts.values()} == {0o440}
+
+    workers = [d for name, d in deployments.items() if name != "chorus-coordinator"]
+    assert len(workers) == 2
+    for deployment in workers:
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert {p: s for p, (s, _) in _mounts(spec, container).items()} == {
+            "/etc/chorus-tls/workers": "chorus-tls-workers"
+        }
+        args = container["args"]
+        for flag, name in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-ca", "ca.crt")):
+            assert args[args.index(flag) + 1] == f"/etc/chorus-tls/workers/{name}"
+        # kubelet's gRPC probes cannot speak TLS: exec probes with the same health services.
+        services = {probe: container[probe]["exec"]["command"][-3] for probe in PROBES}
+        assert services == {"startupProbe": "", "readinessProbe": "", "livenessProbe": "liveness"}
+        assert all(container[probe]["exec"]["command"][-2] == "/etc/chorus-tls/workers" for probe in PROBES)
+
+    (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
+    mounts = _mounts(test_pod["spec"], test_pod["spec"]["containers"][0])
+    # The test pod gets the clients' CA, never the coordinator's key.
+    assert [item["key"] for item in mounts["/etc/chorus-tls/clients"][1]["items"]] == ["ca.crt"]
+    assert test_pod["spec"]["containers"][0]["args"][-3:] == [
+        "/etc/chorus-tls/clients/ca.crt", "/etc/chorus-tls/test-client", "/etc/chorus-auth/tokens"]  # fmt: skip
+
+
+def _write_secret(directory: Path, ca: Path, name: str) -> Path:
+    """A TLS Secret's files as Kubernetes mounts them: tls.crt, tls.key and ca.crt."""
+    cert = _issue_for(ca, name)
+    directory.mkdir()
+    (directory / "tls.crt").write_bytes(cert.with_suffix(".crt").read_bytes())
+    (directory / "tls.key").write_bytes(cert.with_suffix(".key").read_bytes())
+    (directory / "ca.crt").write_bytes(ca.with_suffix(".crt").read_bytes())
+    return directory
+
+
+def _issue_for(ca: Path, dns_name: str) -> Path:
+    """A certificate for dns_name usable both as a server and as a client (what the probes need)."""
+    ca_key = serialization.load_pem_private_key(ca.with_suffix(".key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.with_suffix(".crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )  # fmt: skip
+    path = ca.parent / dns_name
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_tls_exec_probes_pass_against_a_real_mutual_tls_worker(helm: str, tmp_path: Path) -> None:
+    """The rendered worker args and exec probes, run here against a worker with the Secret's files."""
+    docs = _render(helm, *_values(TLS_VALUES))
+    (worker,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-arith-bpe"]
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    secret = _write_secret(tmp_path / "secret", make_ca(tmp_path), "chorus-worker")  # the default serverName
+    args = container["args"]
+    tls_args = [a.replace("/etc/chorus-tls/workers", str(secret)) for a in args[args.index("--tls-cert") :][:6]]
+    process = spawn_worker(
+        ModelSpec(name="arith-bpe", path=str(ROOT / "models" / "arith-bpe")), threads=1, extra_args=tuple(tls_args)
+    )
+    try:
+        port = process.address.rsplit(":", 1)[1]
+
+        def probe(name: str, server_name: str = "chorus-worker") -> int:
+            command = list(container[name]["exec"]["command"])
+            assert command[:2] == ["python", "-c"] and command[-4] == str(args[args.index("--port") + 1])
+            command[0], command[-4], command[-2], command[-1] = sys.executable, port, str(secret), server_name
+            return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+        assert probe("livenessProbe") == 0
+        deadline = time.monotonic() + 120
+        while probe("readinessProbe") != 0:  # SERVING once the model is loaded
+            assert time.monotonic() < deadline, "the worker never turned ready"
+            time.sleep(0.5)
+        assert probe("startupProbe") == 0
+        assert probe("readinessProbe", server_name="someone-else") != 0  # the name is checked
+    finally:
+        process.stop()
+
+
+@pytest.mark.timeout(900)  # the first run installs checkov into .tools/checkov (about 30 s here)
+def test_checkov_finds_no_failed_check_in_the_rendered_chart() -> None:
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "checkov.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Failed checks: 0," in out.stdout, out.stdout[-4000:]

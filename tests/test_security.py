@@ -25,7 +25,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ca = make_ca(directory)
     return {
         "ca": ca,
-        "worker": issue(ca, "worker", server=True),
+        # Valid for the service name only, as one certificate shared by worker pods dialled by IP.
+        "worker": issue(ca, "worker", server=True, dns=("chorus-worker",), ip=False),
         "coordinator-server": issue(ca, "coordinator-server", server=True),
         "coordinator-client": issue(ca, "coordinator-client", server=False),
         "stranger": issue(make_ca(directory, "other-ca"), "stranger", server=False),
@@ -53,7 +54,8 @@ def _credentials(ca: Path, client: Path | None) -> grpc.ChannelCredentials:
 
 
 def _info(address: str, credentials: grpc.ChannelCredentials | None) -> str:
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    options = [("grpc.ssl_target_name_override", "chorus-worker")]
+    channel = grpc.secure_channel(address, credentials, options) if credentials else grpc.insecure_channel(address)
     with channel:
         return worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=5).name
 
@@ -79,7 +81,7 @@ def test_tls_and_bearer_tokens_end_to_end(
         server={"port": 0, "tls_cert": str(server.with_suffix(".crt")), "tls_key": str(server.with_suffix(".key")),
                 "tokens_file": str(tokens)},
         worker_tls={"ca": str(ca), "cert": str(client_cert.with_suffix(".crt")),
-                    "key": str(client_cert.with_suffix(".key"))},
+                    "key": str(client_cert.with_suffix(".key")), "server_name": "chorus-worker"},
     )  # fmt: skip
     running = loop.run(start_coordinator(config, [mtls_worker.address], port=0))
     target = f"127.0.0.1:{running.port}"

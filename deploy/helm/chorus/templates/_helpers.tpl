@@ -56,3 +56,67 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* Where the Secrets are mounted (read-only); the rendered config points at these paths. */}}
+{{- define "chorus.clientsTlsDir" -}}/etc/chorus-tls/clients{{- end -}}
+{{- define "chorus.workersTlsDir" -}}/etc/chorus-tls/workers{{- end -}}
+{{- define "chorus.authDir" -}}/etc/chorus-auth{{- end -}}
+
+{{- define "chorus.workerServerName" -}}
+{{- default (printf "%s-worker" (include "chorus.fullname" .)) .Values.tls.workers.serverName -}}
+{{- end -}}
+
+{{/* The coordinator's client certificate towards TLS workers. */}}
+{{- define "chorus.workersClientSecret" -}}
+{{- default .Values.tls.workers.secretName .Values.tls.workers.clientSecretName -}}
+{{- end -}}
+
+{{- define "chorus.secretVolume" -}}
+secret:
+  secretName: {{ . }}
+  defaultMode: 0440
+{{- end -}}
+
+{{/*
+A probe's handler. Without TLS: kubelet's native gRPC probe. With TLS (which kubelet's gRPC probes
+cannot speak): exec a Python gRPC health check against 127.0.0.1 that trusts dir/ca.crt, presents
+dir/tls.crt (for servers requiring client certificates) and checks serverName.
+Argument: dict "port" "service" "tls" "dir" "serverName".
+*/}}
+{{- define "chorus.probeHandler" -}}
+{{- if .tls }}
+exec:
+  command:
+    - python
+    - -c
+    - >-
+      import sys, grpc;
+      from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g;
+      port, service, d, name = sys.argv[1:];
+      r = lambda f: open(d + "/" + f, "rb").read();
+      c = grpc.ssl_channel_credentials(r("ca.crt"), r("tls.key"), r("tls.crt"));
+      ch = grpc.secure_channel("127.0.0.1:" + port, c, options=[("grpc.ssl_target_name_override", name)]);
+      s = g.HealthStub(ch).Check(h.HealthCheckRequest(service=service), timeout=4).status;
+      sys.exit(s != h.HealthCheckResponse.SERVING)
+    - {{ .port | quote }}
+    - {{ .service | quote }}
+    - {{ .dir }}
+    - {{ .serverName }}
+timeoutSeconds: 5
+{{- else }}
+grpc:
+  port: {{ .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "chorus.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
