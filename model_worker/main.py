@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-sessions", type=int, default=1024, help="sessions held at once (RESOURCE_EXHAUSTED past it)"
     )
+    parser.add_argument(
+        "--kv-budget-mib", type=float, default=0.0, help="KV-cache memory budget (0 = none); past it, steps wait"
+    )
+    parser.add_argument(
+        "--kv-wait", type=float, default=5.0, help="seconds a step waits for KV-cache room before RESOURCE_EXHAUSTED"
+    )
     parser.add_argument("--session-ttl", type=float, default=600.0, help="reclaim sessions idle this many seconds")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (and --tls-key)")
     parser.add_argument("--tls-key", type=Path)
@@ -55,7 +61,8 @@ async def run(args: argparse.Namespace) -> None:
     loaded = await asyncio.to_thread(
         load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory
     )
-    await server.ready(Runtime(loaded, max_sessions=args.max_sessions))
+    budget = int(args.kv_budget_mib * 2**20)
+    await server.ready(Runtime(loaded, max_sessions=args.max_sessions, kv_budget_bytes=budget, kv_wait_s=args.kv_wait))
     if args.port_file:
         with open(args.port_file, "w") as fh:
             fh.write(str(server.port))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
 from coordinator.sampling import pick
 from coordinator.types import SamplingParams
@@ -89,9 +92,17 @@ class ScoreOutput:
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedModel, max_sessions: int = 1024) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_sessions: int = 1024, kv_budget_bytes: int = 0, kv_wait_s: float = 5.0
+    ) -> None:
         self.loaded = loaded
         self.max_sessions = max_sessions
+        # KV-cache budget (0 = none): a pass that would exceed it waits for others to free theirs,
+        # then fails with RESOURCE_EXHAUSTED, rather than run the process out of memory.
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_wait_s = kv_wait_s
+        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+        self._kv_reserved = 0  # tokens being fed by passes in flight
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
@@ -286,9 +297,37 @@ class Runtime:
             return None
         first = min(missing)
         kv.truncate(first)
-        stats = await self.batcher.forward(kv, ids[len(kv.ids) :], rows=max(ROWS_KEPT, len(ids) - first))
+        new = ids[len(kv.ids) :]
+        await self._reserve(len(ids), len(new))
+        try:
+            stats = await self.batcher.forward(kv, new, rows=max(ROWS_KEPT, len(ids) - first))
+        finally:
+            self._kv_reserved -= len(new)
         metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
         return stats
+
+    async def _reserve(self, total: int, new: int) -> None:
+        """Wait until `new` more cached tokens fit the KV budget (a session of `total` tokens)."""
+        if not self.kv_budget_bytes:
+            return
+        budget = self.kv_budget_bytes // self.kv_bytes_per_token  # in tokens
+        if total > budget:
+            raise AtCapacity(f"{self.loaded.name}: {total} tokens need more KV cache than its budget of {budget}")
+        deadline = time.monotonic() + self.kv_wait_s
+        while sum(len(s.kv.ids) for s in self.sessions.values()) + self._kv_reserved + new > budget:
+            if time.monotonic() > deadline:
+                raise AtCapacity(f"{self.loaded.name}: KV-cache budget full ({budget} tokens); retry later")
+            await asyncio.sleep(0.01)
+        self._kv_reserved += new
+
+
+def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
+    """Keys and values of one token over every layer, from the model's config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:
