@@ -16,6 +16,7 @@ from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
 from tests.reference import END, ReferenceModel
 
+ME = {"strategy": "me", "defaults": {"temperature": 1.0}}  # me refuses greedy defaults
 PROMPTS = ["12+35=", "48+27=", "7+86=", "3+4=", "99+99=", "héllo 你好 🙂 "]
 
 
@@ -76,7 +77,7 @@ def test_me_samples_the_weighted_mixture(
     loop: LoopThread, pair: list[WorkerProcess], references: list[ReferenceModel]
 ) -> None:
     prompt, n, weights = "7+", 400, {"arith-bpe": 3.0, "arith-sp": 1.0}
-    config = make_config(pair, strategy="me")
+    config = make_config(pair, strategy="me", defaults={"temperature": 1.0})
     counts: Counter[bytes | None] = Counter()
     with coordinator(loop, config) as target, chorus.Client(target, timeout=120) as client:
         for seed in range(n):
@@ -96,13 +97,13 @@ def test_me_samples_the_weighted_mixture(
 
 
 def test_me_costs_one_forward_pass_per_token(loop: LoopThread, pair: list[WorkerProcess]) -> None:
-    results = _generate(loop, pair, PROMPTS[:5], config={"strategy": "me"}, max_new_tokens=12, temperature=1.0, seed=7)
+    results = _generate(loop, pair, PROMPTS[:5], config=ME, max_new_tokens=12, temperature=1.0, seed=7)
     for r in results:
         passes = sum(m.forward_passes for m in r.usage.models)
         # One pass per drawn token (the end-of-sequence draw included); catching up rides along.
         assert passes == r.usage.completion_tokens + (r.finish_reason == "stop"), r.usage
         assert r.usage.steps_ensembled == 0
-    again = _generate(loop, pair, PROMPTS[:5], config={"strategy": "me"}, max_new_tokens=12, temperature=1.0, seed=7)
+    again = _generate(loop, pair, PROMPTS[:5], config=ME, max_new_tokens=12, temperature=1.0, seed=7)
     assert _texts(again) == _texts(results)  # seeded: reproducible
 
 
