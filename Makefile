@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run up test lint format protos models check-models load-test clean
+.PHONY: run up test lint checkov format protos models check-models load-test bench-quality bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+## checkov: checkov on the rendered Helm chart (own venv in .tools/checkov; skips: deploy/helm/chorus/.checkov.yaml)
+checkov:
+	bash scripts/checkov.sh
+
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -44,12 +48,22 @@ models: $(STAMP)
 ## Not part of CI: float kernels may differ between CPU types, and it takes minutes.
 check-models: $(STAMP)
 	rm -rf .models-check && $(PY) scripts/train_default_models.py --out .models-check
-	for m in arith-bpe arith-sp; do diff -r models/$$m .models-check/$$m || exit 1; done
+	for m in arith-bpe arith-sp arith-uni; do diff -r models/$$m .models-check/$$m || exit 1; done
 	rm -rf .models-check
 
 ## load-test: 64 concurrent clients for 60 s against the embedded default (errors, latency, memory)
 load-test: $(STAMP)
 	$(PY) scripts/load_test.py --clients 64 --seconds 60
+
+## bench-quality: accuracy, ms/token and forward passes of each model alone and of every strategy
+## over the three embedded models, on held-out sums (BENCH_QUALITY_LIMIT problems per run; table + bench-quality.json)
+BENCH_QUALITY_LIMIT ?= 300
+bench-quality: $(STAMP)
+	$(PY) scripts/bench_quality.py --config configs/three.yaml --limit $(BENCH_QUALITY_LIMIT) --json bench-quality.json
+
+## bench: performance figures as side-by-side ratios with targets (table + bench.json); BENCH_ARGS=--quick to smoke
+bench: $(STAMP)
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,806 @@
+"""Benchmarks: performance figures as ratios measured side by side in one run, each against a target.
+
+    python scripts/bench.py [--quick] [--json bench.json] [--only gac,cpu,streams,memory,strategies]
+
+The machine is shared and noisy, so no figure is an absolute time: each is a ratio of runs
+interleaved in one process (A, B, ensemble, A, B, ensemble, ...; medians), or a per-step cost
+measured in-process. Figures:
+
+1. gac      GaC every step: ensemble ms/token / slowest member served alone (two random models of
+            ~50M parameters, a Llama with a SentencePiece tokenizer and a GPT-2 with a byte-level
+            BPE one, 32k vocabularies, one thread each), and the overhead per step in ms.
+2. cpu      coordinator CPU per step (protobuf parse, wire decode, union mapping, mix, choose) for
+            K = 2, 3 models and 32k / 150k / 200k vocabularies, top-k (k=20) and full fp16 transport.
+3. streams  aggregate tokens/s of the GaC ensemble at 1, 8 and 32 concurrent streams, with the
+            sessions per forward pass each worker achieved (its Prometheus histogram).
+4. memory   worker RSS after 500 and after 5,000 short requests (concurrency 16, embedded models).
+5. strategies  thresholded tokens/s against the fraction of steps ensembled; and hooks for the
+            strategies still to land (me, safe, any other), run only when coordinator.strategies has them.
+
+Prints a table (figure, value, target, PASS/MISS) and writes it with the details as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import chorus  # noqa: E402
+from chorus.v1 import worker_pb2  # noqa: E402
+from coordinator import cluster  # noqa: E402
+from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_config  # noqa: E402
+from coordinator.sampling import choose  # noqa: E402
+from coordinator.strategies import STRATEGIES  # noqa: E402
+from coordinator.types import SamplingParams  # noqa: E402
+from coordinator.union_dist import StepExtras, from_parts, mix  # noqa: E402
+from coordinator.union_vocab import ModelVocab, UnionVocab  # noqa: E402
+from coordinator.workers import _part_from_proto  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Figure:
+    """One row of the table: a value against a target (op '<=' or '>='; None = information only)."""
+
+    key: str
+    name: str
+    value: float | None
+    unit: str = ""
+    op: str | None = None
+    target: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "SKIP"
+        if self.op is None or self.target is None:
+            return "info"
+        ok = self.value <= self.target if self.op == "<=" else self.value >= self.target
+        return "PASS" if ok else "MISS"
+
+    def row(self) -> tuple[str, str, str, str]:
+        value = "-" if self.value is None else f"{_fmt(self.value)}{self.unit}"
+        target = "-" if self.target is None else f"{self.op} {_fmt(self.target)}{self.unit}"
+        return self.name, value, target, self.status
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def table(figures: list[Figure]) -> str:
+    rows = [("figure", "value", "target", "result"), *(f.row() for f in figures)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    notes = [f"- {f.name}: {f.note}" for f in figures if f.note]
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 2: coordinator CPU per step, in-process, no workers
+
+
+def synthetic_vocabs(k: int, vocab: int, overlap: float = 0.6, seed: int = 0) -> list[ModelVocab]:
+    """k byte vocabularies of `vocab` tokens each; `overlap` of them shared by all, in a different order per model.
+
+    Id 0 is each model's end of sequence; byte strings are 2-9 bytes long, like real subword tokens.
+    """
+    rng = np.random.default_rng(seed)
+    n_shared = int((vocab - 1) * overlap)
+    shared = [b"%x" % (i + 16) for i in range(n_shared)]
+    vocabs = []
+    for m in range(k):
+        own = [b"m%d~%x" % (m, i) for i in range(vocab - 1 - n_shared)]
+        pool = shared + own
+        order = rng.permutation(len(pool))
+        tokens = [b"</s>", *(pool[i] for i in order)]
+        vocabs.append(ModelVocab(tokens=tokens, special=[True] + [False] * (vocab - 1), eos_ids=frozenset({0})))
+    return vocabs
+
+
+def _step_payload(vocab: int, transport: str, top_k: int, rng: np.random.Generator) -> bytes:
+    """A serialized SessionResponse as a worker sends it for one step (one dense or top-k part)."""
+    logits = rng.standard_normal(vocab) * 3.0
+    logprobs = logits - (np.log(np.exp(logits - logits.max()).sum()) + logits.max())
+    if transport == "full":
+        part = worker_pb2.DistributionPart(
+            skip_bytes=0, log_scale=0.0, logprobs=logprobs.astype("<f2").tobytes(), dtype=worker_pb2.FLOAT16
+        )
+    else:
+        ids = np.argpartition(-logprobs, top_k - 1)[:top_k]
+        ids = ids[np.argsort(-logprobs[ids])]
+        values = logprobs[ids].astype("<f4")
+        part = worker_pb2.DistributionPart(
+            skip_bytes=0,
+            log_scale=0.0,
+            ids=ids.astype("<u4").tobytes(),
+            logprobs=values.tobytes(),
+            dtype=worker_pb2.FLOAT32,
+            rest_mass=float(max(0.0, 1.0 - np.exp(values.astype(np.float64)).sum())),
+        )
+    step = worker_pb2.StepResult(parts=[part], tokens_fed=1, forward_passes=1, batch_size=1)
+    return worker_pb2.SessionResponse(step=step).SerializeToString()
+
+
+def coordinator_cpu_per_step(
+    k: int,
+    vocab: int,
+    transport: str,
+    steps: int = 200,
+    top_k: int = 20,
+    overlap: float = 0.6,
+    seed: int = 0,
+    union: UnionVocab | None = None,
+    vocabs: list[ModelVocab] | None = None,
+) -> dict[str, Any]:
+    """Time what the coordinator does per step for k models: parse + decode each worker's message, map
+    it into the union (from_parts), mix, choose (greedy). Returns median / p90 microseconds and sizes."""
+    if transport not in ("topk", "full"):
+        raise ValueError(f"transport: {transport!r}, expected 'topk' or 'full'")
+    if vocabs is None:
+        vocabs = synthetic_vocabs(k, vocab, overlap, seed)
+    if union is None:
+        union = UnionVocab(vocabs)
+    rng = np.random.default_rng(seed + 1)
+    variants = 4  # a few different distributions per model, so no step sees a hot repeat of the last
+    payloads = [[_step_payload(vocab, transport, top_k, rng) for _ in range(k)] for _ in range(variants)]
+    params = SamplingParams()
+    choice_rng = np.random.default_rng(seed)
+    weights = np.ones(k)
+    timings: list[float] = []
+    uid = -1
+    for s in range(steps + max(2, steps // 10)):  # the first few are warm-up
+        payload = payloads[s % variants]
+        started = time.perf_counter()
+        extras = StepExtras(union)
+        dists = []
+        for m in range(k):
+            response = worker_pb2.SessionResponse.FromString(payload[m])
+            parts = [_part_from_proto(p) for p in response.step.parts]
+            dists.append(from_parts(parts, union.index[m], vocabs[m].tokens, extras))
+        dist = mix(dists, weights / weights.sum(), extras.size)
+        uid = choose(dist, params, choice_rng)
+        elapsed = time.perf_counter() - started
+        if s >= max(2, steps // 10):
+            timings.append(elapsed * 1e6)
+    return {
+        "k": k,
+        "vocab": vocab,
+        "transport": transport,
+        "top_k": top_k if transport == "topk" else 0,
+        "union_size": union.size,
+        "message_bytes": len(payloads[0][0]),
+        "steps": len(timings),
+        "median_us": _median(timings),
+        "p90_us": float(np.percentile(timings, 90)),
+        "last_uid": uid,
+    }
+
+
+def figure_cpu(quick: bool) -> list[Figure]:
+    vocab_sizes = (32_000, 150_000, 200_000)
+    steps = 60 if quick else 300
+    figures = []
+    for vocab in vocab_sizes:
+        for k in (2, 3):
+            vocabs = synthetic_vocabs(k, vocab)
+            union = UnionVocab(vocabs)
+            for transport, target in (("topk", 200.0), ("full", 2000.0)):
+                r = coordinator_cpu_per_step(k, vocab, transport, steps=steps, union=union, vocabs=vocabs)
+                label = "top-20" if transport == "topk" else "full fp16"
+                figures.append(
+                    Figure(
+                        f"cpu_k{k}_v{vocab // 1000}k_{transport}",
+                        f"coordinator CPU/step K={k} V={vocab // 1000}k {label}",
+                        r["median_us"],
+                        " us",
+                        "<=",
+                        target,
+                        r,
+                    )
+                )
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Models for the figures with workers: random, ~50M parameters, 32k trained tokenizers
+
+BENCH_PROMPTS = (
+    "def fibonacci(n):\n    ",
+    "class Queue:\n    def __init__(self):\n",
+    "import os\nimport sys\n\n",
+    "for i in range(10):\n    print(",
+    "# Parse the arguments\nparser = ",
+    "with open(path) as fh:\n    ",
+    "try:\n    value = int(text)\nexcept ",
+    "return sorted(items, key=",
+)
+
+
+def _corpus(limit: int = 6_000_000) -> tuple[str, ...]:
+    """ASCII Python sources of the standard library: a local corpus for the tokenizers."""
+    texts: list[str] = []
+    total = 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if text.isascii():
+            texts.append(text)
+            total += len(text)
+        if total > limit:
+            break
+    return tuple(texts)
+
+
+@contextlib.contextmanager
+def _factory_corpus(texts: tuple[str, ...]) -> Iterator[Any]:
+    """tests.tokenizer_factory's builders, training on `texts` instead of their tiny corpus."""
+    from tests import tokenizer_factory
+
+    saved = tokenizer_factory.CORPUS
+    tokenizer_factory.CORPUS = texts
+    try:
+        yield tokenizer_factory
+    finally:
+        tokenizer_factory.CORPUS = saved
+
+
+def build_models(root: Path, vocab: int = 32_000, logit_scale: float = 12.0) -> dict[str, Path]:
+    """Two random models that never pick end-of-sequence (its output row is zero), with sharper than
+    random-init distributions (output rows scaled by logit_scale) so thresholds gate some steps."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with _factory_corpus(_corpus()) as factory:
+        sp = factory.sentencepiece_byte_fallback(merges=vocab - 400)
+        bpe = factory.byte_level_bpe(merges=vocab - 259)
+    paths = {"llama-sp": root / "llama-sp", "gpt2-bpe": root / "gpt2-bpe"}
+    torch.manual_seed(0)
+    sp.save_pretrained(paths["llama-sp"])
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(sp), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+            bos_token_id=sp.bos_token_id, eos_token_id=sp.eos_token_id, tie_word_embeddings=False,
+        )
+    )  # fmt: skip
+    bpe.save_pretrained(paths["gpt2-bpe"])
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(bpe), n_embd=576, n_layer=8, n_head=8, n_positions=1024,
+            bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id, tie_word_embeddings=False,
+        )
+    )  # fmt: skip
+    for model, tokenizer, name in ((llama, sp, "llama-sp"), (gpt2, bpe, "gpt2-bpe")):
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            head.mul_(logit_scale)
+            head[tokenizer.eos_token_id] = 0.0  # logit 0: practically never the largest
+        model.save_pretrained(paths[name])
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Worker:
+    name: str
+    process: cluster.WorkerProcess
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return self.process.address
+
+    def batch_histogram(self) -> tuple[float, float]:
+        """(sum, count) of the worker's sessions-per-forward-pass histogram."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        found = {}
+        for stat in ("sum", "count"):
+            match = re.search(rf"^chorus_worker_batch_size_{stat}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)
+            found[stat] = float(match.group(1)) if match else 0.0
+        return found["sum"], found["count"]
+
+
+@contextlib.contextmanager
+def worker_output_to(log: Path) -> Iterator[None]:
+    """Processes started in the block write their stdout and stderr to log instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def spawn(path: Path, name: str) -> Worker:
+    port = _free_port()
+    spec = ModelSpec(name=name, path=str(path))
+    with worker_output_to(path.parent / "workers.log"):
+        process = cluster.spawn_worker(spec, timeout=600, threads=1, metrics_port=port)
+    return Worker(name, process, port)
+
+
+def bench_config(workers: list[Worker], strategy: str = "gac", primary: str | None = None) -> EnsembleConfig:
+    models = [
+        {"name": w.name, "path": str(w.process.spec.path), "address": w.address,
+         "priority": "primary" if w.name == primary else "supportive"}
+        for w in workers
+    ]  # fmt: skip
+    return parse_config(
+        {
+            "models": models,
+            "strategy": strategy,
+            "server": {"port": 0},
+            "transport": {"top_k": 0, "dtype": "float16"},
+            # A loaded shared machine must not turn a slow step into a lost worker.
+            "limits": {"step_timeout_s": 60.0, "first_step_timeout_s": 120.0, "max_conversations": 64},
+        },
+        ROOT,
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: EnsembleConfig) -> Any:
+    """An in-process coordinator for config; yields an AsyncClient on it."""
+    running = await cluster.start_coordinator(config, [m.address for m in config.models], port=0)  # type: ignore[misc]
+    try:
+        async with chorus.AsyncClient(f"127.0.0.1:{running.port}", timeout=600) as client:
+            yield client
+    finally:
+        await running.stop(grace=0)
+
+
+async def timed(client: chorus.AsyncClient, prompt: str, tokens: int, **kwargs: Any) -> dict[str, float]:
+    started = time.perf_counter()
+    result = await client.generate(prompt=prompt, max_new_tokens=tokens, **kwargs)
+    wall = time.perf_counter() - started
+    steps = max(1, result.usage.steps)
+    return {
+        "wall_s": wall,
+        "steps": result.usage.steps,
+        "tokens": result.usage.completion_tokens,
+        "ms_per_step": wall * 1e3 / steps,
+        "ensembled": result.usage.steps_ensembled / steps,
+        "fed_per_step": {m.name: m.tokens_fed / steps for m in result.usage.models},
+        "passes_per_step": {m.name: m.forward_passes / steps for m in result.usage.models},
+    }
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) a process has used so far; None = this one (coordinator and client)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 1: GaC every step against the slowest member alone
+
+
+async def figure_gac(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    a, b = workers
+    async with (
+        serving(bench_config([a])) as alone_a,
+        serving(bench_config([b])) as alone_b,
+        serving(bench_config([a, b])) as ens,
+    ):
+        runs: dict[str, list[float]] = {a.name: [], b.name: [], "gac": []}
+        ratios: list[float] = []
+        overheads: list[float] = []
+        prompt = BENCH_PROMPTS[0]
+        cpu: dict[str, dict[str, list[float]]] = {n: {"coordinator": [], a.name: [], b.name: []} for n in runs}
+        pids = {"coordinator": None, a.name: a.process.process.pid, b.name: b.process.process.pid}
+        for r in range(rounds + 1):  # round 0 warms up
+            got = {}
+            for name, client, extra in (
+                (a.name, alone_a, {}),
+                (b.name, alone_b, {}),
+                ("gac", ens, {"strategy": "gac"}),
+            ):
+                before = {k: _cpu_s(pid) for k, pid in pids.items()}
+                got[name] = await timed(client, prompt, tokens, **extra)
+                if r:
+                    for k, pid in pids.items():
+                        cpu[name][k].append((_cpu_s(pid) - before[k]) * 1e3 / max(1, got[name]["steps"]))
+            if got["gac"]["steps"] < tokens:
+                raise RuntimeError(f"the ensemble stopped after {got['gac']['steps']} of {tokens} steps")
+            if r == 0:
+                continue
+            for name, g in got.items():
+                runs[name].append(g["ms_per_step"])
+            slowest = max(got[a.name]["ms_per_step"], got[b.name]["ms_per_step"])
+            ratios.append(got["gac"]["ms_per_step"] / slowest)
+            overheads.append(got["gac"]["ms_per_step"] - slowest)
+    medians = {name: round(_median(v), 2) for name, v in runs.items()}
+    cpu_ms = {name: {k: round(_median(v), 2) for k, v in per.items()} for name, per in cpu.items()}
+    details = {
+        "rounds": rounds, "tokens_per_request": tokens, "median_ms_per_step": medians, "ratios": ratios,
+        "cpu_ms_per_step": cpu_ms, "tokens_fed_per_step": {n: g["fed_per_step"] for n, g in got.items()},
+        "forward_passes_per_step": {n: g["passes_per_step"] for n, g in got.items()},
+        "load_average": os.getloadavg(),
+    }  # fmt: skip
+    fed = got["gac"]["fed_per_step"]
+    note = (
+        f"ms/token medians: {a.name} alone {medians[a.name]}, {b.name} alone {medians[b.name]}, "
+        f"GaC {medians['gac']} ({rounds} interleaved rounds of {tokens} tokens). CPU ms per step, GaC vs alone: "
+        f"coordinator+client {cpu_ms['gac']['coordinator']} vs {cpu_ms[a.name]['coordinator']}/"
+        f"{cpu_ms[b.name]['coordinator']}, {a.name} {cpu_ms['gac'][a.name]} vs {cpu_ms[a.name][a.name]}, "
+        f"{b.name} {cpu_ms['gac'][b.name]} vs {cpu_ms[b.name][b.name]}; tokens fed per step in GaC: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in fed.items())
+        + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    return [
+        Figure("gac_ratio", "GaC ms/token / slowest alone", _median(ratios), "x", "<=", 1.05, details, note),
+        Figure("gac_overhead_ms", "GaC overhead per step", _median(overheads), " ms", details={"overheads": overheads}),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 3: aggregate tokens/s at 1, 8, 32 concurrent streams
+
+
+async def _streams(client: chorus.AsyncClient, n: int, tokens: int, **kwargs: Any) -> dict[str, float]:
+    prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] + f"x{i} = " for i in range(n)]
+    started = time.perf_counter()
+    results = await asyncio.gather(*(client.generate(prompt=p, max_new_tokens=tokens, **kwargs) for p in prompts))
+    wall = time.perf_counter() - started
+    produced = sum(r.usage.completion_tokens for r in results)
+    return {"tokens": produced, "wall_s": wall, "tokens_per_s": produced / wall}
+
+
+async def figure_streams(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    """Aggregate tokens/s at 1, 8, 32 streams: one model served alone, then the GaC ensemble."""
+    return [*await _figure_streams(workers[:1], rounds, tokens), *await _figure_streams(workers, rounds, tokens)]
+
+
+async def _figure_streams(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    levels = (1, 8, 32)
+    what = "GaC" if len(workers) > 1 else workers[0].name
+    rates: dict[int, list[float]] = {n: [] for n in levels}
+    batch: dict[int, dict[str, list[float]]] = {n: {w.name: [0.0, 0.0] for w in workers} for n in levels}
+    async with serving(bench_config(workers)) as client:
+        await _streams(client, 2, 4)  # warm-up
+        for _ in range(rounds):
+            for n in levels:
+                before = {w.name: w.batch_histogram() for w in workers}
+                rates[n].append((await _streams(client, n, tokens))["tokens_per_s"])
+                for w in workers:
+                    after = w.batch_histogram()
+                    batch[n][w.name][0] += after[0] - before[w.name][0]
+                    batch[n][w.name][1] += after[1] - before[w.name][1]
+    medians = {n: _median(rates[n]) for n in levels}
+    mean_batch = {n: {name: round(s / c, 1) if c else None for name, (s, c) in batch[n].items()} for n in levels}
+    details = {"tokens_per_stream": tokens, "rounds": rounds, "tokens_per_s": rates, "mean_batch": mean_batch}
+    key = "gac" if len(workers) > 1 else "alone"
+    figures = [
+        Figure(f"streams_{key}_{n}_tps", f"{what} aggregate tokens/s, {n} stream{'s' if n > 1 else ''}", medians[n],
+               " tok/s", details={"mean_sessions_per_pass": mean_batch[n]})
+        for n in levels
+    ]  # fmt: skip
+    figures.append(
+        Figure(
+            f"streams_{key}_32_over_1", f"{what}: 32 streams / 1 stream tokens/s", medians[32] / medians[1], "x",
+            ">=", 8.0, details,
+            "mean sessions per forward pass at 8 / 32 streams: "
+            + ", ".join(f"{k} {mean_batch[8][k]} / {mean_batch[32][k]}" for k in mean_batch[32]),
+        )
+    )  # fmt: skip
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 4: worker memory over many short requests
+
+
+async def figure_memory(first: int, total: int, concurrency: int = 16) -> list[Figure]:
+    config = load_config(ROOT / "configs" / "default.yaml")
+    with worker_output_to(Path(tempfile.gettempdir()) / "chorus-bench-workers.log"):
+        procs = cluster.spawn_workers(config)
+    try:
+        addresses = cluster.addresses(config, procs)
+        running = await cluster.start_coordinator(config, addresses, port=0)
+        rss: dict[str, dict[str, float]] = {}
+        try:
+            async with chorus.AsyncClient(f"127.0.0.1:{running.port}", timeout=120) as client:
+                done = 0
+
+                async def drive(count: int) -> None:
+                    nonlocal done
+                    queue = iter(range(count))
+
+                    async def one_client(seed: int) -> None:
+                        nonlocal done
+                        rng = np.random.default_rng(seed)
+                        for _ in queue:
+                            a, b = (int(x) for x in rng.integers(0, 100, 2))
+                            await client.generate(prompt=f"{a}+{b}=", max_new_tokens=8)
+                            done += 1
+
+                    await asyncio.gather(*(one_client(done + i) for i in range(concurrency)))
+
+                def measure() -> dict[str, float]:
+                    return {w.spec.name: psutil.Process(w.process.pid).memory_info().rss / 2**20 for w in procs}
+
+                await drive(first)
+                rss[f"after_{done}"] = measure()
+                await drive(total - first)
+                rss[f"after_{done}"] = measure()
+        finally:
+            await running.stop(grace=0)
+    finally:
+        for w in procs:
+            w.stop()
+    early, late = rss[f"after_{first}"], rss[f"after_{total}"]
+    growth = {name: late[name] / early[name] - 1 for name in early}
+    worst = max(growth, key=lambda n: growth[n])
+    details = {"rss_mb": {k: {n: round(v, 1) for n, v in d.items()} for k, d in rss.items()}, "growth": growth}
+    note = "; ".join(f"{n} {early[n]:.0f} -> {late[n]:.0f} MB" for n in early)
+    return [
+        Figure("memory_growth", f"worker RSS growth {first} -> {total} requests (worst: {worst})",
+               100 * growth[worst], " %", "<=", 5.0, details, note)
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure 5: strategies. threshold now; hooks for me and safe (and any other) once they land
+
+
+def has_strategy(name: str) -> bool:
+    return name in STRATEGIES
+
+
+async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    """Thresholded tokens/s (single stream, primary = the first worker) against the fraction of steps ensembled."""
+    if not has_strategy("threshold"):
+        return [Figure("threshold", "threshold", None, note="strategy not available")]
+    thresholds = (0.0, 0.5, 0.9, 1.1)
+    prompt = BENCH_PROMPTS[1]
+    tps: dict[str, list[float]] = {"gac": [], **{str(t): [] for t in thresholds}}
+    frac: dict[str, list[float]] = {str(t): [] for t in thresholds}
+    async with serving(bench_config(workers, primary=workers[0].name)) as client:
+        await timed(client, prompt, 4)
+        for _ in range(rounds):
+            g = await timed(client, prompt, tokens, strategy="gac")
+            tps["gac"].append(1e3 / g["ms_per_step"])
+            for t in thresholds:
+                r = await timed(client, prompt, tokens, strategy="threshold", threshold=t)
+                tps[str(t)].append(1e3 / r["ms_per_step"])
+                frac[str(t)].append(r["ensembled"])
+    gac = _median(tps["gac"])
+    figures = [Figure("threshold_gac_tps", "GaC every step, single stream", gac, " tok/s")]
+    for t in thresholds:
+        value = _median(tps[str(t)])
+        f = _median(frac[str(t)])
+        figures.append(
+            Figure(f"threshold_{t}_tps", f"threshold {t}: tokens/s (ensembled {100 * f:.0f}% of steps)", value,
+                   " tok/s", details={"fraction_ensembled": f, "speedup_over_gac": value / gac})
+        )  # fmt: skip
+    return figures
+
+
+async def figure_me(workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int,
+                    tokens: int) -> list[Figure]:  # fmt: skip
+    """HOOK (runs once 'me' is in STRATEGIES): ME / GaC aggregate tokens/s at saturation (32 streams),
+    with 2 models (>= 1.9) and 3 models (>= 2.8), and the single-stream latency ratio.
+    ME refuses greedy: both strategies sample (temperature 1, seeded) so they do the same work per token."""
+    if not has_strategy("me"):
+        return [Figure("me", "ME / GaC tokens/s at saturation", None, note="strategy 'me' not available yet")]
+    sampling = {"temperature": 1.0, "seed": 1234}
+    figures = []
+    for members, target in ((workers, 1.9), ([*workers, await third()], 2.8)):
+        k = len(members)
+        sat: dict[str, list[float]] = {"me": [], "gac": []}
+        single: dict[str, list[float]] = {"me": [], "gac": []}
+        async with serving(bench_config(members)) as client:
+            await _streams(client, 2, 4, **sampling)
+            for _ in range(rounds):
+                for strategy in ("me", "gac"):
+                    streams = await _streams(client, 32, tokens, strategy=strategy, **sampling)
+                    sat[strategy].append(streams["tokens_per_s"])
+                    single[strategy].append(
+                        (await timed(client, BENCH_PROMPTS[2], tokens, strategy=strategy, **sampling))["ms_per_step"]
+                    )
+        figures.append(
+            Figure(f"me_k{k}_saturation", f"ME / GaC tokens/s at 32 streams, K={k}",
+                   _median(sat["me"]) / _median(sat["gac"]), "x", ">=", target, {"tokens_per_s": sat})
+        )  # fmt: skip
+        figures.append(
+            Figure(f"me_k{k}_latency", f"ME / GaC single-stream ms/token, K={k}",
+                   _median(single["me"]) / _median(single["gac"]), "x", details={"ms_per_step": single})
+        )  # fmt: skip
+    return figures
+
+
+async def figure_safe(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    """HOOK (runs once 'safe' is in STRATEGIES): SAFE ms/token / the drafter (the primary, the first
+    worker) served alone, target <= 1.15, with the fraction of steps ensembled."""
+    if not has_strategy("safe"):
+        return [Figure("safe", "SAFE ms/token / drafter alone", None, note="strategy 'safe' not available yet")]
+    drafter = workers[0]
+    ratios: list[float] = []
+    frac: list[float] = []
+    prompt = BENCH_PROMPTS[3]
+    async with (
+        serving(bench_config([drafter])) as alone,
+        serving(bench_config(workers, primary=drafter.name)) as ens,
+    ):
+        for r in range(rounds + 1):
+            base = await timed(alone, prompt, tokens)
+            safe = await timed(ens, prompt, tokens, strategy="safe")
+            if r:
+                ratios.append(safe["ms_per_step"] / base["ms_per_step"])
+                frac.append(safe["ensembled"])
+    return [
+        Figure("safe_ratio", f"SAFE ms/token / drafter alone (ensembled {100 * _median(frac):.0f}% of steps)",
+               _median(ratios), "x", "<=", 1.15, {"ratios": ratios, "fraction_ensembled": frac})
+    ]  # fmt: skip
+
+
+async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
+    """HOOK: single-stream ms/token / GaC for every strategy without a figure of its own (sampled, seeded)."""
+    known = {"gac", "threshold", "me", "safe"}
+    others = [s for s in STRATEGIES if s not in known]
+    if not others:
+        return []
+    sampling = {"temperature": 1.0, "seed": 99}
+    ms: dict[str, list[float]] = {s: [] for s in ["gac", *others]}
+    errors: dict[str, str] = {}
+    async with serving(bench_config(workers, primary=workers[0].name)) as client:
+        for _ in range(rounds):
+            for s in ms:
+                if s in errors:
+                    continue
+                try:
+                    ms[s].append((await timed(client, BENCH_PROMPTS[4], tokens, strategy=s, **sampling))["ms_per_step"])
+                except chorus.ChorusError as exc:
+                    errors[s] = str(exc)
+    gac = _median(ms["gac"])
+    return [
+        Figure(f"strategy_{s}_latency", f"{s} / GaC single-stream ms/token",
+               None if s in errors else _median(ms[s]) / gac, "x", note=errors.get(s, ""))
+        for s in others
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+FIGURES = ("gac", "cpu", "streams", "memory", "strategies")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform()}
+
+
+async def run_with_workers(args: argparse.Namespace, only: set[str], root: Path) -> list[Figure]:
+    q = args.quick
+    started = time.perf_counter()
+    paths = build_models(root)
+    print(f"built the bench models in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    workers = [spawn(paths["llama-sp"], "llama-sp"), spawn(paths["gpt2-bpe"], "gpt2-bpe")]
+    extra: list[Worker] = []
+
+    async def third() -> Worker:
+        if not extra:
+            import shutil
+
+            shutil.copytree(paths["llama-sp"], root / "llama-sp-b")
+            extra.append(spawn(root / "llama-sp-b", "llama-sp-b"))
+        return extra[0]
+
+    figures: list[Figure] = []
+    try:
+        if "gac" in only:
+            figures += await figure_gac(workers, rounds=3 if q else 10, tokens=24 if q else 48)
+        if "streams" in only:
+            figures += await figure_streams(workers, rounds=1 if q else 2, tokens=12 if q else 24)
+        if "strategies" in only:
+            rounds, tokens = (1, 16) if q else (2, 32)
+            figures += await figure_threshold(workers, rounds, tokens)
+            figures += await figure_me(workers, third, rounds, 12 if q else 16)
+            figures += await figure_safe(workers, rounds, tokens)
+            figures += await figure_other_strategies(workers, rounds, tokens)
+    finally:
+        for w in workers + extra:
+            w.process.stop()
+    return figures
+
+
+async def run(args: argparse.Namespace) -> list[Figure]:
+    only = set(args.only.split(",")) if args.only else set(FIGURES)
+    unknown = only - set(FIGURES)
+    if unknown:
+        raise SystemExit(f"--only: unknown figures {sorted(unknown)}, expected some of {FIGURES}")
+    figures: list[Figure] = []
+    if only & {"gac", "streams", "strategies"}:
+        with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
+            figures += await run_with_workers(args, only, Path(tmp))
+    if "cpu" in only:
+        figures += figure_cpu(args.quick)
+    if "memory" in only:
+        figures += await figure_memory(*((50, 500) if args.quick else (500, 5000)))
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run in a couple of minutes")
+    parser.add_argument("--json", default="bench.json", help="write the figures here (default bench.json)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(FIGURES)}")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    figures = asyncio.run(run(args))
+    elapsed = time.perf_counter() - started
+    info = machine()
+    text = table(figures)
+    print(f"\nChorus bench ({'quick' if args.quick else 'full'}), {datetime.date.today()}, "
+          f"{info['nproc']} cores, {info['cpu']}, {elapsed:.0f} s\n")  # fmt: skip
+    print(text)
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "elapsed_s": round(elapsed, 1),
+        "machine": info,
+        "strategies": sorted(STRATEGIES),
+        "figures": [{**asdict(f), "status": f.status} for f in figures],
+        "table": text,
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

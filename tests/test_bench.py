@@ -1,0 +1,52 @@
+"""Smoke test of scripts/bench.py: the coordinator CPU-per-step microbenchmark runs and returns sane numbers.
+
+Structure and positivity only: timings on a shared machine are no assertion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chorus_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("transport", ["topk", "full"])
+def test_cpu_per_step_microbench(bench: ModuleType, k: int, transport: str) -> None:
+    result = bench.coordinator_cpu_per_step(k, 3000, transport, steps=10)
+    assert result["k"] == k and result["vocab"] == 3000 and result["transport"] == transport
+    assert result["steps"] == 10
+    assert 0 < result["median_us"] <= result["p90_us"] and math.isfinite(result["p90_us"])
+    # 60% of each vocabulary shared: the union holds END, the shared tokens once and each model's own.
+    shared = int(2999 * 0.6)
+    assert result["union_size"] == 1 + shared + k * (2999 - shared)
+    assert 0 <= result["last_uid"] < result["union_size"]
+    assert result["message_bytes"] > (2 * 3000 if transport == "full" else 20 * 8)
+
+
+def test_figures_render(bench: ModuleType) -> None:
+    figures = [
+        bench.Figure("a", "ratio", 1.01, "x", "<=", 1.05),
+        bench.Figure("b", "speedup", 2.0, "x", ">=", 8.0, note="why"),
+        bench.Figure("c", "info", 3.5, " ms"),
+        bench.Figure("d", "hook", None, note="not available"),
+    ]
+    assert [f.status for f in figures] == ["PASS", "MISS", "info", "SKIP"]
+    text = bench.table(figures)
+    assert "| ratio" in text and "PASS" in text and "- speedup: why" in text
