@@ -1,8 +1,10 @@
 """Run the steps of concurrent sessions as shared forward passes.
 
 Steps that arrive while a pass runs wait and go together into the next one (continuous
-batching). Sessions feeding the same number of tokens share a pass: their caches are
-left-padded to one length and masked, so every query row is a real token.
+batching). Their caches are left-padded to one length and masked. Short feeds (decodes, and the
+catch-ups of a few tokens that canonical re-tokenization and token healing cause) share one pass,
+right-padded to the longest and masked; longer feeds (prefills) share a pass with feeds of the
+same length only, so a decode never pays for a long prefill's padding.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from transformers import DynamicCache
 
 from model_worker import metrics
 from model_worker.kv_state import ROWS_KEPT, KVState
+
+# Feeds of at most this many tokens share a pass, right-padded; longer ones only with equal lengths.
+MIX_UP_TO = 8
 
 
 @dataclass
@@ -74,9 +79,9 @@ class Batcher:
             jobs = [j for j in self._pending if not j.future.done()]
             self._pending = []
             metrics.QUEUE_DEPTH.labels(self._name).set(len(jobs))
-            groups: dict[tuple[int, int], list[_Job]] = defaultdict(list)
+            groups: dict[int, list[_Job]] = defaultdict(list)
             for job in jobs:
-                groups[len(job.new_ids), job.rows].append(job)
+                groups[0 if len(job.new_ids) <= MIX_UP_TO else len(job.new_ids)].append(job)
             for group in groups.values():
                 for i in range(0, len(group), self._max_batch):
                     chunk = [j for j in group[i : i + self._max_batch] if not j.future.done()]
@@ -100,32 +105,36 @@ class Batcher:
 
     @torch.inference_mode()
     def _run(self, jobs: list[_Job]) -> None:
-        n = len(jobs[0].new_ids)
+        feeds = [len(j.new_ids) for j in jobs]
+        n = max(feeds)
         lengths = [len(j.state.ids) for j in jobs]
         longest = max(lengths)
-        input_ids = torch.tensor([j.new_ids for j in jobs], dtype=torch.long, device=self._device)
+        input_ids = torch.tensor([j.new_ids + [0] * (n - f) for j, f in zip(jobs, feeds, strict=True)],
+                                 dtype=torch.long, device=self._device)  # fmt: skip
         positions = torch.tensor([[length + i for i in range(n)] for length in lengths], device=self._device)
         kwargs: dict[str, Any] = {}
         if longest:
             kwargs["past_key_values"] = DynamicCache(ddp_cache_data=_stack_caches(jobs, lengths, longest))
-        if any(length != longest for length in lengths):
+        if any(length != longest for length in lengths) or any(f != n for f in feeds):
             mask = torch.ones(len(jobs), longest + n, dtype=torch.long, device=self._device)
-            for row, length in enumerate(lengths):
-                mask[row, : longest - length] = 0
+            for row, (length, f) in enumerate(zip(lengths, feeds, strict=True)):
+                mask[row, : longest - length] = 0  # left padding of the cache
+                mask[row, longest + f :] = 0  # right padding of the feed
             kwargs["attention_mask"] = mask
-        out = self._model(
-            input_ids=input_ids,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=jobs[0].rows,
-            **kwargs,
-        )
+        # Output rows wanted: each job's last `rows` real positions (the same for every job when uniform).
+        wanted = sorted({p for j, f in zip(jobs, feeds, strict=True) for p in range(f - j.rows, f)})
+        uniform = all(f == n for f in feeds) and len({j.rows for j in jobs}) == 1
+        keep: int | torch.Tensor = jobs[0].rows if uniform else torch.tensor(wanted, device=self._device)
+        out = self._model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs)
         cache = out.past_key_values
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        for row, (job, length) in enumerate(zip(jobs, lengths, strict=True)):
+        column = {p: c for c, p in enumerate(wanted)}
+        for row, (job, length, f) in enumerate(zip(jobs, lengths, feeds, strict=True)):
             start = longest - length  # left padding of this row
-            own = [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in layers]
-            job.state.extend(job.new_ids, own, out.logits[row].float())
+            end = longest + f  # right padding of this row's feed is dropped
+            own = [(k[row : row + 1, :, start:end], v[row : row + 1, :, start:end]) for k, v in layers]
+            logits = out.logits[row] if uniform else out.logits[row, [column[p] for p in range(f - job.rows, f)]]
+            job.state.extend(job.new_ids, own, logits.float())
 
 
 def _stack_caches(jobs: list[_Job], lengths: list[int], longest: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -114,7 +114,8 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
     runtime.batcher = type(runtime.batcher)(runtime.loaded.model, runtime.loaded.device)
     together, together_batch = asyncio.run(steps(concurrent=True))
     assert alone_batch == 1
-    assert together_batch > 1  # the concurrent steps really shared passes
+    # Every step of the six sessions shares one pass, though they feed different numbers of tokens.
+    assert together_batch == len(prompts)
     for a, b in zip(alone, together, strict=True):
         _assert_close(a, b)
     assert not runtime.sessions
