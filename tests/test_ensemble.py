@@ -112,9 +112,8 @@ def test_chat_template_and_streaming(loop: LoopThread, default_workers: dict[str
         info = client.models()
     assert "".join(pieces) == whole.text
     assert whole.request_id == "chat-1"
-    assert (
-        len(anonymous.request_id) == 16
-    )  # the coordinator made one    assert [m.name for m in info.models] == ["arith-bpe", "arith-sp"]
+    assert len(anonymous.request_id) == 16  # the coordinator made one
+    assert [m.name for m in info.models] == ["arith-bpe", "arith-sp"]
     assert {m.tokenizer_kind for m in info.models} == {"byte_level", "sentencepiece"}
 
 
