@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,7 +259,10 @@ class Runtime:
         session.generated = bytearray(text)
         session.last_plan = None
         fmt = Format(top_k, FULL.dtype)
-        positions = [None if r is None else [dense_part(session.kv.rows[r], 0.0, fmt)] for r in rows]
+        positions = [
+            None if r is None else [dense_part(torch.log_softmax(session.kv.rows[r].float(), -1), 0.0, fmt)]
+            for r in rows
+        ]
         if stats is None:
             return ScoreOutput(positions, 0, 0)
         return ScoreOutput(positions, stats.tokens_fed, 1)
@@ -288,7 +291,7 @@ class Runtime:
             raise ContextFull(f"text: {len(plan.ids)} tokens reach {self.loaded.name}'s context length")
         return plan
 
-    async def _ensure_rows(self, kv: KVState, ids: list[int], needed: Iterable[int]) -> PassStats | None:
+    async def _ensure_rows(self, kv: KVState, ids: list[int], needed: Collection[int]) -> PassStats | None:
         """Make the cache hold ids with the output rows at `needed` positions: one forward pass at most,
         over the tokens that changed (and back to the earliest missing row)."""
         kv.truncate(common_prefix(kv.ids, ids))
@@ -296,6 +299,8 @@ class Runtime:
         if not missing:
             return None
         first = min(missing)
+        # Rows already there before `first` survive the pass (extend keeps only the newest rows).
+        kept = {p: kv.rows[p] for p in needed if p < first and p in kv.rows}
         kv.truncate(first)
         new = ids[len(kv.ids) :]
         await self._reserve(len(ids), len(new))
@@ -303,6 +308,7 @@ class Runtime:
             stats = await self.batcher.forward(kv, new, rows=max(ROWS_KEPT, len(ids) - first))
         finally:
             self._kv_reserved -= len(new)
+        kv.rows.update(kept)
         metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
         return stats
 

@@ -657,29 +657,36 @@ async def figure_me(workers: list[Worker], third: Callable[[], Awaitable[Worker]
     return figures
 
 
-async def figure_safe(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
-    """HOOK (runs once 'safe' is in STRATEGIES): SAFE ms/token / the drafter (the primary, the first
-    worker) served alone, target <= 1.15, with the fraction of steps ensembled."""
+async def figure_safe(workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int,
+                      tokens: int) -> list[Figure]:  # fmt: skip
+    """SAFE ms/token / the drafter served alone, target <= 1.15, with the fraction of steps ensembled,
+    for two verifiers: a copy of the drafter (members that agree, SAFE's regime: what the
+    generate-verify cycle itself costs) and the other random model (members that disagree on
+    nearly every token: the worst case, where SAFE ensembles almost every position)."""
     if not has_strategy("safe"):
         return [Figure("safe", "SAFE ms/token / drafter alone", None, note="strategy 'safe' not available yet")]
     drafter = workers[0]
-    ratios: list[float] = []
-    frac: list[float] = []
-    prompt = BENCH_PROMPTS[3]
-    async with (
-        serving(bench_config([drafter])) as alone,
-        serving(bench_config(workers, primary=drafter.name)) as ens,
-    ):
-        for r in range(rounds + 1):
-            base = await timed(alone, prompt, tokens)
-            safe = await timed(ens, prompt, tokens, strategy="safe")
-            if r:
-                ratios.append(safe["ms_per_step"] / base["ms_per_step"])
-                frac.append(safe["ensembled"])
-    return [
-        Figure("safe_ratio", f"SAFE ms/token / drafter alone (ensembled {100 * _median(frac):.0f}% of steps)",
-               _median(ratios), "x", "<=", 1.15, {"ratios": ratios, "fraction_ensembled": frac})
-    ]  # fmt: skip
+    figures = []
+    for label, verifier in (("agreeing", await third()), ("disagreeing", workers[1])):
+        ratios: list[float] = []
+        frac: list[float] = []
+        prompt = BENCH_PROMPTS[3]
+        async with (
+            serving(bench_config([drafter])) as alone,
+            serving(bench_config([drafter, verifier], primary=drafter.name)) as ens,
+        ):
+            for r in range(rounds + 1):
+                base = await timed(alone, prompt, tokens)
+                safe = await timed(ens, prompt, tokens, strategy="safe")
+                if r:
+                    ratios.append(safe["ms_per_step"] / base["ms_per_step"])
+                    frac.append(safe["ensembled"])
+        figures.append(
+            Figure(f"safe_ratio_{label}",
+                   f"SAFE ms/token / drafter alone, {label} verifier (ensembled {100 * _median(frac):.0f}%)",
+                   _median(ratios), "x", "<=", 1.15, {"ratios": ratios, "fraction_ensembled": frac})
+        )  # fmt: skip
+    return figures
 
 
 async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
@@ -750,7 +757,7 @@ async def run_with_workers(args: argparse.Namespace, only: set[str], root: Path)
             rounds, tokens = (1, 16) if q else (2, 32)
             figures += await figure_threshold(workers, rounds, tokens)
             figures += await figure_me(workers, third, rounds, 12 if q else 16)
-            figures += await figure_safe(workers, rounds, tokens)
+            figures += await figure_safe(workers, third, rounds, tokens)
             figures += await figure_other_strategies(workers, rounds, tokens)
     finally:
         for w in workers + extra:

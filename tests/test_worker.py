@@ -183,3 +183,44 @@ def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
         await runtime.batcher.stop()
 
     asyncio.run(run())
+
+
+def test_score_gives_the_rows_at_every_token_boundary(model_dir: Path) -> None:
+    """A scoring pass over drafted pieces returns, at each boundary, the distribution a from-scratch
+    forward pass gives there; the session then holds the pieces."""
+    import torch
+
+    loaded = load_model(str(model_dir))
+    runtime = Runtime(loaded)
+    prompt, pieces = "the cat ", [b"sat", b" on", b" the", b" mat", b"."]
+
+    async def run() -> list[list[Part] | None]:
+        runtime.batcher.start()
+        session = runtime.open(PromptSpec(text=prompt))
+        await runtime.step(session, b"", FULL)  # the row at the end of the prompt is now cached
+        out = await runtime.score(session, b"", 0, pieces, top_k=5)
+        assert bytes(session.generated) == b"".join(pieces)
+        await runtime.batcher.stop()
+        return out.positions
+
+    positions = asyncio.run(run())
+    assert len(positions) == len(pieces) + 1
+    ids = runtime.conditioner.encode(prompt + b"".join(pieces).decode(), True)
+    with torch.no_grad():
+        logits = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0].float(), -1)
+    ends, total = {}, 0
+    for t, i in enumerate(ids):
+        total += len(runtime.tokens[i])
+        ends[total] = t
+    offset = total - len((prompt + b"".join(pieces).decode()).encode())  # BOS / dummy-prefix bytes
+    checked = 0
+    for j, parts in enumerate(positions):
+        at = len(prompt.encode()) + sum(len(p) for p in pieces[:j]) + offset
+        if parts is None:
+            assert at not in ends
+            continue
+        expected_ids = torch.topk(logits[ends[at]], 5).indices.tolist()
+        assert parts[0].ids is not None and parts[0].ids.tolist() == expected_ids
+        assert np.allclose(parts[0].logprobs, logits[ends[at]][expected_ids].numpy(), atol=1e-4)
+        checked += 1
+    assert checked >= 2
