@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
@@ -18,10 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator.cluster import spawn_worker
+from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
+from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec, parse_config
-from tests.certs import make_ca
-from tests.cluster_helpers import ROOT
+from tests.certs import issue, make_ca
+from tests.cluster_helpers import ROOT, LoopThread, make_config
 
 CHART = ROOT / "deploy" / "helm" / "chorus"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml")) + sorted((ROOT / "deploy" / "helm" / "examples").glob("*.yaml"))
@@ -301,3 +307,132 @@ def test_checkov_finds_no_failed_check_in_the_rendered_chart() -> None:
     out = subprocess.run(["bash", str(ROOT / "scripts" / "checkov.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "Failed checks: 0," in out.stdout, out.stdout[-4000:]
+
+
+# The `helm test` pod's own command, run here: the Service host becomes 127.0.0.1 and a live
+# coordinator's port, and every Secret the pod mounts becomes a local directory with that Secret's
+# files (only the items the volume projects), so a path the args name but no mount provides fails.
+TEST_TOKEN = "helm-test-token"
+
+
+def _pki(directory: Path) -> dict[str, dict[str, bytes]]:
+    """The Secrets tls-values.yaml names, as key -> content."""
+    ca = make_ca(directory)
+
+    def tls_secret(cert: Path) -> dict[str, bytes]:
+        return {"tls.crt": cert.with_suffix(".crt").read_bytes(), "tls.key": cert.with_suffix(".key").read_bytes(),
+                "ca.crt": ca.with_suffix(".crt").read_bytes()}  # fmt: skip
+
+    return {
+        "chorus-tls-clients": tls_secret(issue(ca, "coordinator", server=True)),  # localhost and 127.0.0.1
+        "chorus-tls-test-client": tls_secret(issue(ca, "test-client", server=False)),
+        "chorus-tls-coordinator": tls_secret(issue(ca, "to-workers", server=False)),  # mounted, unused here
+        "chorus-tokens": {"tokens": f"# the helm test pod sends the first token\n{TEST_TOKEN}\nanother\n".encode()},
+    }
+
+
+def _mounted_locally(
+    spec: dict[str, Any], container: dict[str, Any], secrets: dict[str, dict[str, bytes]], directory: Path
+) -> dict[str, Path]:
+    """mount path -> a local directory holding what Kubernetes would mount there."""
+    out = {}
+    for mount_path, (name, volume) in _mounts(spec, container).items():
+        local = directory / mount_path.strip("/").replace("/", "_")
+        local.mkdir(parents=True)
+        items = {i["key"]: i["path"] for i in volume.get("items", [])} or {k: k for k in secrets[name]}
+        for key, path in items.items():
+            (local / path).write_bytes(secrets[name][key])
+        out[mount_path] = local
+    return out
+
+
+def _localize(value: str, paths: dict[str, Path]) -> str:
+    for mount_path, local in paths.items():
+        if value == mount_path or value.startswith(mount_path + "/"):
+            return str(local) + value[len(mount_path) :]
+    return value
+
+
+def _run_test_pod(pod: dict[str, Any], target: str, paths: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+    (container,) = pod["spec"]["containers"]
+    command = [*container["command"], *container["args"]]
+    assert command[0] == "python"
+    service = "chorus-coordinator:50051"
+    assert service in command  # the Service the pod dials
+    command = [sys.executable] + [target if a == service else _localize(a, paths) for a in command[1:]]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@contextmanager
+def _empty_answer_coordinator() -> Iterator[str]:
+    """A coordinator stand-in that completes every request with an empty text."""
+
+    class Empty(coordinator_pb2_grpc.CoordinatorServicer):
+        def Generate(self, request: Any, context: Any) -> Iterator[coordinator_pb2.GenerateResponse]:
+            yield coordinator_pb2.GenerateResponse(index=0, done=coordinator_pb2.Completion(finish_reason="stop"))
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Empty(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_helm_test_pod_command_generates_against_a_live_coordinator(
+    helm: str, loop: LoopThread, default_workers: dict[str, WorkerProcess]
+) -> None:
+    """Default values: the pod's command answers through a real coordinator, and fails otherwise."""
+    (pod,) = [d for d in _render(helm) if d["kind"] == "Pod"]
+    assert "volumeMounts" not in pod["spec"]["containers"][0]  # plain gRPC: nothing to mount
+    config = make_config(list(default_workers.values()))
+    running = loop.run(start_coordinator(config, [w.address for w in default_workers.values()], port=0))
+    try:
+        out = _run_test_pod(pod, f"127.0.0.1:{running.port}", {})
+    finally:
+        loop.run(running.stop(grace=0))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip(), "no answer printed"
+    with _empty_answer_coordinator() as target:
+        empty = _run_test_pod(pod, target, {})
+    assert empty.returncode != 0 and "empty" in empty.stderr, (empty.returncode, empty.stdout, empty.stderr)
+    refused = _run_test_pod(pod, f"127.0.0.1:{_free_port()}", {})  # nothing listens: UNAVAILABLE
+    assert refused.returncode != 0
+
+
+def test_helm_test_pod_command_generates_over_tls_with_client_cert_and_token(
+    helm: str, loop: LoopThread, default_workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    """TLS values: the coordinator serves with the rendered server section, the pod uses its mounts."""
+    docs = _render(helm, *_values(TLS_VALUES))
+    (pod,) = [d for d in docs if d["kind"] == "Pod"]
+    (coordinator,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-coordinator"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    secrets = _pki(tmp_path)
+    coordinator_spec = coordinator["spec"]["template"]["spec"]
+    coordinator_paths = _mounted_locally(coordinator_spec, coordinator_spec["containers"][0], secrets, tmp_path / "c")
+    pod_paths = _mounted_locally(pod["spec"], pod["spec"]["containers"][0], secrets, tmp_path / "pod")
+    server = yaml.safe_load(config_map["data"]["config.yaml"])["server"]
+    assert server["client_ca"] and server["tokens_file"]  # client certificates and tokens required
+    server = {k: _localize(v, coordinator_paths) if isinstance(v, str) else v for k, v in server.items()}
+    config = make_config(list(default_workers.values()), server={**server, "host": "127.0.0.1", "port": 0})
+    running = loop.run(start_coordinator(config, [w.address for w in default_workers.values()], port=0))
+    try:
+        target = f"127.0.0.1:{running.port}"
+        out = _run_test_pod(pod, target, pod_paths)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip(), "no answer printed"
+        # A token the coordinator does not know: UNAUTHENTICATED, and the pod fails.
+        (pod_paths["/etc/chorus-auth"] / "tokens").write_text("not-the-token\n")
+        denied = _run_test_pod(pod, target, pod_paths)
+        assert denied.returncode != 0 and "UNAUTHENTICATED" in denied.stderr.upper(), denied.stderr
+    finally:
+        loop.run(running.stop(grace=0))
