@@ -89,7 +89,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, local_workers=False)
     if config.discovery.mode == "kubernetes":
         asyncio.run(_serve(config, [], args.port, args.metrics_port, args.grace))
         return 0
@@ -211,13 +211,17 @@ def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:
     return config.model_copy(update={"models": (spec,), "strategy": "gac"})
 
 
-def _load(path: str) -> EnsembleConfig:
+def _load(path: str, local_workers: bool = True) -> EnsembleConfig:
+    """The config; where this process starts the workers, GPU settings are adjusted to a CPU-only
+    machine (a coordinator serving remote workers leaves them to the workers, and needs no torch)."""
     from coordinator.config import ConfigError, cpu_adjusted, load_config
 
     try:
         config = load_config(path)
     except ConfigError as exc:
         raise SystemExit(f"config error:\n{exc}") from None
+    if not local_workers:
+        return config
     config, notes = cpu_adjusted(config, _cuda_available())
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -33,7 +33,9 @@ def test_sdk_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import chorus, chorus.cli, coordinator.server, coordinator.cluster\n"
+        "import chorus, chorus.cli, coordinator.server, coordinator.cluster, coordinator.strategies\n"
+        # what `chorus coordinator` (the slim image) does before serving remote workers
+        "chorus.cli._load('configs/default.yaml', local_workers=False)\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
