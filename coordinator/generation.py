@@ -17,7 +17,7 @@ from coordinator.metrics import RequestMetrics
 from coordinator.sampling import choose
 from coordinator.strategies import STRATEGIES, Drafted
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage, WirePart
-from coordinator.union_dist import StepExtras, UnionDist, from_parts, mix
+from coordinator.union_dist import ExtraIds, UnionDist, from_parts, mix
 from coordinator.union_vocab import END
 from coordinator.workers import ModelSession, Transport
 
@@ -44,7 +44,7 @@ class _Step:
     def __init__(self, run: _Run, rng: np.random.Generator) -> None:
         self._run = run
         assert run.ensemble.union is not None  # checked ready before the first step
-        self.extras = StepExtras(run.ensemble.union)
+        self.extras = run.extras
         self.config = run.ensemble.config
         self.union = run.ensemble.union
         self.n_models = len(run.ensemble.members)
@@ -80,13 +80,16 @@ class _Step:
         run.count(i, step.forward_passes, step.tokens_fed)
         return self._dist(i, step.parts)
 
-    async def draft(self, model: int, max_tokens: int, report_top_k: int = 0) -> Drafted | None:
+    async def draft(
+        self, model: int, max_tokens: int, report_top_k: int = 0, after: Sequence[bytes] = ()
+    ) -> Drafted | None:
         run = self._run
         if not run.alive[model]:
             return None
         rollback, append = run.sync(model)
+        ahead = b"".join(after)  # speculative: text assumed to follow what is committed
         seed = int(self.rng.integers(2**63))
-        call = run.sessions[model].draft(append, rollback, max_tokens, self.sampling, seed, report_top_k)
+        call = run.sessions[model].draft(append + ahead, rollback, max_tokens, self.sampling, seed, report_top_k)
         started = time.perf_counter()
         drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
         if drafted is None:
@@ -94,7 +97,7 @@ class _Step:
         per_token = (time.perf_counter() - started) / max(1, len(drafted.pieces))
         run.slowest[model] = max(run.slowest[model], per_token)
         run.count(model, drafted.forward_passes, drafted.tokens_fed)
-        run.held_extra[model] = b"".join(drafted.pieces)
+        run.held_extra[model] = ahead + b"".join(drafted.pieces)
         return Drafted(drafted.pieces, drafted.ended, [self._dist(model, parts) for parts in drafted.dists])
 
     async def score(self, models: Sequence[int], pieces: list[bytes], top_k: int) -> dict[int, list[UnionDist | None]]:
@@ -145,6 +148,8 @@ class _Run:
         self.ensemble = ensemble
         self.request = request
         self.sessions = sessions
+        assert ensemble.union is not None  # checked ready before the run
+        self.extras = ExtraIds(ensemble.union)
         self.text = bytearray()  # generated so far
         # What each worker's session holds: text[:held_len[i]] + held_extra[i] (a draft or scored
         # pieces not, or not yet, accepted); the next call rolls back what differs from text.
@@ -277,6 +282,7 @@ async def generate(
         )  # fmt: skip
         yield Finished(finish, stops.text, usage, request.request_id)
     finally:
+        await strategy.close()
         measure.close()
         for s in sessions:
             s.cancel()

@@ -54,7 +54,7 @@ def _openai_fields(body: Json, request: coordinator_pb2.GenerateRequest, templat
             continue
         try:
             setattr(request, name, value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"{name}: {exc}", name) from None
     for name in ("strategy", "on_worker_loss"):
         if body.get(name) is not None:
@@ -63,10 +63,29 @@ def _openai_fields(body: Json, request: coordinator_pb2.GenerateRequest, templat
     if weights is not None:
         if not isinstance(weights, dict) or not all(isinstance(v, int | float) for v in weights.values()):
             raise BadRequest("weights: expected an object of model name -> number", "weights")
-        request.weights.update({str(k): float(v) for k, v in weights.items()})
+        try:
+            request.weights.update({str(k): float(v) for k, v in weights.items()})
+        except OverflowError:
+            raise BadRequest("weights: a weight is too large", "weights") from None
     stop = body.get("stop")
     if stop is not None:
-        request.stop.extend([stop] if isinstance(stop, str) else [str(s) for s in stop])
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise BadRequest("stop: expected a string or a list of strings", "stop")
+        request.stop.extend(stop)
+
+
+def _integer(value: Any, field: str) -> int:
+    """A JSON integer (or a string or whole float that is one), else a 400 naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise BadRequest(f"{field}: expected an integer, got {value!r}", field)
+    try:
+        number = int(value)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"{field}: expected an integer, got {value!r}", field) from None
+    if isinstance(value, float) and number != value:
+        raise BadRequest(f"{field}: expected an integer, got {value!r}", field)
+    return number
 
 
 def _conversation(messages: Any, field: str) -> common_pb2.Conversation:
@@ -76,7 +95,8 @@ def _conversation(messages: Any, field: str) -> common_pb2.Conversation:
     for i, m in enumerate(messages):
         content = m.get("content", "")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            texts = [p.get("text", "") for p in content if isinstance(p, dict)]
+            content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
         if not isinstance(content, str) or not isinstance(m.get("role"), str):
             raise BadRequest(f"{field}[{i}]: role and content must be strings", field)
         conversation.messages.add(role=m["role"], content=content)
@@ -136,12 +156,26 @@ class HttpApi:
             return _error(503, f"a model worker failed: {exc.code().name}", "service_unavailable", retry_after=1)
 
     async def _json(self, request: web.Request) -> Json:
+        data = await request.read()
+        charset = request.charset or "UTF-8"
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("body: not valid JSON") from None
+            text = data.decode(charset)
+        except LookupError:
+            raise BadRequest(f"Content-Type: unknown charset {charset!r}") from None
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"body: not valid {charset} text: {exc.reason} at byte {exc.start}") from None
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"body: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("body: JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("body: expected a JSON object")
+        try:  # "\ud800" escapes decode to lone surrogates, which no protobuf string can hold
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest("body: a string holds a lone surrogate (\\udXXX escape), not Unicode") from None
         return body
 
     def _requests(self, proto: coordinator_pb2.GenerateRequest, request: web.Request) -> list[GenerationRequest]:
@@ -163,6 +197,9 @@ class HttpApi:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise BadRequest("prompt: expected a string or a non-empty list of strings", "prompt")
+        most = self.ensemble.config.limits.max_conversations
+        if len(prompts) > most:
+            raise BadRequest(f"prompt: {len(prompts)} prompts, at most {most}", "prompt")
         batches = []
         for prompt in prompts:
             proto = coordinator_pb2.GenerateRequest(prompt=prompt)
@@ -246,8 +283,11 @@ class HttpApi:
             )
         )
         max_new = body.get("max_new_tokens")
+        if max_new is not None:
+            max_new = _integer(max_new, "max_new_tokens")
         if body.get("max_length") is not None:  # GaC's cap on the length: taken as a cap on new tokens
-            max_new = min(int(body["max_length"]), int(max_new)) if max_new is not None else int(body["max_length"])
+            max_length = _integer(body["max_length"], "max_length")
+            max_new = min(max_length, max_new) if max_new is not None else max_length
         _openai_fields(
             {"max_tokens": max_new, "stop": body.get("until"), "apply_chat_template": body.get("apply_chat_template")},
             proto,

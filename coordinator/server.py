@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from chorus.security import TlsFiles, read_tokens
 from chorus.serving import GrpcServer
@@ -23,19 +24,62 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
+class Undecodable:
+    """What the server gets for request bytes that do not parse (bad wire format, or a string field
+    with invalid UTF-8): the handler answers INVALID_ARGUMENT, where gRPC's own handling says INTERNAL."""
+
+    def __init__(self, kind: type[Message], error: DecodeError) -> None:
+        self.message = (
+            f"request: not a valid {kind.DESCRIPTOR.full_name} (bad protobuf, or a string field that is not "
+            f"valid UTF-8): {error}"
+        )
+
+
+def _deserializer(kind: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return kind.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(kind, exc)
+
+    return parse
+
+
+def add_coordinator_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
+    """As the generated add_CoordinatorServicer_to_server, with requests that do not parse kept as Undecodable."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=_deserializer(coordinator_pb2.GenerateRequest),
+            response_serializer=coordinator_pb2.GenerateResponse.SerializeToString,
+        ),
+        "Models": grpc.unary_unary_rpc_method_handler(
+            service.Models,
+            request_deserializer=_deserializer(coordinator_pb2.ModelsRequest),
+            response_serializer=coordinator_pb2.ModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, ensemble: Ensemble, admission: Admission) -> None:
         self.ensemble = ensemble
         self.admission = admission
 
     async def Models(
-        self, request: coordinator_pb2.ModelsRequest, context: grpc.aio.ServicerContext
+        self, request: coordinator_pb2.ModelsRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ModelsResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return convert.models_to_proto(self.ensemble)
 
     async def Generate(
-        self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: coordinator_pb2.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
         try:
@@ -80,7 +124,7 @@ class CoordinatorServer:
         self.grpc = GrpcServer(
             address,
             SERVICE_NAME,
-            lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server),
+            lambda server: add_coordinator_to_server(self.service, server),
             tls=tls,
             tokens=tokens,
         )

@@ -2,7 +2,8 @@
 
 A distribution is sparse: sorted unique union ids with probabilities. Token healing can
 produce continuations (the rest of a partly committed token) that no model has as a token;
-those get step-local ids past the union's end, shared by all models within the step.
+those get ids past the union's end, shared by all models for the whole request (so a
+distribution kept from one step can be read in the next).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from coordinator.union_vocab import DenseMap, UnionVocab
 _SPARSE_LIMIT = 4096
 
 
-class StepExtras:
-    """Step-local union ids for byte strings that are no union entry."""
+class ExtraIds:
+    """Request-local union ids for byte strings that are no union entry."""
 
     def __init__(self, union: UnionVocab) -> None:
         self.union = union
@@ -66,7 +67,7 @@ class UnionDist:
         return self if total <= 0 else UnionDist(self.uids, self.probs / total)
 
 
-def from_parts(parts: Sequence[WirePart], index: np.ndarray, tokens: list[bytes], extras: StepExtras) -> UnionDist:
+def from_parts(parts: Sequence[WirePart], index: np.ndarray, tokens: list[bytes], extras: ExtraIds) -> UnionDist:
     """Map one model's parts into the union (index: model id -> union id, -1 = not text)."""
     if len(parts) == 1 and parts[0].ids is None and parts[0].skip_bytes == 0 and parts[0].logprobs.size == index.size:
         dense = extras.union.dense_map(index)

@@ -55,7 +55,7 @@ from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_con
 from coordinator.sampling import choose  # noqa: E402
 from coordinator.strategies import STRATEGIES  # noqa: E402
 from coordinator.types import SamplingParams  # noqa: E402
-from coordinator.union_dist import StepExtras, from_parts, mix  # noqa: E402
+from coordinator.union_dist import ExtraIds, from_parts, mix  # noqa: E402
 from coordinator.union_vocab import ModelVocab, UnionVocab  # noqa: E402
 from coordinator.workers import _part_from_proto  # noqa: E402
 
@@ -188,7 +188,7 @@ def coordinator_cpu_per_step(
     for s in range(steps + max(2, steps // 10)):  # the first few are warm-up
         payload = payloads[s % variants]
         started = time.perf_counter()
-        extras = StepExtras(union)
+        extras = ExtraIds(union)
         dists = []
         for m in range(k):
             response = worker_pb2.SessionResponse.FromString(payload[m])

@@ -52,8 +52,11 @@ class StepContext(Protocol):
         missing from the answer; if no model is left at all, this raises."""
         ...
 
-    async def draft(self, model: int, max_tokens: int, report_top_k: int = 0) -> Drafted | None:
-        """Let one model draw up to max_tokens tokens itself with the request's sampling; None if lost."""
+    async def draft(
+        self, model: int, max_tokens: int, report_top_k: int = 0, after: Sequence[bytes] = ()
+    ) -> Drafted | None:
+        """Let one model draw up to max_tokens tokens itself with the request's sampling, after the
+        text and then `after` (pieces assumed to follow, not committed yet); None if it was lost."""
         ...
 
     async def score(self, models: Sequence[int], pieces: list[bytes], top_k: int) -> dict[int, list[UnionDist | None]]:
@@ -96,3 +99,7 @@ class Strategy(ABC):
 
     @abstractmethod
     async def step(self, ctx: StepContext) -> Decision: ...
+
+    async def close(self) -> None:
+        """The conversation is over (finished, failed or cancelled): stop any work still running."""
+        return None

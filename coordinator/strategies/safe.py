@@ -7,13 +7,20 @@ already agree: every verifier's top choice is the drafted token, or the models' 
 of it exceeds 0.5. These skip rules never change the ensemble's argmax. Drafts after an ensembled
 position are discarded (the workers roll them back on their next message); the ensembled
 distribution is GaC or UniTE, optionally sharpened.
+
+While the verifiers check a draft, the drafter already drafts the next chunk as if this one were
+accepted whole (only after a draft that was): where the models agree, verifying costs no
+time on the drafter's path; a speculative chunk that turns out wrong is discarded and rolled back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import numpy as np
 
-from coordinator.strategies.base import Decision, StepContext, Strategy
+from coordinator.strategies.base import Decision, Drafted, StepContext, Strategy
 from coordinator.strategies.unite import unite_step
 from coordinator.union_dist import UnionDist
 
@@ -26,8 +33,11 @@ class Safe(Strategy):
 
     def __init__(self) -> None:
         self._ensemble_next = False
+        self._accepted_last = True  # the last draft was accepted whole: worth drafting ahead
+        self._ahead: asyncio.Task[Drafted | None] | None = None  # the next chunk, drafted speculatively
 
     async def step(self, ctx: StepContext) -> Decision:
+        ahead = await self._take_ahead()
         if self._ensemble_next:
             self._ensemble_next = False
             return await self._ensemble(ctx)
@@ -35,9 +45,16 @@ class Safe(Strategy):
         drafter = ctx.config.drafter_index
         if not ctx.alive[drafter]:
             return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
-        drafted = await ctx.draft(drafter, min(settings.draft_tokens, ctx.remaining), report_top_k=settings.top_k)
+        if ahead is None:
+            ahead = await ctx.draft(drafter, min(settings.draft_tokens, ctx.remaining), report_top_k=settings.top_k)
+        drafted = ahead
         if drafted is None:
             return await self._ensemble(ctx)
+        left = ctx.remaining - len(drafted.pieces)
+        if self._accepted_last and not drafted.ended and left > 0:
+            self._ahead = asyncio.create_task(
+                ctx.draft(drafter, min(settings.draft_tokens, left), settings.top_k, after=drafted.pieces)
+            )
         verifiers = [i for i in range(ctx.n_models) if i != drafter]
         scored = await ctx.score(verifiers, drafted.pieces, settings.top_k) if verifiers else {}
         choices = [*drafted.pieces, b""] if drafted.ended else drafted.pieces
@@ -49,11 +66,29 @@ class Safe(Strategy):
             dists = [drafted.dists[j], *(d for d in at_j if d is not None)]
             if _agree(token, dists[1:], dists):
                 continue
+            self._accepted_last = False
             self._ensemble_next = j > 0
             if j == 0:
+                await self._take_ahead()  # the drafter's session must be free before it is asked
                 return await self._ensemble(ctx)
             return Decision(pieces=tuple(drafted.pieces[:j]))
+        self._accepted_last = True
         return Decision(pieces=tuple(drafted.pieces), end=drafted.ended)
+
+    async def _take_ahead(self) -> Drafted | None:
+        """The speculative next chunk, if one was drafted and the chunk before it was accepted whole."""
+        if self._ahead is None:
+            return None
+        task, self._ahead = self._ahead, None
+        drafted = await task
+        return drafted if self._accepted_last else None
+
+    async def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ahead
+            self._ahead = None
 
     async def _ensemble(self, ctx: StepContext) -> Decision:
         settings = ctx.config.safe
