@@ -22,6 +22,8 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
     def __init__(self) -> None:
         self.runtime: Runtime | None = None  # None while the model loads
+        self.draining = False  # set on shutdown: new sessions get UNAVAILABLE
+        self.running = 0  # Session streams in progress
 
     async def _runtime(self, context: grpc.aio.ServicerContext) -> Runtime:
         if self.runtime is None:
@@ -41,7 +43,10 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
         runtime = await self._runtime(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
         session: Session | None = None
+        self.running += 1
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("kind")
@@ -84,6 +89,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
+            self.running -= 1
             if session is not None:
                 runtime.close(session)
 
@@ -119,9 +125,17 @@ class WorkerServer:
             runtime.reap(self.session_ttl)
 
     async def stop(self, grace: float) -> None:
+        """Drain: NOT_SERVING at once, new sessions refused, running ones get `grace` seconds to finish."""
         if self._reaper is not None:
             self._reaper.cancel()
+        self.service.draining = True
         await self.grpc.set_serving(False)
-        await self.grpc.server.stop(grace)
+        # Waiting here, not in grpc's stop(grace): that refuses every new call at once, health and
+        # liveness checks included, so probes would fail instead of reading NOT_SERVING.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.service.running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.grpc.server.stop(0)
         if self.service.runtime is not None:
             await self.service.runtime.batcher.stop()

@@ -129,6 +129,19 @@ def test_pods_join_when_ready_and_leave_when_gone(
             _eventually(lambda: sdk.models().models[0].addresses == (bpe_replica.address,), "bpe-0 left")
             assert sdk.generate(prompt="7+86=", max_new_tokens=4).text == "93"
 
+            # A terminating pod leaves at once: deleted, it stays in the API with a deletionTimestamp
+            # (here a finalizer holds it, as kubelet does for the grace period) and still reads ready.
+            held = _pod("bpe-2", "arith-bpe", bpe.address, ready=True)
+            held["metadata"]["finalizers"] = ["chorus.dev/test-hold"]
+            kube.create_namespaced_pod(NAMESPACE, held)
+            _eventually(lambda: sdk.models().models[0].addresses == both, "bpe-2 joined")
+            kube.delete_namespaced_pod("bpe-2", NAMESPACE)
+            terminating = kube.read_namespaced_pod("bpe-2", NAMESPACE)
+            assert terminating.metadata.deletion_timestamp is not None
+            assert all(c.ready for c in terminating.status.container_statuses)
+            _eventually(lambda: sdk.models().models[0].addresses == (bpe_replica.address,), "terminating bpe-2 left")
+            assert sdk.generate(prompt="48+27=", max_new_tokens=4).text == "75"
+
             # A replica that stops being ready leaves too; with none left, requests are UNAVAILABLE.
             kube.patch_namespaced_pod("bpe-1", NAMESPACE, {"status": {"containerStatuses": [_container(False)]}})
             _eventually(lambda: not _serving(target), "the coordinator stops serving")
