@@ -7,17 +7,24 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import openai
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from coordinator.cluster import WorkerProcess, start_coordinator
+from coordinator.strategies import STRATEGIES
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
 from tests.tiny_models import never_ending_llama
+from tests.tokenizer_factory import sentencepiece_byte_fallback
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +115,7 @@ def test_gac_api_answers_gacs_own_request(servers: tuple[str, str]) -> None:
     }  # fmt: skip
     status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(data).encode())
     # The embedded models have a 64-token context, which the first conversation exceeds: a clear 400.
+    # (Over a longer context the request is answered: test_gac_api_answers_the_gac_readme_request_unchanged.)
     assert status == 400 and "context" in reply["error"]["message"], reply
     data["messages_list"][0] = [{"role": "user", "content": "9.11 and 9.9?"}]
     status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(data).encode())
@@ -124,6 +132,195 @@ def test_gac_api_answers_gacs_own_request(servers: tuple[str, str]) -> None:
         assert json.loads(response.read())["status"] == "ok"
     status, reply = _post(f"{servers[1]}/api/generate/", b"{not json")
     assert status == 400 and "JSON" in reply["error"]["message"]
+
+
+# GaC's README request, byte for byte as its example sends it (`requests.post(url, json=data)`).
+GAC_SEED_REQUEST = {
+    "messages_list": [
+        [{"role": "user", "content": "9.11 and 9.9, which is bigger?"},
+         {"role": "assistant", "content": "..."},
+         {"role": "user", "content": "..."}],
+        [{"role": "user", "content": "How are you?"}],
+    ],
+    "max_new_tokens": 1024,
+    "apply_chat_template": True,
+}  # fmt: skip
+
+
+def _long_context_llama(path: Path) -> Path:
+    """A random tiny Llama with a 2048-token context that never picks end-of-sequence: GaC's 1024 new
+    tokens fit, and are all generated."""
+    tokenizer = sentencepiece_byte_fallback()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0: never the largest
+    model.save_pretrained(path)
+    return path
+
+
+def test_gac_api_answers_the_gac_readme_request_unchanged(loop: LoopThread, tmp_path: Path) -> None:
+    w = worker(_long_context_llama(tmp_path / "long"), "long-context")
+    try:
+        config = make_config([w], http={"enabled": True, "port": 0})
+        running = loop.run(start_coordinator(config, [w.address], port=0))
+        try:
+            assert running.http is not None
+            url = f"http://127.0.0.1:{running.http.port}/api/generate/"
+            status, reply = _post(url, json.dumps(GAC_SEED_REQUEST).encode())
+            with chorus.Client(f"127.0.0.1:{running.port}", timeout=120) as sdk:  # the 1024 are not capped
+                (done,) = sdk.generate_batch(GAC_SEED_REQUEST["messages_list"][1:], max_new_tokens=1024)
+        finally:
+            loop.run(running.stop(grace=0))
+    finally:
+        w.stop()
+    assert status == 200, reply
+    assert isinstance(reply["response"], list) and len(reply["response"]) == 2
+    assert all(isinstance(t, str) and t for t in reply["response"])
+    assert (done.finish_reason, done.usage.completion_tokens) == ("length", 1024)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_length", "x"), ("max_length", [1]), ("max_length", 2.5), ("max_length", True),
+     ("max_new_tokens", "x"), ("max_new_tokens", [1]), ("max_new_tokens", {"n": 1}), ("max_new_tokens", 1e400),
+     ("max_new_tokens", -1), ("max_new_tokens", 10**30)],
+)  # fmt: skip
+def test_gac_bad_lengths_are_400_naming_the_field(servers: tuple[str, str], field: str, value: Any) -> None:
+    body = {"messages_list": [[{"role": "user", "content": "48+27="}]], "max_new_tokens": 4, field: value}
+    status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(body).encode())
+    assert status == 400, reply
+    assert field in reply["error"]["message"] and reply["error"]["param"] == field, reply
+    del body[field]
+    status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(body).encode())
+    assert status == 200 and len(reply["response"]) == 1, reply  # still serving
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/api/generate/"])
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [(b'{"prompt": "\xff\xfe"}', "application/json", "UTF-8"),
+     (b'{"messages": [{"role": "user", "content": "\xc3"}]}', "application/json", "UTF-8"),
+     (b'{"prompt": "\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}', "application/json",
+      "surrogate"),
+     (b'{"prompt": "1"}', "application/json; charset=no-such-charset", "charset"),
+     (b"[" * 100_000, "application/json", "body")],
+    ids=["invalid-utf8", "truncated-utf8", "lone-surrogate", "unknown-charset", "deep-nesting"],
+)  # fmt: skip
+def test_undecodable_bodies_are_400(
+    servers: tuple[str, str], path: str, body: bytes, content_type: str, says: str
+) -> None:
+    request = urllib.request.Request(f"{servers[1]}{path}", data=body, headers={"Content-Type": content_type})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    reply = json.loads(caught.value.read())
+    assert caught.value.code == 400 and says in reply["error"]["message"], reply
+
+
+# --- fuzzing: whatever JSON a client sends, the answer is 2xx or 4xx, never 5xx -----------------
+
+INPUT_FIELD = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/api/generate/": "messages_list"}
+MODEL_NAMES = ("arith-bpe", "arith-sp")
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "", "user", "gac", "1+1="]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+small_ints = st.integers(-2, 6) | st.sampled_from([0.5, 2.0, 2**32, 2**64, 10**30])
+valid_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=10)}
+)
+odd_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "wizard"]) | json_values,
+     "content": st.text(max_size=10) | st.lists(st.fixed_dictionaries({"text": json_values}), max_size=2)
+                | json_values},
+) | json_values  # fmt: skip
+messages = st.lists(valid_message, min_size=1, max_size=3) | st.lists(valid_message | odd_message, max_size=3)
+FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.sampled_from(["chorus", "gpt-4"]),
+    "messages": messages,
+    "messages_list": st.lists(messages, min_size=1, max_size=3) | st.lists(messages, max_size=3),
+    "prompt": st.text(max_size=10) | st.lists(st.text(max_size=10), max_size=3),
+    "max_tokens": small_ints,
+    "max_completion_tokens": small_ints,
+    "max_new_tokens": small_ints,
+    "max_length": small_ints | st.sampled_from(["3", "x", "1e3"]),
+    "n": small_ints,
+    "temperature": st.floats(0, 2) | st.floats(),
+    "top_p": st.floats(0, 1) | st.floats(),
+    "top_k": small_ints,
+    "seed": small_ints,
+    "threshold": st.floats(0, 1) | st.floats(),
+    "apply_chat_template": st.booleans(),
+    "strategy": st.sampled_from([*STRATEGIES, "nope"]),
+    "on_worker_loss": st.sampled_from(["fail", "degrade", "retry"]),
+    "weights": st.dictionaries(st.sampled_from([*MODEL_NAMES, "x"]), st.floats() | st.integers(-1, 10**400)),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
+    "until": st.lists(st.text(max_size=3), max_size=3),
+    "stream": st.booleans(),
+}
+
+
+@st.composite
+def posts(draw: st.DrawFn) -> tuple[str, Any]:
+    """(path, body): mostly the endpoint's input field and other real fields, each with a plausible
+    value or else any JSON value; now and then any JSON at all."""
+    path = draw(st.sampled_from(sorted(INPUT_FIELD)))
+    if draw(st.integers(0, 19)) == 0:
+        return path, draw(json_values)
+    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=5, unique=True))
+    if draw(st.integers(0, 9)):
+        names.append(INPUT_FIELD[path])
+    return path, {name: draw(FIELDS[name] if draw(st.integers(0, 3)) else json_values) for name in names}
+
+
+def _post_raw(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def fuzz_url(loop: LoopThread, default_workers: dict[str, WorkerProcess]) -> Iterator[str]:
+    """An HTTP API whose accepted requests generate a few tokens at most."""
+    workers = [default_workers[name] for name in MODEL_NAMES]
+    config = make_config(
+        workers, http={"enabled": True, "port": 0}, limits={"max_new_tokens": 4}, defaults={"max_new_tokens": 2}
+    )
+    running = loop.run(start_coordinator(config, [w.address for w in workers], port=0))
+    assert running.http is not None
+    yield f"http://127.0.0.1:{running.http.port}"
+    loop.run(running.stop(grace=0))
+
+
+def test_fuzzed_bodies_get_2xx_or_4xx_never_5xx(fuzz_url: str) -> None:
+    statuses: list[int] = []
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(posts())
+    def post(path_and_body: tuple[str, Any]) -> None:
+        path, body = path_and_body
+        status, reply = _post_raw(f"{fuzz_url}{path}", json.dumps(body).encode())
+        assert 200 <= status < 300 or 400 <= status < 500, (status, reply[:500])
+        if status >= 400:
+            assert json.loads(reply)["error"]["message"]
+        statuses.append(status)
+
+    post()
+    assert 200 in statuses and 400 in statuses  # the bodies reach both outcomes
+    good = {"model": "chorus", "prompt": "48+27=", "max_tokens": 4}
+    status, reply = _post(f"{fuzz_url}/v1/completions", json.dumps(good).encode())
+    assert status == 200 and reply["choices"][0]["text"] == "75", reply  # still serving
 
 
 @pytest.fixture(scope="module")

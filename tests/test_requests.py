@@ -85,21 +85,43 @@ BAD_REQUESTS = [
     ({"prompt": "1+1=", "weights": {"no-such-model": 1.0}}, "weights"),
     ({"prompt": "1+1=", "weights": {"arith-bpe": -1.0}}, "weights"),
     ({"conversations": [[{"role": "user", "content": "1"}]] * 65}, "conversations"),
+    # Over limits.max_prompt_bytes (1000 in this test's config): refused by size, before any tokenizing.
+    ({"prompt": "1+1=" * 300}, "prompt: 1200 bytes, at most 1000"),
+    ({"prompt": "1+1=", "temperature": 1e9}, "temperature: 1000000000.0 is outside [0.0, 100.0]"),
+    # Raw request bytes, as a client with its own encoder could send them. A GenerateRequest whose
+    # prompt (field 1, wire type 2: tag 0x0A) holds 2 bytes that are not UTF-8: protobuf refuses it
+    # while parsing, which gRPC would answer INTERNAL.
+    (b"\x0a\x02\xff\xfe", "UTF-8"),
+    (b"\x0a\x09\xff", "not a valid chorus.v1.GenerateRequest"),  # a length past the end
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def _raw_generate(target: str, data: bytes) -> None:
+    """Call Generate with request bytes as given (identity serializer) and read the whole stream."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_stream("/chorus.v1.Coordinator/Generate")  # no serializers: bytes as they are
+        list(call(data, timeout=30))
+
+
+@pytest.mark.parametrize(("kwargs", "field"), BAD_REQUESTS, ids=[f.split(":")[0] for _, f in BAD_REQUESTS])
 def test_bad_requests_get_invalid_argument(
-    loop: LoopThread, default_workers: dict[str, WorkerProcess], kwargs: dict[str, object], field: str
+    loop: LoopThread, default_workers: dict[str, WorkerProcess], kwargs: dict[str, object] | bytes, field: str
 ) -> None:
-    config = make_config([default_workers["arith-bpe"], default_workers["arith-sp"]])
+    config = make_config([default_workers["arith-bpe"], default_workers["arith-sp"]], limits={"max_prompt_bytes": 1000})
     with coordinator(loop, config) as target, chorus.Client(target, timeout=30) as client:
-        with pytest.raises(chorus.InvalidArgument) as caught:
-            if "conversations" in kwargs:
-                client.generate_batch(**kwargs)  # type: ignore[arg-type]
-            else:
-                client.generate(**kwargs)  # type: ignore[arg-type]
-        assert field in caught.value.details
+        if isinstance(kwargs, bytes):
+            with pytest.raises(grpc.RpcError) as raw:
+                _raw_generate(target, kwargs)
+            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw.value.details()
+            details = raw.value.details()
+        else:
+            with pytest.raises(chorus.InvalidArgument) as caught:
+                if "conversations" in kwargs:
+                    client.generate_batch(**kwargs)  # type: ignore[arg-type]
+                else:
+                    client.generate(**kwargs)  # type: ignore[arg-type]
+            details = caught.value.details
+        assert field in details
         assert client.generate(prompt="48+27=", max_new_tokens=4).text == "75"  # still serving
 
 
