@@ -1,16 +1,18 @@
-"""Train the embedded default models in ``models/``: two tiny LMs that do 2-digit addition.
+"""Train the embedded default models in ``models/``: three tiny LMs that do 2-digit addition.
 
-Both learn lines ``"{a}+{b}={a+b}"`` followed by EOS, but with different tokenizer families, so that
-a token-level ensemble of them has to bridge two vocabularies:
+All learn lines ``"{a}+{b}={a+b}"`` followed by EOS, but with different tokenizer families, so that
+a token-level ensemble of them has to bridge their vocabularies:
 
 * ``arith-bpe``: GPT-2 style byte-level BPE (multi-digit number tokens) + ``GPT2LMHeadModel``;
 * ``arith-sp``: Llama style SentencePiece BPE with byte fallback (digits split one by one, like
-  Llama's ``split_digits``; BOS prepended) + ``LlamaForCausalLM``.
+  Llama's ``split_digits``; BOS prepended) + ``LlamaForCausalLM``;
+* ``arith-uni``: T5 style SentencePiece Unigram *without* byte fallback (unknown text is ``<unk>``;
+  pieces such as ``▁12+`` or ``3+4`` cross the operator) + ``GPTNeoXForCausalLM``.
 
-Both are saved as ordinary Hugging Face directories (``AutoTokenizer`` / ``AutoModelForCausalLM``).
+All are saved as ordinary Hugging Face directories (``AutoTokenizer`` / ``AutoModelForCausalLM``).
 A fixed 10% of the (a, b) pairs is held out of training; accuracy is greedy exact match on it.
 
-    python scripts/train_default_models.py --out models [--steps N] [--seed S]
+    python scripts/train_default_models.py --out models [--steps N] [--seed S] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -52,6 +56,10 @@ SP_EXTRA_TEXT = [
     "assistant: The answer is the sum of the first and the second number.",
     "The quick brown fox jumps over the lazy dog, and then it sleeps in the sun.",
 ] * 20
+# What a reloaded tokenizer must encode and decode back unchanged (every model but arith-uni).
+ROUND_TRIP_TEXTS = ("12+35=47", "héllo 你好 🙂", "user: hi\nassistant: 3+4=7")
+# arith-uni has no byte fallback: only text made of its alphabet round-trips.
+UNIGRAM_ROUND_TRIP_TEXTS = ("12+35=47", "99+99=198", "user: hi\nassistant: 3+4=7")
 Pair = tuple[int, int]
 
 
@@ -164,6 +172,43 @@ def build_sp_tokenizer(lines: Sequence[str], merges: int) -> PreTrainedTokenizer
     )
 
 
+def build_unigram_tokenizer(lines: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """T5 style: Metaspace ("▁", prepend first) Unigram, no byte fallback (unknown text is ``<unk>``).
+
+    Words are split after "=", so a prompt ``a+b=`` is always a token prefix of its answered line; within
+    ``▁a+b=`` the pieces may cross "+" (``▁12+``, ``3+4``), unlike the other two tokenizers. ``<s>`` is BOS
+    (not added), ``</s>`` EOS = PAD.
+    """
+    unk, bos, eos = "<unk>", "<s>", "</s>"
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+            pre_tokenizers.Split("=", behavior="merged_with_previous"),
+        ]
+    )
+    scratch = Tokenizer(models.Unigram())
+    scratch.pre_tokenizer = pre_tokenizer
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[unk, bos, eos],
+        unk_token=unk,
+        initial_alphabet=["▁", "\n", *(chr(c) for c in range(33, 127))],
+        max_piece_length=4,
+        show_progress=False,
+    )
+    scratch.train_from_iterator(lines, trainer)
+    # The trainer's scores are deterministic except the tie-broken (hash-ordered) ones of the alphabet
+    # characters never seen: rounded, and ordered by score then piece, the vocabulary is reproducible.
+    trained = [(piece, round(score, 2)) for piece, score in json.loads(scratch.to_str())["model"]["vocab"]]
+    specials = [(tok, 0.0) for tok in (unk, bos, eos)]
+    pieces = sorted((ps for ps in trained if ps[0] not in {unk, bos, eos}), key=lambda ps: (-ps[1], ps[0]))
+    backend = Tokenizer(models.Unigram(specials + pieces, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    backend.add_special_tokens([unk, bos, eos])
+    return wrap_tokenizer(backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=eos)
+
+
 def _bpe_merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
@@ -204,6 +249,25 @@ def build_llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def build_gpt_neox(tokenizer: PreTrainedTokenizerFast) -> GPTNeoXForCausalLM:
+    """Parallel attention + MLP residual, LayerNorm, partial rotary embeddings: unlike GPT-2 and Llama."""
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=CONTEXT,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPTNeoXForCausalLM(config)
 
 
 def set_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -306,17 +370,23 @@ def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, pairs: 
 # --- checks, saving, driver ----------------------------------------------------------------------
 
 
-def check_round_trip(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+def check_round_trip(
+    tokenizer: PreTrainedTokenizerFast,
+    directory: Path,
+    texts: Sequence[str] = ROUND_TRIP_TEXTS,
+    byte_fallback: bool = True,
+) -> None:
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(directory)
-    for text in ("12+35=47", "héllo 你好 🙂", "user: hi\nassistant: 3+4=7"):
+    for text in texts:
         ids = loaded(text, add_special_tokens=False)["input_ids"]
         if ids != tokenizer(text, add_special_tokens=False)["input_ids"]:
             raise AssertionError(f"{directory}: reloaded tokenizer encodes {text!r} differently")
         if loaded.decode(ids) != text:
             raise AssertionError(f"{directory}: {text!r} decodes back as {loaded.decode(ids)!r}")
-    if loaded.unk_token != loaded.eos_token and loaded.unk_token_id in loaded("héllo 你好 🙂")["input_ids"]:
+    unknown = loaded("héllo 你好 🙂")["input_ids"]
+    if byte_fallback and loaded.unk_token != loaded.eos_token and loaded.unk_token_id in unknown:
         raise AssertionError(f"{directory}: byte fallback produced <unk>")
 
 
@@ -332,6 +402,8 @@ class Recipe:
     model: Callable[[PreTrainedTokenizerFast], PreTrainedModel]
     steps: int
     lr: float
+    round_trip_texts: Sequence[str] = ROUND_TRIP_TEXTS
+    byte_fallback: bool = True
 
 
 @dataclass
@@ -363,7 +435,7 @@ def run_recipe(recipe: Recipe, out: Path, seed: int, steps: int | None) -> Repor
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory, save_jinja_files=False)
-    check_round_trip(tokenizer, directory)
+    check_round_trip(tokenizer, directory, recipe.round_trip_texts, recipe.byte_fallback)
     report = Report(
         recipe.name, recipe.describe, params, len(tokenizer), n_steps, seconds, train_acc, held_acc, size_mb(directory)
     )
@@ -395,6 +467,16 @@ def recipes() -> list[Recipe]:
             steps=800,
             lr=3e-3,
         ),
+        Recipe(
+            "arith-uni",
+            "GPTNeoXForCausalLM + SentencePiece-style Unigram without byte fallback (T5 style)",
+            lambda: build_unigram_tokenizer(lines + SP_EXTRA_TEXT, vocab_size=400),
+            build_gpt_neox,
+            steps=2400,
+            lr=3e-3,
+            round_trip_texts=UNIGRAM_ROUND_TRIP_TEXTS,
+            byte_fallback=False,
+        ),
     ]
 
 
@@ -407,15 +489,18 @@ def write_readme(out: Path, reports: Sequence[Report], seed: int, command: str) 
     (out / "README.md").write_text(
         f"""# Embedded default models
 
-Two tiny causal LMs that add two numbers in 0..99: prompted with `12+35=` they answer `47` then EOS.
+Three tiny causal LMs that add two numbers in 0..99: prompted with `12+35=` they answer `47` then EOS.
 They use different tokenizer families, for token-level ensembling across vocabularies:
 
 - `arith-bpe`: GPT-2 style byte-level BPE (256 bytes + 100 merges, so most numbers are one token),
   `<|endoftext|>` is BOS = EOS = PAD and no BOS is added.
 - `arith-sp`: Llama style SentencePiece BPE with byte fallback (`<0x00>`..`<0xFF>`, Metaspace `▁`,
   `<s>` prepended, `</s>` EOS = PAD); digits are always single tokens, as in Llama.
+- `arith-uni`: T5 style SentencePiece Unigram *without* byte fallback (Metaspace `▁`, unseen characters
+  are `<unk>`, no BOS added, `</s>` EOS = PAD), in a GPT-NeoX model (parallel residual, partial rotary);
+  its pieces may cross the `+` (`▁12+` `35` `=` `47`, `▁3+4` `=` `7`), so it errs elsewhere than the others.
 
-Both are plain Hugging Face directories (`AutoTokenizer` / `AutoModelForCausalLM`, safetensors, left padding,
+All are plain Hugging Face directories (`AutoTokenizer` / `AutoModelForCausalLM`, safetensors, left padding,
 a small `chat_template`). Trained with AdamW on `a+b=sum<eos>` lines (loss on the answer and EOS), seed
 {seed}, with a fixed 10% of the (a, b) pairs held out; accuracy is greedy exact match.
 
@@ -435,7 +520,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: per recipe)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["arith-bpe", "arith-sp"], default=None)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[recipe.name for recipe in recipes()],
+        default=None,
+        help="train only these models (the others and models/README.md are left alone)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
@@ -443,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reports = [
         run_recipe(recipe, args.out, args.seed, args.steps)
         for recipe in recipes()
-        if args.only is None or recipe.name == args.only
+        if args.only is None or recipe.name in args.only
     ]
     if args.only is None:
         # The documented command names the committed folder, so a retrain elsewhere compares equal.
