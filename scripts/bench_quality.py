@@ -104,18 +104,23 @@ def _refuses_greedy(exc: chorus.ChorusError) -> bool:
 
 
 async def _run(
-    row: Row, config: EnsembleConfig, addresses: list[str], problems: list[tuple[int, int]], args: argparse.Namespace
+    row: Row,
+    config: EnsembleConfig,
+    addresses: list[str],
+    problems: list[tuple[int, int]],
+    args: argparse.Namespace,
+    sampling: bool = False,
 ) -> Row:
     running = await cluster.start_coordinator(config, addresses, port=0)
     try:
         async with chorus.AsyncClient(f"127.0.0.1:{running.port}", timeout=300) as client:
-            sampling = False
             try:
                 await client.generate(prompt="1+1=", max_new_tokens=args.max_new_tokens, temperature=0.0)  # warm-up
             except chorus.ChorusError as exc:
                 if not _refuses_greedy(exc):
                     raise
                 sampling = True
+            if sampling:
                 row.decoding = f"sampled (T={SAMPLING_TEMPERATURE:g}, seed {SAMPLING_SEED}+i)"
             gate = asyncio.Semaphore(args.concurrency)
 
@@ -157,10 +162,10 @@ async def _bench(config: EnsembleConfig, addresses: list[str], args: argparse.Na
     everything = list(range(len(names)))
     rows: list[Row] = []
 
-    async def run(row: Row, variant: EnsembleConfig, addrs: list[str]) -> Row:
+    async def run(row: Row, variant: EnsembleConfig, addrs: list[str], sampling: bool = False) -> Row:
         started = time.perf_counter()
         try:
-            await _run(row, variant, addrs, problems, args)
+            await _run(row, variant, addrs, problems, args, sampling)
         except Exception as exc:  # a failing strategy is a row, not a crash
             row.error = f"{type(exc).__name__}: {exc}"
         print(f"  {row.run}: {_cell(row.accuracy, '{:.1%}')} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -183,6 +188,12 @@ async def _bench(config: EnsembleConfig, addresses: list[str], args: argparse.Na
             rows.append(row)
             continue
         await run(row, variant, addresses)
+    if any(r.decoding != "greedy" for r in rows):
+        # Baselines for the sampled rows: the same sampling on each model alone and on GaC.
+        for i, name in enumerate(names):
+            await run(Row(f"{name} alone", "gac", [name]), _variant(config, [i], "gac", None), [addresses[i]], True)
+        label = f"gac ({len(names)} models)"
+        await run(Row(label, "gac", names), _variant(config, everything, "gac", None), addresses, True)
     return rows
 
 
