@@ -54,9 +54,12 @@ class _Step:
         self.sampling = run.request.sampling
         self.rng = rng
         self.remaining = run.request.max_new_tokens - run.usage.completion_tokens
-        self.text = bytes(run.text)
         self.alive = run.alive
         self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step
+
+    @property
+    def text(self) -> bytes:
+        return bytes(self._run.text)  # copied only for the strategies that read it
 
     async def ask(self, models: Sequence[int], top_k: int | None = None) -> dict[int, UnionDist]:
         transport = self._run.ensemble.transport
