@@ -13,10 +13,8 @@ from typing import Any
 import grpc
 import openai
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
@@ -24,7 +22,6 @@ from coordinator.cluster import WorkerProcess, start_coordinator
 from coordinator.strategies import STRATEGIES
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
 from tests.tiny_models import never_ending_llama
-from tests.tokenizer_factory import sentencepiece_byte_fallback
 
 
 @pytest.fixture(scope="module")
@@ -147,26 +144,9 @@ GAC_SEED_REQUEST = {
 }  # fmt: skip
 
 
-def _long_context_llama(path: Path) -> Path:
-    """A random tiny Llama with a 2048-token context that never picks end-of-sequence: GaC's 1024 new
-    tokens fit, and are all generated."""
-    tokenizer = sentencepiece_byte_fallback()
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # logit 0: never the largest
-    model.save_pretrained(path)
-    return path
-
-
 def test_gac_api_answers_the_gac_readme_request_unchanged(loop: LoopThread, tmp_path: Path) -> None:
-    w = worker(_long_context_llama(tmp_path / "long"), "long-context")
+    # GaC's 1024 new tokens fit a 2048-token context, and are all generated.
+    w = worker(never_ending_llama(tmp_path / "long", context=2048), "long-context")
     try:
         config = make_config([w], http={"enabled": True, "port": 0})
         running = loop.run(start_coordinator(config, [w.address], port=0))

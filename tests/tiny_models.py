@@ -22,14 +22,17 @@ def random_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def never_ending_llama(path: Path, tokenizer_source: Path) -> Path:
-    """A random tiny Llama that never picks end-of-sequence greedily: its generations run long."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+def never_ending_llama(path: Path, tokenizer_source: Path | None = None, context: int = 512) -> Path:
+    """A random tiny Llama that never picks end-of-sequence greedily: its generations run long.
+    The tokenizer is copied from tokenizer_source, or a locally trained SentencePiece one."""
+    tokenizer = (
+        sentencepiece_byte_fallback() if tokenizer_source is None else AutoTokenizer.from_pretrained(tokenizer_source)
+    )
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
