@@ -180,6 +180,13 @@ def _credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.Chan
     return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
 
+def _channel(module: Any, target: str, creds: grpc.ChannelCredentials | None) -> Any:
+    """A channel from grpc or grpc.aio: plaintext, or TLS with creds."""
+    if creds is None:
+        return module.insecure_channel(target, options=_OPTIONS)
+    return module.secure_channel(target, creds, options=_OPTIONS)
+
+
 def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -198,11 +205,7 @@ class Client:
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        creds = _credentials(tls_ca, tls_cert, tls_key)
-        if creds is None:
-            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(target, creds, options=_OPTIONS)
+        self._channel = _channel(grpc, target, _credentials(tls_ca, tls_cert, tls_key))
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._timeout = timeout
         self._metadata = _auth(token)
@@ -273,11 +276,7 @@ class AsyncClient:
         tls_cert: str | None = None,
         tls_key: str | None = None,
     ) -> None:
-        creds = _credentials(tls_ca, tls_cert, tls_key)
-        if creds is None:
-            self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(target, creds, options=_OPTIONS)
+        self._channel = _channel(grpc.aio, target, _credentials(tls_ca, tls_cert, tls_key))
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._timeout = timeout
         self._metadata = _auth(token)
