@@ -101,7 +101,8 @@ class Runtime:
         # then fails with RESOURCE_EXHAUSTED, rather than run the process out of memory.
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_wait_s = kv_wait_s
-        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+        # Only needed with a budget; a config this formula does not fit then fails at start, clearly.
+        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype) if kv_budget_bytes else 0
         self._kv_reserved = 0  # tokens being fed by passes in flight
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
@@ -330,10 +331,14 @@ class Runtime:
 def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
     """Keys and values of one token over every layer, from the model's config."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    try:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+    except AttributeError as exc:
+        raise ValueError(f"--kv-budget-mib: cannot size this model's KV cache from its config ({exc})") from exc
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:
