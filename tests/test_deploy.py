@@ -436,3 +436,18 @@ def test_helm_test_pod_command_generates_over_tls_with_client_cert_and_token(
         assert denied.returncode != 0 and "UNAUTHENTICATED" in denied.stderr.upper(), denied.stderr
     finally:
         loop.run(running.stop(grace=0))
+
+
+def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
+    docs = _render(helm, "-f", str(CHART / "ci" / "safe-values.yaml"))
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
+    assert config.strategy == "safe"
+    assert (config.safe.drafter, config.safe.draft_tokens, config.safe.ensemble, config.safe.sharpen) == (
+        "qwen-7b", 6, "unite", True)  # fmt: skip
+    assert config.drafter_index == 1 and config.unite.top_k == 12
+    bad = subprocess.run(
+        [helm, "template", "chorus", str(CHART), "-f", str(CHART / "ci" / "safe-values.yaml"),
+         "--set", "ensemble.strategy=mixture"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "strategy" in bad.stderr
