@@ -96,6 +96,7 @@ class _Step:
         started = time.perf_counter()
         drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
         if drafted is None:
+            run.check_any_alive()
             return None
         per_token = (time.perf_counter() - started) / max(1, len(drafted.pieces))
         run.slowest[model] = max(run.slowest[model], per_token)
@@ -120,14 +121,15 @@ class _Step:
         run = self._run
         if not run.alive[model]:
             return None
-        return await run.guarded(model, run.sessions[model].lookup(candidates), run.step_budget(model))
+        looked = await run.guarded(model, run.sessions[model].lookup(candidates), run.step_budget(model))
+        run.check_any_alive()
+        return looked
 
     async def _each(self, models: Sequence[int], call: Callable[[int], Awaitable[T | None]]) -> dict[int, T]:
         """call(i) for every listed model still alive, concurrently; lost ones are left out."""
         alive = [i for i in models if self._run.alive[i]]
         results = await asyncio.gather(*(call(i) for i in alive))
-        if not any(self._run.alive):
-            raise WorkerLost(f"every model's worker was lost: {', '.join(self._run.usage.lost_models)}")
+        self._run.check_any_alive()
         return {i: r for i, r in zip(alive, results, strict=True) if r is not None}
 
     def _dist(self, i: int, parts: Sequence[WirePart]) -> UnionDist:
@@ -169,6 +171,10 @@ class _Run:
         same = _shared_prefix(extra, ahead)
         self.held_len[i], self.held_extra[i] = len(self.text), b""
         return len(extra) - same, ahead[same:]
+
+    def check_any_alive(self) -> None:
+        if not any(self.alive):
+            raise WorkerLost(f"every model's worker was lost: {', '.join(self.usage.lost_models)}")
 
     def count(self, i: int, forward_passes: int, tokens_fed: int) -> None:
         usage = self.usage.models[i]

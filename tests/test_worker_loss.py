@@ -94,6 +94,25 @@ def test_degrade_goes_on_without_a_killed_worker(loop: LoopThread, pair: list[Wo
     assert 0 < result.usage.models[1].forward_passes < result.usage.models[0].forward_passes
 
 
+@pytest.mark.parametrize("strategy", ["me", "unite", "safe", "chared"])
+def test_every_strategy_degrades_without_a_killed_worker(
+    loop: LoopThread, pair: list[WorkerProcess], strategy: str
+) -> None:
+    """Drafting (me, safe), scoring (safe), lookups (unite) and kept tables (chared) survive a lost worker."""
+    sampling = {"temperature": 1.0, "seed": 3} if strategy == "me" else {}
+    with coordinator(loop, make_config(pair)) as target:
+        future = _hit_mid_generation(target, pair[1], signal.SIGKILL, on_worker_loss="degrade", strategy=strategy,
+                                     **sampling)  # fmt: skip
+        result = future.result(90)
+    # "length": max_new_tokens, or the context filling first (this random model writes odd bytes that
+    # re-tokenize into more tokens than union steps).
+    assert result.finish_reason == "length"
+    assert result.usage.lost_models == ("endless-b",)
+    survivor, victim = result.usage.models
+    assert result.usage.completion_tokens >= LONG // 2  # it went on long after the loss
+    assert victim.forward_passes < survivor.forward_passes
+
+
 def test_fail_answers_unavailable_when_a_worker_is_killed(loop: LoopThread, pair: list[WorkerProcess]) -> None:
     with coordinator(loop, make_config(pair)) as target:
         future = _hit_mid_generation(target, pair[1], signal.SIGKILL, on_worker_loss="fail")
