@@ -40,7 +40,7 @@ format: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/chorus/v1/*.proto
 
-## models: retrain the embedded default models (deterministic, about 4 minutes on 2 cores)
+## models: retrain the embedded models (deterministic, about 7 minutes on 2 quiet cores)
 models: $(STAMP)
 	$(PY) scripts/train_default_models.py --out models
 

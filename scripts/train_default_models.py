@@ -508,7 +508,7 @@ a small `chat_template`). Trained with AdamW on `a+b=sum<eos>` lines (loss on th
 |---|---|---|---|---|---|---|---|
 {rows}
 
-Regenerate (CPU, deterministic, a few minutes on 2 cores):
+Regenerate (CPU, deterministic, about 7 minutes on 2 quiet cores):
 
     {command}
 """
