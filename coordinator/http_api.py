@@ -6,6 +6,7 @@ Each request is turned into the gRPC API's GenerateRequest and validated by the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -77,13 +78,11 @@ def _openai_fields(body: Json, request: coordinator_pb2.GenerateRequest, templat
 
 def _integer(value: Any, field: str) -> int:
     """A JSON integer (or a string or whole float that is one), else a 400 naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise BadRequest(f"{field}: expected an integer, got {value!r:.40}", field)
-    try:
-        number = int(value)
-    except (ValueError, OverflowError):
-        raise BadRequest(f"{field}: expected an integer, got {value!r:.40}", field) from None
-    if isinstance(value, float) and number != value:
+    number = None
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = int(value)
+    if number is None or (isinstance(value, float) and number != value):
         raise BadRequest(f"{field}: expected an integer, got {value!r:.40}", field)
     return number
 

@@ -14,8 +14,8 @@ measured in-process. Figures:
 3. streams  aggregate tokens/s of the GaC ensemble at 1, 8 and 32 concurrent streams, with the
             sessions per forward pass each worker achieved (its Prometheus histogram).
 4. memory   worker RSS after 500 and after 5,000 short requests (concurrency 16, embedded models).
-5. strategies  thresholded tokens/s against the fraction of steps ensembled; and hooks for the
-            strategies still to land (me, safe, any other), run only when coordinator.strategies has them.
+5. strategies  thresholded tokens/s against the fraction of steps ensembled; ME / GaC at saturation;
+            SAFE / its drafter; every other strategy's single-stream ms/token / GaC.
 
 Prints a table (figure, value, target, PASS/MISS) and writes it with the details as JSON.
 """
@@ -588,17 +588,11 @@ async def figure_memory(first: int, total: int, concurrency: int = 16) -> list[F
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure 5: strategies. threshold now; hooks for me and safe (and any other) once they land
-
-
-def has_strategy(name: str) -> bool:
-    return name in STRATEGIES
+# Figure 5: strategies
 
 
 async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
     """Thresholded tokens/s (single stream, primary = the first worker) against the fraction of steps ensembled."""
-    if not has_strategy("threshold"):
-        return [Figure("threshold", "threshold", None, note="strategy not available")]
     thresholds = (0.0, 0.5, 0.9, 1.1)
     prompt = BENCH_PROMPTS[1]
     tps: dict[str, list[float]] = {"gac": [], **{str(t): [] for t in thresholds}}
@@ -626,11 +620,9 @@ async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> l
 
 async def figure_me(workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int,
                     tokens: int) -> list[Figure]:  # fmt: skip
-    """HOOK (runs once 'me' is in STRATEGIES): ME / GaC aggregate tokens/s at saturation (32 streams),
+    """ME / GaC aggregate tokens/s at saturation (32 streams),
     with 2 models (>= 1.9) and 3 models (>= 2.8), and the single-stream latency ratio.
     ME refuses greedy: both strategies sample (temperature 1, seeded) so they do the same work per token."""
-    if not has_strategy("me"):
-        return [Figure("me", "ME / GaC tokens/s at saturation", None, note="strategy 'me' not available yet")]
     sampling = {"temperature": 1.0, "seed": 1234}
     figures = []
     for members, target in ((workers, 1.9), ([*workers, await third()], 2.8)):
@@ -663,8 +655,6 @@ async def figure_safe(workers: list[Worker], third: Callable[[], Awaitable[Worke
     for two verifiers: a copy of the drafter (members that agree, SAFE's regime: what the
     generate-verify cycle itself costs) and the other random model (members that disagree on
     nearly every token: the worst case, where SAFE ensembles almost every position)."""
-    if not has_strategy("safe"):
-        return [Figure("safe", "SAFE ms/token / drafter alone", None, note="strategy 'safe' not available yet")]
     drafter = workers[0]
     figures = []
     for label, verifier in (("agreeing", await third()), ("disagreeing", workers[1])):
@@ -690,7 +680,7 @@ async def figure_safe(workers: list[Worker], third: Callable[[], Awaitable[Worke
 
 
 async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
-    """HOOK: single-stream ms/token / GaC for every strategy without a figure of its own (sampled, seeded)."""
+    """Single-stream ms/token / GaC for every strategy without a figure of its own (sampled, seeded)."""
     known = {"gac", "threshold", "me", "safe"}
     others = [s for s in STRATEGIES if s not in known]
     if not others:
