@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -31,8 +33,9 @@ from tests.cluster_helpers import ROOT, LoopThread, make_config
 
 CHART = ROOT / "deploy" / "helm" / "chorus"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml")) + sorted((ROOT / "deploy" / "helm" / "examples").glob("*.yaml"))
-# Custom resources of the Prometheus Operator and KEDA: no Kubernetes schema exists for them.
-CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
+# Custom resources of the Prometheus Operator, KEDA and the Gateway API: no Kubernetes schema
+# exists for them (the HTTPRoute's fields are asserted one by one below).
+CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/", "gateway.networking.k8s.io/")
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +147,12 @@ def test_rbac_network_policy_disruption_budgets_and_autoscaling(helm: str) -> No
     assert gpus == [1, 1, 1]
 
 
+def _set(*assignments: str) -> list[str]:
+    return [arg for assignment in assignments for arg in ("--set", assignment)]
+
+
+_ONE = ["-f", str(CHART / "ci" / "one-model-values.yaml")]
+_FLEET = ["-f", str(CHART / "ci" / "gpu-fleet-values.yaml")]
 BAD_VALUES = [
     (["--set", "ensemble.strategy=nope"], "/ensemble/strategy"),
     (["--set", "models[0].replicas=-1"], "/models/0/replicas"),
@@ -155,6 +164,49 @@ BAD_VALUES = [
     (["--set", "tls.clients.enabled=true", "--set", "http.enabled=false"], "/tls/clients/secretName"),
     (["--set", "tls.workers.enabled=true"], "/tls/workers/secretName"),
     (["--set", "auth.tokensSecret=tokens"], "http.enabled"),  # the HTTP APIs would bypass the tokens
+    # Values typed by the schema (the first three were untyped once; GiB is no Kubernetes quantity).
+    (_set("coordinator.resources.requests.cpu=lots"), "/coordinator/resources/requests/cpu"),
+    (_set("coordinator.resources.requests.memory=1GB2"), "/coordinator/resources/requests/memory"),
+    (_set("coordinator.resources.limits.memory=2GiB"), "/coordinator/resources/limits/memory"),
+    (_set("worker.hfCacheSizeLimit=100GiB"), "/worker/hfCacheSizeLimit"),
+    (_set("worker.podDisruptionBudget.maxUnavailable=half"), "/worker/podDisruptionBudget/maxUnavailable"),
+    (_set("coordinator.podAnnotations.a=1"), "/coordinator/podAnnotations/a"),  # annotations are strings
+    (_set("worker.strategy.type=BlueGreen"), "/worker/strategy/type"),
+    (_set("worker.gpuResource=gpu"), "/worker/gpuResource"),  # an extended resource has a domain
+    (_set("worker.weightsCache.accessModes[0]=ReadOnlyMany"), "/worker/weightsCache/accessModes/0"),
+    (_set("worker.extraVolumes[0].name=dshm"), "/worker/extraVolumes/0"),  # a name and no source
+    (
+        _set("coordinator.extraVolumeMounts[0].name=x", "coordinator.extraVolumeMounts[0].mountPath=rel"),
+        "/coordinator/extraVolumeMounts/0/mountPath",
+    ),
+    (_set("http.httpRoute.enabled=true"), "/http/httpRoute/parentRefs"),  # a route attached to nothing
+    ([*_ONE, *_set("models[0].tolerations[0].operator=Maybe")], "/models/0/tolerations/0/operator"),
+    # Refused by the templates, with a message naming the value.
+    (_set("http.ingress.enabled=true", "http.enabled=false"), "http.ingress.enabled"),
+    (
+        _set("http.httpRoute.enabled=true", "http.httpRoute.parentRefs[0].name=gw", "http.enabled=false"),
+        "http.httpRoute.enabled",
+    ),
+    (
+        [*_FLEET, *_set("worker.strategy.rollingUpdate.maxUnavailable=0")],
+        "worker.strategy: maxSurge and maxUnavailable cannot both be 0",
+    ),
+    (
+        [*_FLEET, *_set("models[1].strategy.rollingUpdate.maxSurge=1")],
+        "models[qwen-7b].strategy: rollingUpdate is only for type RollingUpdate",
+    ),
+    (
+        [*_FLEET, *_set("models[2].weightsCache.enabled=true")],
+        "models[mistral-7b].weightsCache.enabled: only a hub source downloads weights",
+    ),
+    (
+        [*_ONE, *_set("worker.extraVolumes[0].name=cache", "worker.extraVolumes[0].emptyDir.medium=Memory")],
+        'the volume name "cache" is the chart\'s own',
+    ),
+    (
+        _set("coordinator.extraVolumes[0].name=config", "coordinator.extraVolumes[0].emptyDir.medium=Memory"),
+        'coordinator.extraVolumes: the volume name "config"',
+    ),
 ]
 
 
@@ -451,3 +503,288 @@ def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
          "--set", "ensemble.strategy=mixture"], capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode != 0 and "strategy" in bad.stderr
+
+
+# The chart for GPU fleets: strategies, replicas under autoscalers, GPU resource names, pod
+# settings, the weights cache, Ingress / HTTPRoute, and a schema that types every value.
+FLEET_VALUES = CHART / "ci" / "gpu-fleet-values.yaml"
+ONE_MODEL = CHART / "ci" / "one-model-values.yaml"
+BOTH_AUTOSCALERS = (
+    "worker.autoscaling.enabled and keda.enabled both scale the worker Deployments: enable one of them "
+    "(a CPU HPA, or KEDA on the queue depth), not both"
+)
+
+
+def _workers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """model name -> its worker Deployment."""
+    return {
+        d["metadata"]["labels"]["chorus.dev/model"]: d
+        for d in docs
+        if d["kind"] == "Deployment" and "chorus.dev/model" in d["metadata"]["labels"]
+    }
+
+
+def _coordinator(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-coordinator"]
+    return deployment
+
+
+def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_worker_strategy_is_recreate_or_a_rolling_update_that_needs_no_spare_gpu(helm: str) -> None:
+    (default,) = _workers(_render(helm, *_values(ONE_MODEL))).values()
+    assert default["spec"]["strategy"] == {"type": "Recreate"}
+    strategies = {name: d["spec"]["strategy"] for name, d in _workers(_render(helm, *_values(FLEET_VALUES))).items()}
+    assert strategies == {
+        "llama-8b": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},  # the default
+        "qwen-7b": {"type": "Recreate"},  # models[i].strategy over worker.strategy
+        "mistral-7b": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "50%"}},
+    }
+
+
+def test_replicas_are_left_to_an_autoscaler_and_zero_is_rendered_as_zero(helm: str) -> None:
+    fleet = _render(helm, *_values(FLEET_VALUES))
+    replicas = {name: d["spec"]["replicas"] for name, d in _workers(fleet).items()}
+    assert replicas == {"llama-8b": 2, "qwen-7b": 0, "mistral-7b": 1}  # 0 parks a model; unset is 1
+    assert type(replicas["qwen-7b"]) is int
+    assert not _of_kind(fleet, "HorizontalPodAutoscaler")[1:]  # the coordinator's only
+
+    hpa = _render(helm, *_values(FLEET_VALUES), "--set", "worker.autoscaling.enabled=true")
+    for name, deployment in _workers(hpa).items():
+        assert "replicas" not in deployment["spec"], name  # an upgrade never resets the HPA's count
+    targets = sorted(h["spec"]["scaleTargetRef"]["name"] for h in _of_kind(hpa, "HorizontalPodAutoscaler"))
+    assert targets == ["chorus-coordinator", "chorus-llama-8b", "chorus-mistral-7b", "chorus-qwen-7b"]
+    assert "replicas" not in _coordinator(hpa)["spec"]
+
+    keda = _render(helm, *_values(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the queue depth
+    assert {name: "replicas" in d["spec"] for name, d in _workers(keda).items()} == {
+        "llama-70b": False, "qwen-72b": False}  # fmt: skip
+    assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in _of_kind(keda, "ScaledObject")) == [
+        "chorus-llama-70b", "chorus-qwen-72b"]  # fmt: skip
+    assert [h["metadata"]["name"] for h in _of_kind(keda, "HorizontalPodAutoscaler")] == ["chorus-coordinator"]
+
+    cpu = _render(helm, *_values(CHART / "ci" / "cpu-values.yaml"))  # worker HPAs, a fixed coordinator
+    assert all("replicas" not in d["spec"] for d in _workers(cpu).values())
+    assert _coordinator(cpu)["spec"]["replicas"] == 1
+
+
+def test_cpu_hpa_and_keda_together_are_refused(helm: str) -> None:
+    for args in (
+        ["--set", "worker.autoscaling.enabled=true", "--set", "keda.enabled=true"],
+        ["-f", str(CHART / "ci" / "gpu-values.yaml"), "--set", "worker.autoscaling.enabled=true"],
+    ):
+        out = subprocess.run([helm, "template", "chorus", str(CHART), *args], capture_output=True, text=True)
+        assert out.returncode != 0
+        assert BOTH_AUTOSCALERS in out.stderr, out.stderr
+
+
+def test_gpu_resource_name_is_configurable_per_chart_and_per_model(helm: str) -> None:
+    limits = {
+        name: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for name, d in _workers(_render(helm, *_values(FLEET_VALUES))).items()
+    }
+    assert limits == {"llama-8b": {"nvidia.com/gpu": 1, "memory": "48Gi"},  # added to the model's own limits
+                      "qwen-7b": {"nvidia.com/mig-3g.40gb": 1, "memory": "48Gi"},
+                      "mistral-7b": {"nvidia.com/gpu": 1, "memory": "48Gi"}}  # fmt: skip
+    (amd,) = _workers(_render(helm, *_values(ONE_MODEL), "--set", "worker.gpuResource=amd.com/gpu")).values()
+    assert amd["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": 1}
+
+
+CHART_WORKER_ENV = ["CHORUS_LOG_FORMAT", "HF_HOME", "XDG_CACHE_HOME"]
+CHART_WORKER_VOLUMES = ["models", "cache", "tmp"]
+
+
+def test_worker_and_coordinator_pod_settings(helm: str) -> None:
+    docs = _render(helm, *_values(FLEET_VALUES))
+    pods = {name: d["spec"]["template"] for name, d in _workers(docs).items()}
+    spec = {name: pod["spec"] for name, pod in pods.items()}
+    assert {n: s.get("runtimeClassName") for n, s in spec.items()} == {
+        "llama-8b": "nvidia", "qwen-7b": "nvidia", "mistral-7b": None}  # mistral sets "" over worker's  # fmt: skip
+    assert {n: s.get("priorityClassName") for n, s in spec.items()} == {
+        "llama-8b": "gpu-inference", "qwen-7b": "gpu-batch", "mistral-7b": "gpu-inference"}  # fmt: skip
+    evict = {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert {n: p["metadata"]["annotations"] for n, p in pods.items()} == {
+        "llama-8b": evict, "qwen-7b": {**evict, "chorus.dev/note": "MIG 3g.40gb"}, "mistral-7b": evict}  # fmt: skip
+    for name, s in spec.items():
+        (container,) = s["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert list(env)[:4] == [*CHART_WORKER_ENV, "PYTORCH_CUDA_ALLOC_CONF"], name  # worker.extraEnv
+        assert env["PYTORCH_CUDA_ALLOC_CONF"]["value"] == "expandable_segments:True"
+        volumes = {v["name"]: v for v in s["volumes"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+        assert mounts["dshm"] == {"name": "dshm", "mountPath": "/dev/shm"}
+        assert ("chat-templates" in volumes) == ("chat-templates" in mounts) == (name == "qwen-7b")
+    assert spec["llama-8b"]["containers"][0]["env"][-1]["valueFrom"]["secretKeyRef"] == {"name": "hf-token",
+                                                                                        "key": "token"}  # fmt: skip
+    assert [m for m in spec["qwen-7b"]["containers"][0]["volumeMounts"] if m["name"] == "chat-templates"] == [
+        {"name": "chat-templates", "mountPath": "/etc/chat-templates", "readOnly": True}]  # fmt: skip
+
+    coordinator = _coordinator(docs)["spec"]["template"]
+    c_spec, (c_container,) = coordinator["spec"], coordinator["spec"]["containers"]
+    assert c_spec["priorityClassName"] == "chorus-frontend" and "runtimeClassName" not in c_spec
+    annotations = coordinator["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false" and len(annotations["checksum/config"]) == 64
+    assert c_container["env"][1:] == [{"name": "TZ", "value": "UTC"}]
+    assert {"name": "extra-ca", "configMap": {"name": "corporate-ca"}} in c_spec["volumes"]
+    assert {"name": "extra-ca", "mountPath": "/etc/ssl/corporate", "readOnly": True} in c_container["volumeMounts"]
+    assert c_container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+
+    # Off by default: nothing of it is rendered.
+    plain = _render(helm, *_values(ONE_MODEL))
+    (pod,) = [d["spec"]["template"] for d in _workers(plain).values()]
+    assert "annotations" not in pod["metadata"]
+    assert not {"runtimeClassName", "priorityClassName"} & set(pod["spec"])
+    assert [e["name"] for e in pod["spec"]["containers"][0]["env"]] == CHART_WORKER_ENV
+    assert [v["name"] for v in pod["spec"]["volumes"]] == CHART_WORKER_VOLUMES
+    assert [m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]] == CHART_WORKER_VOLUMES
+    c_pod = _coordinator(plain)["spec"]["template"]
+    assert list(c_pod["metadata"]["annotations"]) == ["checksum/config"]
+    assert not {"runtimeClassName", "priorityClassName"} & set(c_pod["spec"])
+    assert [e["name"] for e in c_pod["spec"]["containers"][0]["env"]] == ["CHORUS_LOG_FORMAT"]
+    assert [v["name"] for v in c_pod["spec"]["volumes"]] == ["config", "tmp"]
+
+
+def _hf_home() -> str:
+    (line,) = [line for line in (ROOT / "Dockerfile.worker").read_text().splitlines() if "HF_HOME=" in line]
+    return line.split("HF_HOME=", 1)[1].split()[0]
+
+
+def test_weights_cache_is_a_claim_per_hub_model_mounted_on_hf_home(helm: str) -> None:
+    docs = _render(helm, *_values(FLEET_VALUES))
+    (claim,) = _of_kind(docs, "PersistentVolumeClaim")  # qwen names an existingClaim; mistral reads a pvc
+    assert claim["metadata"]["name"] == "chorus-llama-8b-weights"
+    assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "efs-sc",
+                             "resources": {"requests": {"storage": "200Gi"}}}  # fmt: skip
+    hf_home = _hf_home()
+    assert hf_home == "/cache/huggingface"
+    claims = {}
+    for name, deployment in _workers(docs).items():
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert {"name": "HF_HOME", "value": hf_home} in container["env"]
+        mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "weights-cache"]
+        volumes = [v for v in spec["volumes"] if v["name"] == "weights-cache"]
+        claims[name] = volumes[0]["persistentVolumeClaim"]["claimName"] if volumes else None
+        assert mounts == ([hf_home] if volumes else []), name
+    assert claims == {"llama-8b": "chorus-llama-8b-weights", "qwen-7b": "hf-cache-shared", "mistral-7b": None}
+
+    # A model's own `enabled: false` wins over the chart-wide true (no merge drops a false).
+    off = _render(helm, *_values(FLEET_VALUES), "--set", "models[0].weightsCache.enabled=false")
+    assert not _of_kind(off, "PersistentVolumeClaim")
+    assert all(v["name"] != "weights-cache" for v in _workers(off)["llama-8b"]["spec"]["template"]["spec"]["volumes"])
+    # storageClass "-": no class at all; keep false: `helm uninstall` removes it.
+    (bare,) = _of_kind(
+        _render(helm, *_values(FLEET_VALUES), "--set", "worker.weightsCache.storageClass=-",
+                "--set", "worker.weightsCache.keep=false", "--set", "worker.weightsCache.accessModes[0]=ReadWriteOnce"),
+        "PersistentVolumeClaim",
+    )  # fmt: skip
+    assert bare["spec"]["storageClassName"] == "" and "annotations" not in bare["metadata"]
+    assert bare["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Off by default: the hub download goes to the cache emptyDir.
+    plain = _render(helm, *_values(ONE_MODEL))
+    assert not _of_kind(plain, "PersistentVolumeClaim")
+    (pod,) = [d["spec"]["template"]["spec"] for d in _workers(plain).values()]
+    assert {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}} in pod["volumes"]
+
+
+def test_ingress_and_http_route_reach_the_coordinator_http_port(helm: str) -> None:
+    docs = _render(helm, *_values(FLEET_VALUES))
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "chorus-coordinator"]
+    (http_port,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert http_port["port"] == 8000
+    (ingress,) = _of_kind(docs, "Ingress")
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"}
+    assert ingress["spec"] == {
+        "ingressClassName": "nginx",
+        "tls": [{"secretName": "chorus-example-tls", "hosts": ["chorus.example.com"]}],
+        "rules": [{"host": "chorus.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+            "service": {"name": "chorus-coordinator", "port": {"name": "http"}}}}]}}],
+    }  # fmt: skip
+    (route,) = _of_kind(docs, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["metadata"]["namespace"] == "ml" and "annotations" not in route["metadata"]
+    assert route["spec"] == {
+        "parentRefs": [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}],
+        "hostnames": ["chorus.example.com"],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                   "backendRefs": [{"name": "chorus-coordinator", "port": http_port["port"]}],
+                   "timeouts": {"request": "600s"}}],
+    }  # fmt: skip
+
+    # No hosts: one rule for every host, no TLS, the cluster's default class.
+    (any_host,) = _of_kind(_render(helm, "--set", "http.ingress.enabled=true"), "Ingress")
+    assert any_host["spec"] == {"rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": "chorus-coordinator", "port": {"name": "http"}}}}]}}]}  # fmt: skip
+    plain = _render(helm, *_values(ONE_MODEL))
+    assert not _of_kind(plain, "Ingress") and not _of_kind(plain, "HTTPRoute")
+
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = SCHEMA["definitions"][node["$ref"].removeprefix("#/definitions/")]
+    return node
+
+
+def _children(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every value schema below node (properties, pattern properties, items, additional properties)."""
+    node = _resolve(node)
+    kids = [(f"{path}.{k}", v) for k, v in node.get("properties", {}).items()]
+    kids += [(f"{path}.<{k}>", v) for k, v in node.get("patternProperties", {}).items()]
+    kids += [(f"{path}[]", node["items"])] if isinstance(node.get("items"), dict) else []
+    extra = node.get("additionalProperties")
+    kids += [(f"{path}.*", extra)] if isinstance(extra, dict) else []
+    for child_path, child in kids:
+        yield child_path, _resolve(child)
+        yield from _children(child, child_path)
+
+
+def test_schema_types_every_value_and_closes_every_object() -> None:
+    untyped, open_objects = [], []
+    for path, node in _children(SCHEMA, ""):
+        if not {"type", "enum", "const"} & set(node):
+            untyped.append(path)
+        if "properties" in node and "additionalProperties" not in node:
+            open_objects.append(path)
+    assert untyped == [] and open_objects == []
+    assert set(SCHEMA["properties"]) <= set(yaml.safe_load((CHART / "values.yaml").read_text())) | {"global"}
+
+
+def _leaves_untyped(value: Any, node: dict[str, Any], path: str) -> Iterator[str]:
+    """The paths of values.yaml whose schema is missing, or a free-form object / array."""
+    node = _resolve(node)
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            props = node.get("properties", {})
+            patterns = [s for p, s in node.get("patternProperties", {}).items() if re.search(p, key)]
+            extra = node.get("additionalProperties")
+            schema = props.get(key) or (patterns[0] if patterns else extra if isinstance(extra, dict) else None)
+            if schema is None:
+                yield f"{path}.{key}"
+            else:
+                yield from _leaves_untyped(child, schema, f"{path}.{key}")
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(node.get("items"), dict):
+                yield f"{path}[{i}]"
+            else:
+                yield from _leaves_untyped(item, node["items"], f"{path}[{i}]")
+    elif not {"type", "enum", "const"} & set(node):
+        yield path
+
+
+def test_every_default_value_lands_on_a_typed_schema() -> None:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(_leaves_untyped(defaults, SCHEMA, "")) == []
+    quantity = SCHEMA["definitions"]["quantity"]
+    for key in ("requests.cpu", "requests.memory", "limits.memory"):  # untyped once
+        node = _resolve(SCHEMA["properties"]["coordinator"]["properties"]["resources"])
+        for part in key.split("."):
+            node = _resolve(node["properties"][part])
+        assert node == quantity, key

@@ -120,3 +120,70 @@ fsGroup: 10001
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* A model's worker Deployment name (also its PDB, HPA and ScaledObject). Argument: dict "root" "model". */}}
+{{- define "chorus.workerName" -}}
+{{- printf "%s-%s" (include "chorus.fullname" .root) .model.name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+A per-model value: the model's own when it sets the key (even to ""), else worker.<key>.
+Argument: dict "root" "model" "key"; the result is JSON {"v": value}: (include ... | fromJson).v
+*/}}
+{{- define "chorus.modelOrWorker" -}}
+{{- dict "v" (ternary (get .model .key) (get .root.Values.worker .key) (hasKey .model .key)) | toJson -}}
+{{- end -}}
+
+{{/*
+A model's Deployment strategy (YAML): models[i].strategy, else worker.strategy; a RollingUpdate
+defaults to maxSurge 0 / maxUnavailable 1 (one pod down at a time, never a spare GPU).
+Argument: dict "root" "model".
+*/}}
+{{- define "chorus.workerStrategy" -}}
+{{- $where := ternary (printf "models[%s].strategy" .model.name) "worker.strategy" (hasKey .model "strategy") -}}
+{{- $s := (include "chorus.modelOrWorker" (merge (dict "key" "strategy") .) | fromJson).v -}}
+type: {{ $s.type }}
+{{- if eq $s.type "RollingUpdate" }}
+{{- $ru := default dict $s.rollingUpdate }}
+{{- $surge := ternary $ru.maxSurge 0 (hasKey $ru "maxSurge") }}
+{{- $unavailable := ternary $ru.maxUnavailable 1 (hasKey $ru "maxUnavailable") }}
+{{- if and (has (toString $surge) (list "0" "0%")) (has (toString $unavailable) (list "0" "0%")) }}
+{{- fail (printf "%s: maxSurge and maxUnavailable cannot both be 0 (the rollout could never proceed)" $where) }}
+{{- end }}
+rollingUpdate:
+  maxSurge: {{ $surge | toJson }}
+  maxUnavailable: {{ $unavailable | toJson }}
+{{- else if $s.rollingUpdate }}
+{{- fail (printf "%s: rollingUpdate is only for type RollingUpdate (type is %s)" $where $s.type) }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A model's weights cache (YAML: worker.weightsCache with models[i].weightsCache's keys over it, plus
+claimName). Only hub models download weights, so only they get one; pvc and hostPath weights are
+read in place. Argument: dict "root" "model".
+*/}}
+{{- define "chorus.weightsCache" -}}
+{{- $c := deepCopy .root.Values.worker.weightsCache -}}
+{{- $own := default dict .model.weightsCache -}}
+{{- range $k, $v := $own }}{{ $_ := set $c $k $v }}{{ end -}}
+{{- if and $own.enabled (not .model.source.hub) -}}
+{{- fail (printf "models[%s].weightsCache.enabled: only a hub source downloads weights; pvc and hostPath weights are read in place" .model.name) -}}
+{{- end -}}
+{{- $_ := set $c "enabled" (and $c.enabled (hasKey .model.source "hub")) -}}
+{{- $claim := $c.existingClaim -}}
+{{- if not $claim -}}
+{{- $claim = printf "%s-weights" (include "chorus.workerName" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+{{- $_ := set $c "claimName" $claim -}}
+{{- toYaml $c -}}
+{{- end -}}
+
+{{/* Fails when an extra volume takes a name the chart uses. Argument: dict "volumes" "reserved" "where". */}}
+{{- define "chorus.checkVolumeNames" -}}
+{{- range .volumes -}}
+{{- if has .name $.reserved -}}
+{{- fail (printf "%s: the volume name %q is the chart's own (%s are taken)" $.where .name (join ", " $.reserved)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
