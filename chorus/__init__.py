@@ -1,6 +1,18 @@
 """Chorus: token-level ensembles of LLMs. This package is the client SDK (no torch needed)."""
 
-from chorus.client import AsyncClient, Client, EnsembleInfo, ModelInfo, ModelUsage, Result, Usage
+from chorus.client import (
+    DEFAULT_TIMEOUT,
+    AsyncClient,
+    AsyncStream,
+    Client,
+    EnsembleInfo,
+    ModelInfo,
+    ModelUsage,
+    Result,
+    RetryPolicy,
+    Stream,
+    Usage,
+)
 from chorus.errors import (
     Cancelled,
     ChorusError,
@@ -12,7 +24,9 @@ from chorus.errors import (
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "AsyncClient",
+    "AsyncStream",
     "Cancelled",
     "ChorusError",
     "Client",
@@ -23,6 +37,8 @@ __all__ = [
     "ModelUsage",
     "ResourceExhausted",
     "Result",
+    "RetryPolicy",
+    "Stream",
     "Unauthenticated",
     "Unavailable",
     "Usage",

@@ -115,6 +115,12 @@ class Server(_Section):
     tls_key: str | None = None
     client_ca: str | None = None  # clients must then present a certificate this CA signed
     tokens_file: str | None = None  # bearer tokens clients must send, one per line
+    # Seconds after which a client connection is sent GOAWAY, so clients reconnect and re-resolve:
+    # long-lived clients spread over coordinator replicas (chorus.serving.DEFAULT_MAX_CONNECTION_AGE_S).
+    # null = connections live as long as clients keep them.
+    max_connection_age_s: float | None = Field(300.0, gt=0, le=2_000_000)
+    # How long calls in flight may go on after that; null = until they end (generations are never cut).
+    max_connection_age_grace_s: float | None = Field(None, gt=0, le=2_000_000)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Server:

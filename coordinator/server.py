@@ -22,6 +22,11 @@ from coordinator.generation import WorkerLost, generate_many
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+# The wait a client should leave before retrying a refusal (at capacity, or a model with no ready
+# worker), as trailing metadata: `retry-after` in seconds (what the chorus SDK reads, as HTTP's
+# Retry-After), and gRPC's own `grpc-retry-pushback-ms` (what gRPC's retry policies read).
+RETRY_AFTER_S = 1
+RETRY_AFTER = (("retry-after", str(RETRY_AFTER_S)), ("grpc-retry-pushback-ms", str(RETRY_AFTER_S * 1000)))
 
 
 class Undecodable:
@@ -93,8 +98,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 async for index, event in events:
                     yield convert.event_to_proto(index, event)
         except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (Draining, NotReady, WorkerLost) as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailing_metadata=RETRY_AFTER)
+        except NotReady as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=RETRY_AFTER)
+        except (Draining, WorkerLost) as exc:  # retry on another coordinator / with other workers: no wait
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -127,6 +134,8 @@ class CoordinatorServer:
             lambda server: add_coordinator_to_server(self.service, server),
             tls=tls,
             tokens=tokens,
+            max_connection_age_s=settings.max_connection_age_s,
+            max_connection_age_grace_s=settings.max_connection_age_grace_s,
         )
         self.port = self.grpc.port
 

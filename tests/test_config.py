@@ -10,6 +10,7 @@ import pydantic
 import pytest
 import yaml
 
+from chorus.serving import DEFAULT_MAX_CONNECTION_AGE_S
 from coordinator.config import (
     DEFAULT_CONFIG_PATH,
     STRATEGIES,
@@ -454,6 +455,36 @@ def test_mistakes_are_reported(data: dict[str, Any], expected: list[str]) -> Non
     for fragment in expected:
         assert fragment in message, message
     assert message.count("\n") + 1 == len(info.value.problems)
+
+
+def test_server_connection_age() -> None:
+    """Client connections are aged out (GOAWAY) after server.max_connection_age_s, so they spread."""
+    default = load_config({"models": two()}).server
+    assert (default.max_connection_age_s, default.max_connection_age_grace_s) == (300.0, None)
+    assert default.max_connection_age_s == DEFAULT_MAX_CONNECTION_AGE_S  # the config says what servers do
+    server = load_config({"server": {"max_connection_age_s": 60, "max_connection_age_grace_s": 7.5}, "models": two()})
+    assert (server.server.max_connection_age_s, server.server.max_connection_age_grace_s) == (60.0, 7.5)
+    never = load_config({"server": {"max_connection_age_s": None}, "models": two()}).server
+    assert never.max_connection_age_s is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"max_connection_age_s": 0}, "server.max_connection_age_s: must be greater than 0 (got 0)"),
+        ({"max_connection_age_s": -5}, "server.max_connection_age_s: must be greater than 0"),
+        ({"max_connection_age_s": "5m"}, "server.max_connection_age_s: expected a number (got '5m')"),
+        ({"max_connection_age_s": True}, "server.max_connection_age_s: expected a number"),
+        ({"max_connection_age_s": 1e12}, "server.max_connection_age_s: must be less than or equal to 2000000"),
+        ({"max_connection_age_grace_s": 0}, "server.max_connection_age_grace_s: must be greater than 0"),
+        ({"max_connection_age_grace_s": "forever"}, "server.max_connection_age_grace_s: expected a number"),
+        ({"max_connection_age": 300}, "server.max_connection_age: unknown key"),
+    ],
+)
+def test_server_connection_age_mistakes(settings: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"server": settings, "models": two()})
+    assert expected in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize(
