@@ -3,14 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions and hashes of everything .[worker,dev] needs (CPU torch); `make lock` writes it.
+LOCK := requirements/lock.txt
 
-.PHONY: run up test lint checkov format protos models check-models load-test bench-quality bench clean
+.PHONY: run up test lint lock checkov format protos models check-models load-test bench-quality bench clean
 
-$(STAMP): pyproject.toml
+# The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
+# (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[worker,dev]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+## lock: refresh requirements/*.txt from pyproject.toml with uv (keeps pins; UPGRADE=1 moves them all)
+lock:
+	bash scripts/lock.sh
 
 ## run: start a local cluster on the embedded default, answer checkable prompts, then stop
 run: $(STAMP)
