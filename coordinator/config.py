@@ -198,8 +198,9 @@ class ModelSpec(_Section):
     priority: Literal["primary", "supportive"] = "supportive"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["none", "8bit", "4bit"] = "none"  # GaC key; needs CUDA
+    quantization: Literal["none", "8bit", "4bit"] = "none"  # GaC key; the worker needs CUDA and bitsandbytes
     max_memory: dict[int | str, int | str] | None = None  # accelerate format
+    max_model_len: int = Field(0, ge=0)  # tokens a session may hold, prompt included; 0 = the model's context
     num_gpus: float | None = Field(None, ge=0)  # GaC key; informational
 
     @model_validator(mode="before")

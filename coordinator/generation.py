@@ -19,10 +19,12 @@ from coordinator.strategies import STRATEGIES, Drafted
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage, WirePart
 from coordinator.union_dist import ExtraIds, UnionDist, from_parts, mix
 from coordinator.union_vocab import END
-from coordinator.workers import ModelSession, Transport
+from coordinator.workers import ModelSession, Transport, WorkerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Seconds a health check of a worker that is slow to answer a step may take before it counts as lost.
+HEALTH_TIMEOUT = 2.0
 
 
 class ContextExhausted(Exception):
@@ -30,12 +32,17 @@ class ContextExhausted(Exception):
 
 
 class WorkerLost(Exception):
-    """A member's worker died or hung, and the request's policy is 'fail' (or no model is left)."""
+    """A member's worker died, hung or shut down, and the request's policy is 'fail' (or no model is left)."""
 
 
-# Codes that mean the worker itself failed (died, restarted, crashed), not the request.
-_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-               grpc.StatusCode.INTERNAL}  # fmt: skip
+class WorkerFailed(Exception):
+    """A member's worker raised on this request (INTERNAL): the request fails, the worker serves on."""
+
+
+# Codes that mean the worker itself is gone (died, restarted, shutting down), not that the request failed.
+_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+# Codes of a worker that answered with an error of its own (an exception while serving the request).
+_FAILED_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
 class _Step:
@@ -61,22 +68,23 @@ class _Step:
     def text(self) -> bytes:
         return bytes(self._run.text)  # copied only for the strategies that read it
 
-    async def ask(self, models: Sequence[int], top_k: int | None = None) -> dict[int, UnionDist]:
+    async def ask(self, models: Sequence[int], top_k: int | None = None, partial: bool = False) -> dict[int, UnionDist]:
         transport = self._run.ensemble.transport
         if top_k is not None:
             transport = Transport(top_k=top_k, half=transport.half)
-        answers = await self._each(models, lambda i: self._ask_one(i, transport))
+        answers = await self._each(models, lambda i: self._ask_one(i, transport, partial))
         self.answers.update(answers)
         return answers
 
     def top_choices(self) -> dict[int, int]:
         return {i: d.top() for i, d in self.answers.items() if d.uids.size}
 
-    async def _ask_one(self, i: int, transport: Transport) -> UnionDist | None:
+    async def _ask_one(self, i: int, transport: Transport, partial: bool) -> UnionDist | None:
         run = self._run
-        rollback, append = run.sync(i)
+        rollback, append, foreign = run.sync(i)
         started = time.perf_counter()
-        step = await run.guarded(i, run.sessions[i].step(append, transport, rollback), run.step_budget(i))
+        call = run.sessions[i].step(append, transport, rollback, partial or foreign)
+        step = await run.guarded(i, call, run.step_budget(i))
         if step is None:
             return None
         run.slowest[i] = max(run.slowest[i], time.perf_counter() - started)
@@ -89,10 +97,11 @@ class _Step:
         run = self._run
         if not run.alive[model]:
             return None
-        rollback, append = run.sync(model)
+        rollback, append, foreign = run.sync(model)
         ahead = b"".join(after)  # speculative: text assumed to follow what is committed
         seed = int(self.rng.integers(2**63))
-        call = run.sessions[model].draft(append + ahead, rollback, max_tokens, self.sampling, seed, report_top_k)
+        call = run.sessions[model].draft(append + ahead, rollback, max_tokens, self.sampling, seed, report_top_k,
+                                         foreign or bool(ahead))  # fmt: skip
         started = time.perf_counter()
         drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
         if drafted is None:
@@ -109,8 +118,9 @@ class _Step:
 
     async def _score_one(self, i: int, pieces: list[bytes], top_k: int) -> list[UnionDist | None] | None:
         run = self._run
-        rollback, append = run.sync(i)
-        scored = await run.guarded(i, run.sessions[i].score(append, rollback, pieces, top_k), 2 * run.step_budget(i))
+        rollback, append, foreign = run.sync(i)
+        call = run.sessions[i].score(append, rollback, pieces, top_k, foreign)
+        scored = await run.guarded(i, call, 2 * run.step_budget(i))
         if scored is None:
             return None
         run.count(i, scored.forward_passes, scored.tokens_fed)
@@ -149,10 +159,13 @@ class _Step:
 
 
 class _Run:
-    def __init__(self, ensemble: Ensemble, request: GenerationRequest, sessions: list[ModelSession]) -> None:
+    def __init__(
+        self, ensemble: Ensemble, request: GenerationRequest, sessions: list[ModelSession], clients: list[WorkerClient]
+    ) -> None:
         self.ensemble = ensemble
         self.request = request
         self.sessions = sessions
+        self.clients = clients
         assert ensemble.union is not None  # checked ready before the run
         self.extras = ExtraIds(ensemble.union)
         self.text = bytearray()  # generated so far
@@ -160,17 +173,36 @@ class _Run:
         # pieces not, or not yet, accepted); the next call rolls back what differs from text.
         self.held_len = [0] * len(sessions)
         self.held_extra = [b""] * len(sessions)
+        # Per model: every piece committed since its last sync was (also) written by it. Text written by
+        # others is sent as `partial`: re-tokenized canonically by that model, its last token healed.
+        self.authored = [True] * len(sessions)
         self.usage = Usage(models=[ModelUsage(m.spec.name) for m in ensemble.members])
         self.alive = [True] * len(sessions)
         self.slowest = [0.0] * len(sessions)  # seconds, per model; 0 = no step answered yet
 
-    def sync(self, i: int) -> tuple[int, bytes]:
-        """(bytes to roll back, bytes to append) that bring model i's session to the text."""
+    def sync(self, i: int) -> tuple[int, bytes, bool]:
+        """(bytes to roll back, bytes to append, whether others wrote them) that bring model i's session
+        to the text."""
         ahead = bytes(self.text[self.held_len[i] :])
         extra = self.held_extra[i]
         same = _shared_prefix(extra, ahead)
         self.held_len[i], self.held_extra[i] = len(self.text), b""
-        return len(extra) - same, ahead[same:]
+        foreign, self.authored[i] = not self.authored[i], True
+        return len(extra) - same, ahead[same:], foreign
+
+    def written(self, drafted: bool, answers: Mapping[int, UnionDist], dist: UnionDist | None, uid: int) -> None:
+        """Record who wrote this step's text. Drafted pieces: the model that drew them, which holds them
+        already. A drawn entry: each model whose own distribution gave it at least half the probability
+        the decision gave it (a model alone, or ensembled with itself, always; one that was outvoted, or
+        not asked, not)."""
+        if drafted:
+            self.authored = [False] * len(self.authored)
+        if dist is None or uid < 0:
+            return
+        needed = 0.5 * _share(dist, uid)
+        for i in range(len(self.authored)):
+            mine = answers.get(i)
+            self.authored[i] = self.authored[i] and mine is not None and _share(mine, uid) >= needed
 
     def check_any_alive(self) -> None:
         if not any(self.alive):
@@ -182,24 +214,42 @@ class _Run:
         usage.tokens_fed += tokens_fed
 
     def step_budget(self, i: int) -> float:
-        """How long model i may take: long for its first step (the prefill), short after."""
+        """How long model i may take before its worker's health is checked: long for its first step (the
+        prefill), short after."""
         if self.slowest[i] == 0.0:
             return self.request.first_step_timeout
         return max(self.request.step_timeout, 4 * self.slowest[i])
 
     async def guarded(self, i: int, call: Awaitable[T], budget: float) -> T | None:
-        """Run a call to model i's worker; None if the worker was lost and the policy is degrade."""
+        """Run a call to model i's worker; None if the worker was lost and the policy is degrade.
+        Past the budget the worker's liveness is checked: one that answers is busy (its queue, or other
+        sessions' prefills), not lost, and is waited for; one that does not answer is lost. The request's
+        own deadline still bounds the wait."""
         name = self.ensemble.members[i].spec.name
+        task = asyncio.ensure_future(call)
+        waited = 0.0
         try:
-            return await asyncio.wait_for(call, budget)
-        except TimeoutError:
-            reason = f"no answer within {budget:.1f} s"
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=budget)
+                if done:
+                    return task.result()
+                waited += budget
+                if not await self.clients[i].alive(timeout=HEALTH_TIMEOUT):
+                    reason = f"no answer within {waited:.1f} s, and none to a health check"
+                    break
+                log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
+                         extra={"request_id": self.request.request_id})  # fmt: skip
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
                 raise ContextExhausted(exc.details()) from exc
+            if exc.code() in _FAILED_CODES:
+                raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
             if exc.code() not in _LOST_CODES:
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
+        finally:
+            if not task.done():
+                task.cancel()
         self.sessions[i].cancel()
         if self.request.on_worker_loss != "degrade":
             raise WorkerLost(f"the worker of model {name!r} was lost ({reason})")
@@ -226,7 +276,7 @@ async def generate(
             await m.release(replica)
         raise
     sessions = [replica.client.session(timeout) for _, replica in placed]
-    run = _Run(ensemble, request, sessions)
+    run = _Run(ensemble, request, sessions, [replica.client for _, replica in placed])
     measure = RequestMetrics(request.strategy, [m.spec.name for m in ensemble.members])
     rng = np.random.default_rng(request.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -253,6 +303,7 @@ async def generate(
                 raise RuntimeError(f"strategy {strategy.name!r} decided nothing")
             for _piece in chosen:
                 measure.step(False, {}, -1)
+            uid = -1
             if decision.dist is not None and not end:
                 uid = choose(decision.dist, request.sampling, rng)
                 measure.step(decision.ensembled, step.top_choices(), uid)
@@ -261,6 +312,7 @@ async def generate(
                     end = True
                 else:
                     chosen.append(step.extras.bytes_of(uid))
+            run.written(bool(decision.pieces), step.answers, decision.dist, uid)
             for piece in chosen[: request.max_new_tokens - run.usage.completion_tokens]:
                 run.usage.steps += 1
                 run.usage.completion_tokens += 1
@@ -297,6 +349,14 @@ async def generate(
             s.cancel()
         for m, replica in placed:
             await m.release(replica)
+
+
+def _share(dist: UnionDist, uid: int) -> float:
+    """The probability dist gives uid, normalised."""
+    at = int(np.searchsorted(dist.uids, uid))
+    if at >= dist.uids.size or dist.uids[at] != uid:
+        return 0.0
+    return float(dist.probs[at] / dist.probs.sum())
 
 
 def _shared_prefix(a: bytes, b: bytes) -> int:

@@ -21,7 +21,7 @@ from chorus.v1 import common_pb2, coordinator_pb2
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady
-from coordinator.generation import WorkerLost, generate_many
+from coordinator.generation import WorkerFailed, WorkerLost, generate_many
 from coordinator.types import Finished, GenerationRequest, TextPiece
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class HttpApi:
             return _error(429, str(exc), "rate_limit_error", retry_after=1)
         except (Draining, NotReady, WorkerLost) as exc:
             return _error(503, str(exc), "service_unavailable", retry_after=1)
+        except WorkerFailed as exc:
+            return _error(500, str(exc), "server_error")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 return _error(400, exc.details() or "invalid request", "invalid_request_error")

@@ -17,7 +17,7 @@ from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady
-from coordinator.generation import WorkerLost, generate_many
+from coordinator.generation import WorkerFailed, WorkerLost, generate_many
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=RETRY_AFTER)
         except (Draining, WorkerLost) as exc:  # retry on another coordinator / with other workers: no wait
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except WorkerFailed as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from chorus.security import TlsFiles
-from chorus.serving import MESSAGE_OPTIONS
+from chorus.serving import LIVENESS, MESSAGE_OPTIONS
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.types import ModelDraft, ModelScore, ModelStep, Prompt, SamplingParams, WirePart, WorkerInfo
 from coordinator.union_vocab import ModelVocab
@@ -66,6 +66,16 @@ class WorkerClient:
                     raise
             await asyncio.sleep(0.2)
 
+    async def alive(self, timeout: float) -> bool:
+        """Whether the worker process answers its liveness check within timeout: a busy one does (its event
+        loop is free while the model computes), and so does a draining one; a dead or frozen one does not."""
+        request = health_pb2.HealthCheckRequest(service=LIVENESS)
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(request, timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     async def info(self, timeout: float = 30.0) -> WorkerInfo:
         info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
         return WorkerInfo(
@@ -112,20 +122,21 @@ class ModelSession:
         self._call = call
 
     async def open(self, prompt: Prompt, request_id: str) -> int:
-        await self._call.write(worker_pb2.SessionRequest(open=_prompt_to_proto(prompt, request_id)))
+        await self._write(worker_pb2.SessionRequest(open=_prompt_to_proto(prompt, request_id)))
         response = await self._read()
         return response.opened.prompt_tokens
 
     # Every call that moves the text drops `rollback` bytes the worker holds, then appends `append`.
 
-    async def step(self, append: bytes, transport: Transport, rollback: int = 0) -> ModelStep:
+    async def step(self, append: bytes, transport: Transport, rollback: int = 0, partial: bool = False) -> ModelStep:
         if transport.top_k:
             step = worker_pb2.SessionStep(append=append, format=worker_pb2.TOP_K, top_k=transport.top_k)
         else:
             fmt = worker_pb2.FULL_FP16 if transport.half else worker_pb2.FULL_FP32
             step = worker_pb2.SessionStep(append=append, format=fmt)
         step.rollback = rollback
-        await self._call.write(worker_pb2.SessionRequest(step=step))
+        step.partial = partial
+        await self._write(worker_pb2.SessionRequest(step=step))
         result = (await self._read()).step
         return ModelStep(
             parts=[_part_from_proto(p) for p in result.parts],
@@ -134,15 +145,23 @@ class ModelSession:
         )
 
     async def draft(
-        self, append: bytes, rollback: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int
+        self,
+        append: bytes,
+        rollback: int,
+        max_tokens: int,
+        sampling: SamplingParams,
+        seed: int,
+        report_top_k: int,
+        partial: bool = False,
     ) -> ModelDraft:
         params = worker_pb2.Sampling(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed
         )
         draft = worker_pb2.SessionDraft(
-            append=append, rollback=rollback, max_tokens=max_tokens, sampling=params, report_top_k=report_top_k
-        )
-        await self._call.write(worker_pb2.SessionRequest(draft=draft))
+            append=append, rollback=rollback, max_tokens=max_tokens, sampling=params, report_top_k=report_top_k,
+            partial=partial,
+        )  # fmt: skip
+        await self._write(worker_pb2.SessionRequest(draft=draft))
         result = (await self._read()).draft
         return ModelDraft(
             pieces=list(result.pieces),
@@ -152,9 +171,11 @@ class ModelSession:
             forward_passes=result.forward_passes,
         )
 
-    async def score(self, append: bytes, rollback: int, pieces: list[bytes], top_k: int) -> ModelScore:
-        score = worker_pb2.SessionScore(append=append, rollback=rollback, pieces=pieces, top_k=top_k)
-        await self._call.write(worker_pb2.SessionRequest(score=score))
+    async def score(
+        self, append: bytes, rollback: int, pieces: list[bytes], top_k: int, partial: bool = False
+    ) -> ModelScore:
+        score = worker_pb2.SessionScore(append=append, rollback=rollback, pieces=pieces, top_k=top_k, partial=partial)
+        await self._write(worker_pb2.SessionRequest(score=score))
         result = (await self._read()).score
         return ModelScore(
             positions=[[_part_from_proto(p) for p in d.parts] if d.boundary else None for d in result.positions],
@@ -163,11 +184,24 @@ class ModelSession:
         )
 
     async def lookup(self, candidates: list[bytes]) -> np.ndarray:
-        await self._call.write(worker_pb2.SessionRequest(lookup=worker_pb2.SessionLookup(candidates=candidates)))
+        await self._write(worker_pb2.SessionRequest(lookup=worker_pb2.SessionLookup(candidates=candidates)))
         return np.array((await self._read()).lookup.logprobs, dtype=np.float64)
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    async def _write(self, request: worker_pb2.SessionRequest) -> None:
+        """Send one message; if the worker already ended the stream, raise its status (gRPC may report a
+        write after the end as INTERNAL "Internal error from Core", hiding the worker's own answer)."""
+        try:
+            await self._call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            code = await asyncio.wait_for(self._call.code(), 5.0)
+            if code == grpc.StatusCode.OK or (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code):
+                raise
+            details = await self._call.details()
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(code, metadata, metadata, details) from exc
 
     async def _read(self) -> worker_pb2.SessionResponse:
         response = await self._call.read()

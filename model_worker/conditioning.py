@@ -1,18 +1,37 @@
-"""What a model conditions on: its own canonical tokenization of the text, with token healing.
+"""What a model conditions on: its own tokens, and the committed bytes after them (DESIGN.md).
 
-The committed text may end inside one of the model's tokens (another model chose the bytes).
-Then the model's distribution over the next *bytes* is exact when written as two parts
-(DESIGN.md): tokens that extend the partial last token b, scored before b, and — weighted by
-P(b) — the ordinary next-token distribution after b.
+The rules, in order:
+- the prompt is tokenized canonically, once; generation starts at a token boundary after it (the
+  prompt's last token is never healed);
+- a committed piece that is one of the model's own tokens at its boundary is appended as that token:
+  the text is then at the model's boundary again, and no extension mass is added;
+- other committed text (other models' pieces) forms the *tail*: it is tokenized canonically in
+  context (only the tail, so the cost of a step does not grow with the text), and its last token may
+  be extended by what comes next (token healing, exact: see distribution.py). A trailing incomplete
+  UTF-8 character stays pending bytes: the next token must start with them; it is never spelt with
+  single-byte tokens while some token of the model extends it;
+- the tail's complete words are settled (appended to the model's tokens): tokenizers do not merge
+  across the whitespace that starts a word, so only the last word can still change. A tail without
+  whitespace (CJK, long identifiers) keeps its last KEEP_OPEN tokens open once it passes MAX_OPEN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+# A tail of more than MAX_OPEN tokens without a word start keeps its last KEEP_OPEN tokens open.
+MAX_OPEN = 32
+KEEP_OPEN = 8
+_WORD_START = b" \t\n\r"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Bytes of the tokens before the tail that are re-encoded with it, as its left context.
+ANCHOR_TOKENS = 4
 
 
 def split_utf8(data: bytes) -> tuple[bytes, bytes]:
@@ -32,7 +51,7 @@ class Plan:
     """Tokens to condition on and how to read the distribution after them."""
 
     ids: list[int]
-    # Committed bytes after the last complete character: every next token must start with them.
+    # Committed bytes after the last token: every next token must start with them.
     pending: bytes
     # bytes(last token) + pending, when the last token may be extended (token healing).
     heal_prefix: bytes | None
@@ -42,6 +61,43 @@ class Plan:
         """Positions whose output distribution the step needs."""
         n = len(self.ids)
         return (n - 2, n - 1) if self.heal_prefix is not None else (n - 1,)
+
+    @property
+    def at_boundary(self) -> bool:
+        """The text ends where one of the model's tokens ends."""
+        return not self.pending
+
+
+@dataclass
+class TextState:
+    """One session's text as its model sees it."""
+
+    fixed: list[int]  # the prompt's tokens, then the settled tokens of the generated text
+    prompt_len: int
+    generated: bytearray = field(default_factory=bytearray)  # every committed byte after the prompt
+    ends: list[int] = field(default_factory=list)  # where each settled generated token ends in `generated`
+    _tail_cache: tuple[bytes, list[int], list[int]] | None = None
+
+    @property
+    def settled(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    @property
+    def tail(self) -> bytes:
+        return bytes(self.generated[self.settled :])
+
+    def copy(self) -> TextState:
+        return TextState(list(self.fixed), self.prompt_len, bytearray(self.generated), list(self.ends),
+                         self._tail_cache)  # fmt: skip
+
+    def settle(self, ids: list[int], lengths: list[int]) -> None:
+        """Append tokens standing for the next sum(lengths) bytes of the tail."""
+        at = self.settled
+        for i, n in zip(ids, lengths, strict=True):
+            at += n
+            self.fixed.append(i)
+            self.ends.append(at)
+        self._tail_cache = None
 
 
 class PrefixIndex:
@@ -76,10 +132,19 @@ def _successor(prefix: bytes) -> bytes | None:
 
 
 class Conditioner:
-    """Turns prompt + committed bytes into a Plan for one model's tokenizer."""
+    """One model's rules for turning committed bytes into its own tokens."""
 
-    def __init__(self, tokenizer: Any, tokens: list[bytes], special: list[bool]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        tokens: list[bytes],
+        special: list[bool],
+        settle: bool = True,
+        anchor_tokens: int = ANCHOR_TOKENS,
+    ) -> None:
         self._tokenizer = tokenizer
+        self.settles = settle  # False: the whole tail stays open (a slow reference for tests)
+        self.anchor_tokens = anchor_tokens
         self._tokens = tokens
         self._special = special
         self.index = PrefixIndex(tokens, special)
@@ -87,6 +152,17 @@ class Conditioner:
         for i, b in enumerate(tokens):
             if b and not special[i]:
                 self.ids_by_bytes.setdefault(b, []).append(i)
+        for data, ids in self.ids_by_bytes.items():
+            if len(ids) > 1:  # say a byte-fallback token and a piece: the one the tokenizer writes goes first,
+                written: list[int] = []  # then pieces before byte-fallback tokens
+                with contextlib.suppress(UnicodeDecodeError):
+                    written = self.encode(data.decode("utf-8"), add_special_tokens=False)
+                pieces = tokenizer.convert_ids_to_tokens(ids)
+                rank = {
+                    i: (written != [i], bool(_BYTE_PIECE.fullmatch(p or ""))) for i, p in zip(ids, pieces, strict=True)
+                }
+                ids.sort(key=rank.__getitem__)
+        self._longest = max((len(b) for b in self.ids_by_bytes), default=1)
         self._byte_ids: dict[int, int] = {}
         for i, b in enumerate(tokens):
             if len(b) == 1 and not special[i]:
@@ -95,23 +171,150 @@ class Conditioner:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def plan(self, prompt: str, add_special_tokens: bool, generated: bytes) -> Plan:
-        valid, pending = split_utf8(generated)
-        # Invalid UTF-8 inside committed text cannot be tokenized as text; it is replaced.
-        text = prompt + valid.decode("utf-8", errors="replace")
-        text_bytes = text.encode("utf-8") + pending
-        ids = self.encode(text, add_special_tokens)
-        if pending and all(b in self._byte_ids for b in pending):
-            # A split character is spelled with single-byte tokens (byte-level BPE, byte fallback).
-            ids += [self._byte_ids[b] for b in pending]
-            pending = b""
+    def start(self, prompt: str, add_special_tokens: bool) -> TextState:
+        ids = self.encode(prompt, add_special_tokens)
+        return TextState(fixed=ids, prompt_len=len(ids))
+
+    # -- moving the text ----------------------------------------------------------------------
+
+    def commit(self, state: TextState, piece: bytes, boundary_row: Any = None, partial: bool = False) -> None:
+        """Append committed bytes. At the model's boundary, a piece that is one of its tokens is that token
+        (of several with the same bytes, the likeliest under boundary_row, the logits after the boundary,
+        else the one the tokenizer writes),
+        unless `partial`: the piece may end inside a token, so it joins the tail and stays open."""
+        if not piece:
+            return
+        ids = self.ids_by_bytes.get(piece) if not state.tail and not partial else None
+        state.generated += piece
+        state._tail_cache = None
+        if ids:
+            best = ids[0] if boundary_row is None or len(ids) == 1 else max(ids, key=lambda i: float(boundary_row[i]))
+            state.settle([best], [len(piece)])
+            return
+        toks, lengths, _ = self._tail_tokens(state)
+        done = self._settled_prefix(toks)
+        if done:
+            state.settle(toks[:done], lengths[:done])
+
+    def _settled_prefix(self, toks: list[int]) -> int:
+        """How many of the tail's tokens can no longer change: those before its last word start."""
+        if not self.settles:
+            return 0
+        for k in range(len(toks) - 1, 0, -1):
+            first = self._tokens[toks[k]][:1]
+            if first and first in _WORD_START:
+                return k
+        return len(toks) - KEEP_OPEN if len(toks) > MAX_OPEN else 0
+
+    def commit_path(self, state: TextState, ids: list[int], appended: bytes) -> None:
+        """The model drew its next token itself: `ids` (a plan's ids, with the drawn token last) spell the
+        text plus `appended`, exactly; they become the model's tokens."""
+        state.generated += appended
+        new = ids[len(state.fixed) :]
+        state.settle(new, [len(self._tokens[i]) for i in new])
+
+    def rollback(self, state: TextState, n: int) -> None:
+        """Drop the last n committed bytes (a draft or scored continuation that was not accepted)."""
+        keep = len(state.generated) - n
+        while state.ends and state.ends[-1] > keep:
+            state.ends.pop()
+            state.fixed.pop()
+        del state.generated[keep:]
+        state._tail_cache = None
+
+    # -- reading it ---------------------------------------------------------------------------
+
+    def plan(self, state: TextState) -> Plan:
+        tail = state.tail
+        if not tail:
+            return Plan(list(state.fixed), b"", None)
+        toks, _, pending = self._tail_tokens(state)
+        ids = state.fixed + toks
         heal = None
-        if len(ids) >= 2 and not self._special[ids[-1]]:
-            last = self._tokens[ids[-1]]
-            # The last token must stand for the text's own tail (SentencePiece may add a dummy
-            # prefix space to a first token, which is not in the text).
-            if last and text_bytes[: len(text_bytes) - len(pending)].endswith(last):
-                prefix = last + pending
-                if pending or self.index.has_extension(prefix):
-                    heal = prefix
-        return Plan(ids=ids, pending=pending, heal_prefix=heal)
+        if toks:
+            prefix = self._tokens[toks[-1]] + pending
+            if pending or self.index.has_extension(prefix):
+                heal = prefix
+        # Nothing the model would produce starts with these bytes: a character outside its vocabulary, which
+        # a byte-fallback tokenizer spells with byte tokens. Without byte tokens, nothing can continue.
+        extended = self.index.has_extension(pending) or (heal is not None and self.index.has_extension(heal))
+        if pending and not extended and all(b in self._byte_ids for b in pending):
+            return Plan(ids + [self._byte_ids[b] for b in pending], b"", None)
+        return Plan(ids, pending, heal)
+
+    def _tail_tokens(self, state: TextState) -> tuple[list[int], list[int], bytes]:
+        """The tail's tokens in context, their byte lengths, and the trailing incomplete character."""
+        tail = state.tail
+        cached = state._tail_cache
+        if cached is not None and cached[0] == tail:
+            toks, lengths = cached[1], cached[2]
+        else:
+            valid, _ = split_utf8(tail)
+            toks, lengths = self._encode_tail(state, valid)
+            state._tail_cache = (tail, toks, lengths)
+        return toks, lengths, tail[sum(lengths) :]
+
+    def _encode_tail(self, state: TextState, valid: bytes) -> tuple[list[int], list[int]]:
+        """Canonical tokens of `valid` after the model's tokens: re-encoded with the bytes of the last few
+        tokens as left context (so merges and pre-tokenization see what precedes); in isolation if that
+        splits differently; by longest match if the tokenizer will not spell the bytes exactly."""
+        if not valid:
+            return [], []
+        try:
+            text = valid.decode("utf-8")
+        except UnicodeDecodeError:  # stray bytes inside committed text: no tokenizer input spells them
+            return self._longest_match(valid)
+        anchor = self._anchor(state)
+        for context in (anchor, b"") if anchor else (b"",):
+            ids = self.encode(context.decode("utf-8") + text, add_special_tokens=False)
+            found = self._after(ids, valid)
+            if found is not None:
+                return found, [len(self._tokens[i]) for i in found]
+        return self._longest_match(valid)
+
+    def _anchor(self, state: TextState) -> bytes:
+        anchor = b""
+        for i in reversed(state.fixed[-self.anchor_tokens :]):
+            if self._special[i]:
+                break
+            anchor = self._tokens[i] + anchor
+        for skip in range(min(4, len(anchor)) + 1):
+            try:
+                anchor[skip:].decode("utf-8")
+                return anchor[skip:]
+            except UnicodeDecodeError:
+                continue
+        return b""
+
+    def _after(self, ids: list[int], valid: bytes) -> list[int] | None:
+        """The trailing tokens of ids that spell exactly `valid`, if a token boundary falls there."""
+        total = 0
+        for k in range(len(ids) - 1, -1, -1):
+            total += len(self._tokens[ids[k]])
+            if total == len(valid):
+                toks = ids[k:]
+                return toks if b"".join(self._tokens[i] for i in toks) == valid else None
+            if total > len(valid):
+                return None
+        return None
+
+    def _longest_match(self, data: bytes) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        lengths: list[int] = []
+        at = 0
+        while at < len(data):
+            for n in range(min(self._longest, len(data) - at), 0, -1):
+                match = self.ids_by_bytes.get(data[at : at + n])
+                if match:
+                    ids.append(match[0])
+                    lengths.append(n)
+                    at += n
+                    break
+            else:  # a byte no token spells (no byte fallback): the unknown token stands for it
+                unk = getattr(self._tokenizer, "unk_token_id", None)
+                if unk is None:
+                    break
+                ids.append(int(unk))
+                lengths.append(1)
+                at += 1
+        return ids, lengths

@@ -85,6 +85,7 @@ def step_to_proto(out: StepOutput) -> worker_pb2.SessionResponse:
             batch_size=out.batch_size,
             queue_ms=out.queue_ms,
             compute_ms=out.compute_ms,
+            queue_position=out.queue_position,
         )
     )
 
@@ -112,13 +113,15 @@ def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
         vocab_size=runtime.vocab_size,
         eos_token_ids=runtime.eos_ids,
         special_token_ids=[i for i, s in enumerate(runtime.special) if s],
-        context_length=loaded.context_length,
+        context_length=runtime.context_length,
         capabilities=capabilities,
         tokenizer_kind=runtime.tokenizer_kind,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         active_sessions=len(runtime.sessions),
         kv_cache_bytes=runtime.kv_cache_bytes(),
+        kv_slots=runtime.storage.slots,
+        queued_feeds=runtime.engine.queued,
     )
 
 

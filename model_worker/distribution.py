@@ -29,6 +29,8 @@ class Part:
     ids: np.ndarray | None  # None = dense over the whole vocabulary
     logprobs: np.ndarray
     rest_mass: float
+    # Its tokens follow the plan's last token; False = they replace it (the healing part).
+    after_last: bool = True
 
 
 def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, fmt: Format) -> list[Part]:
@@ -39,7 +41,7 @@ def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, f
     if plan.heal_prefix is not None:
         before = torch.log_softmax(rows[n - 2].float(), dim=-1)
         prefix = plan.heal_prefix
-        parts += _sparse(before, index.extensions(prefix), len(prefix), 0.0, fmt.top_k)
+        parts += _sparse(before, index.extensions(prefix), len(prefix), 0.0, fmt.top_k, after_last=False)
         scale = float(before[plan.ids[-1]])
     if plan.pending:
         parts += _sparse(after, index.extensions(plan.pending), len(plan.pending), scale, fmt.top_k)
@@ -56,7 +58,9 @@ def dense_part(logprobs: torch.Tensor, scale: float, fmt: Format) -> Part:
     return Part(0, scale, None, logprobs.cpu().numpy().astype(fmt.dtype, copy=False), 0.0)
 
 
-def _sparse(logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, top_k: int) -> list[Part]:
+def _sparse(
+    logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, top_k: int, after_last: bool = True
+) -> list[Part]:
     if ids.size == 0:
         return []
     index = torch.from_numpy(ids).to(logprobs.device)
@@ -67,7 +71,7 @@ def _sparse(logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, to
         values, order = torch.topk(values, top_k)
         index = index[order]
         rest = max(0.0, total - float(values.exp().sum()))
-    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), rest)]
+    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), rest, after_last)]
 
 
 def lookup_logprob(plan: Plan, rows: dict[int, torch.Tensor], conditioner: Conditioner, eos: frozenset[int],

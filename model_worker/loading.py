@@ -1,8 +1,10 @@
-"""Load a Hugging Face causal LM directory (or hub id) the way real models are loaded."""
+"""Load a causal LM the way real models are loaded: a Hugging Face directory, a hub id, or a GGUF file
+(or a directory holding one), which transformers dequantizes (package `gguf`)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from model_worker import catalog
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +45,40 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file to load: path itself, or the only one in a directory without a config.json."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"model: {path} holds several GGUF files ({', '.join(f.name for f in found)}); name one")
+        if found:
+            return found[0]
+    return None
+
+
+def _bitsandbytes(quantization: str, device: str) -> Any:
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"quantization: unknown {quantization!r}, expected none, 8bit or 4bit")
+    if not (device.startswith("cuda") or device == "auto") or not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization: {quantization} needs a CUDA device (bitsandbytes); this worker runs on {device}. "
+            "Use quantization: none, or serve a quantized GGUF file (path: model.gguf)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit")
+
+
 def fingerprint(path: Path) -> str:
-    """sha256 over the model directory's weights, config and tokenizer files."""
+    """sha256 over the model directory's weights, config and tokenizer files (or over one file)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.name if path.is_file() else file.relative_to(path).as_posix()
         if rel.startswith(".") or rel.endswith(".md"):
             continue
         size = file.stat().st_size
@@ -67,31 +100,46 @@ def load_model(
     device: str = "cpu",
     dtype: str = "auto",
     max_memory: dict[str | int, str] | None = None,
+    max_model_len: int = 0,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load model and tokenizer; device 'auto' or a max_memory map goes through accelerate."""
+    """Load model and tokenizer; device 'auto' or a max_memory map goes through accelerate.
+    max_model_len (0 = the model's own) caps the context a session may fill; quantization 8bit/4bit
+    loads the weights with bitsandbytes (CUDA only) or is refused, never ignored."""
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization != "none":  # bitsandbytes places the weights itself
+        kwargs["quantization_config"] = _bitsandbytes(quantization, device)
+        kwargs["device_map"] = "auto" if device == "auto" else {"": device}
     if device == "auto" or max_memory:
         kwargs["device_map"] = "auto"
         if max_memory:
             kwargs["max_memory"] = max_memory
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    path = catalog.resolve(path)
+    local = Path(path)
+    source, gguf = path, gguf_file(local)
+    if gguf is not None:  # dequantized by transformers to the dtype asked for
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf.name} if gguf else {}))
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
     first_device = next(model.parameters()).device
-    local = Path(path)
-    fp = fingerprint(local) if local.is_dir() else hashlib.sha256(path.encode()).hexdigest()
+    fp = fingerprint(gguf or local) if gguf or local.is_dir() else hashlib.sha256(path.encode()).hexdigest()
     context = int(
         getattr(model.config, "max_position_embeddings", 0)
         or getattr(model.config, "n_positions", 0)
         or getattr(tokenizer, "model_max_length", 0)
         or 2048
     )
+    if max_model_len < 0:
+        raise ValueError(f"max_model_len: {max_model_len} must be >= 0 (0 = the model's own {context})")
+    if max_model_len:
+        context = min(context, max_model_len)
     log.info("loaded %s on %s as %s (context %d)", path, first_device, torch_dtype, context)
     return LoadedModel(
-        name=name or local.name,
+        name=name or (gguf.stem if gguf is not None and local.is_file() else local.name),
         model=model,
         tokenizer=tokenizer,
         fingerprint=fp,

@@ -24,13 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     parser.add_argument("--max-memory", type=json.loads, help='accelerate max_memory, e.g. \'{"0": "24GiB"}\'')
     parser.add_argument(
-        "--max-sessions", type=int, default=1024, help="sessions held at once (RESOURCE_EXHAUSTED past it)"
+        "--quantization", choices=("none", "8bit", "4bit"), default="none",
+        help="load the weights quantized with bitsandbytes (needs CUDA); a GGUF file is another way",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-sessions", type=int, default=64, help="sessions held at once: KV-cache slots (new ones wait past it)"
     )
     parser.add_argument(
-        "--kv-budget-mib", type=float, default=0.0, help="KV-cache memory budget (0 = none); past it, steps wait"
+        "--max-model-len", type=int, default=0, help="tokens a session may hold, prompt included (0 = the model's)"
     )
     parser.add_argument(
-        "--kv-wait", type=float, default=5.0, help="seconds a step waits for KV-cache room before RESOURCE_EXHAUSTED"
+        "--kv-budget-mib", type=float, default=0.0, help="KV-cache memory budget: caps the slots (0 = no cap)"
+    )
+    parser.add_argument(
+        "--kv-wait", type=float, default=5.0, help="seconds a new session waits for a slot before RESOURCE_EXHAUSTED"
+    )
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (decodes run between chunks)"
     )
     parser.add_argument("--session-ttl", type=float, default=600.0, help="reclaim sessions idle this many seconds")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (and --tls-key)")
@@ -59,10 +69,14 @@ async def run(args: argparse.Namespace) -> None:
         log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))
     log.info("loading %s (port %d)", args.model, server.port)
     loaded = await asyncio.to_thread(
-        load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory
-    )
+        load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory,
+        max_model_len=args.max_model_len, quantization=args.quantization,
+    )  # fmt: skip
     budget = int(args.kv_budget_mib * 2**20)
-    await server.ready(Runtime(loaded, max_sessions=args.max_sessions, kv_budget_bytes=budget, kv_wait_s=args.kv_wait))
+    runtime = Runtime(loaded, max_sessions=args.max_sessions, kv_budget_bytes=budget, kv_wait_s=args.kv_wait,
+                      prefill_chunk=args.prefill_chunk)  # fmt: skip
+    await asyncio.to_thread(runtime.engine.warm_up)
+    await server.ready(runtime)
     if args.port_file:
         with open(args.port_file, "w") as fh:
             fh.write(str(server.port))

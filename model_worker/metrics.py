@@ -13,7 +13,8 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("chorus_worker_queue_depth", "Steps waiting for the next forward pass.", ["model"])
 SESSIONS = Gauge("chorus_worker_sessions", "Open sessions (each holds a KV cache).", ["model"])
-KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory held by the sessions' KV caches.", ["model"])
+KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory the sessions' cached tokens fill.", ["model"])
+KV_USAGE = Gauge("chorus_worker_kv_usage_ratio", "Cached tokens as a fraction of the KV storage.", ["model"])
 TOKENS_FED = Histogram(
     "chorus_worker_tokens_fed", "Tokens fed per session step (1 = plain decode).", ["model"],
     buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096),

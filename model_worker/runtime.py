@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -16,10 +17,11 @@ import torch
 from coordinator.sampling import pick
 from coordinator.types import SamplingParams
 from model_worker import metrics
-from model_worker.batching import Batcher, PassStats
-from model_worker.conditioning import Conditioner, Plan
-from model_worker.distribution import FULL, Format, Part, build_parts, dense_part, lookup_logprob
-from model_worker.kv_state import ROWS_KEPT, KVState, common_prefix
+from model_worker.conditioning import Conditioner, Plan, TextState
+from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
+from model_worker.engine import PREFILL_CHUNK, Engine, PassStats
+from model_worker.kv_cache import SlotStorage
+from model_worker.kv_state import KVState, common_prefix
 from model_worker.loading import LoadedModel
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
@@ -55,14 +57,19 @@ class PromptSpec:
 class Session:
     id: int
     request_id: str
-    prompt: str
-    add_special_tokens: bool
-    prompt_tokens: int
-    generated: bytearray = field(default_factory=bytearray)
-    kv: KVState = field(default_factory=KVState)
+    text: TextState
+    kv: KVState
     last_used: float = field(default_factory=time.monotonic)
     expired: bool = False
     last_plan: Plan | None = None  # the plan of the last step, whose output rows are still kept
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.text.prompt_len
+
+    @property
+    def generated(self) -> bytes:
+        return bytes(self.text.generated)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class StepOutput:
     batch_size: int
     queue_ms: float
     compute_ms: float
+    queue_position: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,17 +101,29 @@ class ScoreOutput:
 
 class Runtime:
     def __init__(
-        self, loaded: LoadedModel, max_sessions: int = 1024, kv_budget_bytes: int = 0, kv_wait_s: float = 5.0
+        self,
+        loaded: LoadedModel,
+        max_sessions: int = 64,
+        kv_budget_bytes: int = 0,
+        kv_wait_s: float = 5.0,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.loaded = loaded
-        self.max_sessions = max_sessions
-        # KV-cache budget (0 = none): a pass that would exceed it waits for others to free theirs,
-        # then fails with RESOURCE_EXHAUSTED, rather than run the process out of memory.
-        self.kv_budget_bytes = kv_budget_bytes
+        self.context_length = loaded.context_length  # the slot's size: a session's tokens, prompt included
+        # KV storage: one slot of context_length tokens per session. A budget caps the slots; past them,
+        # new sessions wait kv_wait_s for one to free, then get RESOURCE_EXHAUSTED.
+        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype, required=bool(kv_budget_bytes))
+        slots = max_sessions
+        if kv_budget_bytes:
+            per_slot = self.kv_bytes_per_token * self.context_length
+            slots = min(max_sessions, kv_budget_bytes // per_slot)
+            if slots < 1:
+                raise ValueError(
+                    f"--kv-budget-mib: {kv_budget_bytes / 2**20:.1f} MiB do not hold one session of "
+                    f"{self.context_length} tokens ({per_slot / 2**20:.1f} MiB); raise it or lower --max-model-len"
+                )
+        self.max_sessions = slots
         self.kv_wait_s = kv_wait_s
-        # Only needed with a budget; a config this formula does not fit then fails at start, clearly.
-        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype) if kv_budget_bytes else 0
-        self._kv_reserved = 0  # tokens being fed by passes in flight
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
@@ -113,15 +133,26 @@ class Runtime:
         self._not_text = np.array([i not in self._eos and (sp or not b) for i, (b, sp) in
                                    enumerate(zip(self.tokens, self.special, strict=True))])  # fmt: skip
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
-        self.batcher = Batcher(loaded.model, loaded.device, loaded.name)
+        self.storage = SlotStorage(slots, self.context_length, loaded.device)
+        self.engine = Engine(loaded.model, loaded.device, self.storage, loaded.name, prefill_chunk=prefill_chunk)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        self._slot_freed = asyncio.Event()
         # Read at scrape time: nothing on the step path.
         metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
         metrics.KV_CACHE_BYTES.labels(loaded.name).set_function(self.kv_cache_bytes)
+        metrics.KV_USAGE.labels(loaded.name).set_function(self.kv_usage)
+
+    def kv_cached_tokens(self) -> int:
+        return sum(len(s.kv.ids) for s in list(self.sessions.values()))
 
     def kv_cache_bytes(self) -> int:
-        return sum(s.kv.nbytes() for s in list(self.sessions.values()))
+        """Memory the sessions' cached tokens fill in the storage."""
+        return self.kv_cached_tokens() * self.kv_bytes_per_token
+
+    def kv_usage(self) -> float:
+        """Cached tokens as a fraction of the storage (every slot's tokens)."""
+        return self.kv_cached_tokens() / (self.storage.slots * self.storage.slot_tokens)
 
     def render(self, prompt: PromptSpec) -> tuple[str, bool]:
         """The prompt as text, and whether the tokenizer should add its special tokens."""
@@ -139,23 +170,36 @@ class Runtime:
         lines = "".join(f"{role}: {content}\n" for role, content in prompt.messages)
         return lines + "assistant: ", True
 
-    def open(self, prompt: PromptSpec, request_id: str = "") -> Session:
-        if len(self.sessions) >= self.max_sessions:
-            raise AtCapacity(f"{self.loaded.name}: {len(self.sessions)} sessions open, the most it holds; retry later")
+    async def open(self, prompt: PromptSpec, request_id: str = "") -> Session:
         text, add_special = self.render(prompt)
-        ids = self.conditioner.encode(text, add_special)
-        if not ids:
+        state = self.conditioner.start(text, add_special)
+        if not state.fixed:
             raise RequestError("prompt: empty after tokenization")
-        if len(ids) >= self.loaded.context_length:
+        if len(state.fixed) >= self.context_length:
             raise RequestError(
-                f"prompt: {len(ids)} tokens do not fit {self.loaded.name}'s context of "
-                f"{self.loaded.context_length} tokens"
+                f"prompt: {len(state.fixed)} tokens do not fit {self.loaded.name}'s context of "
+                f"{self.context_length} tokens"
             )
-        session = Session(next(self._ids), request_id, text, add_special, len(ids))
+        slot = await self._acquire_slot()
+        session = Session(next(self._ids), request_id, state, KVState(slot))
         self.sessions[session.id] = session
-        log.debug("session %d opened for request %s (%d prompt tokens)", session.id, request_id, len(ids),
+        log.debug("session %d opened for request %s (%d prompt tokens)", session.id, request_id, len(state.fixed),
                   extra={"request_id": request_id})  # fmt: skip
         return session
+
+    async def _acquire_slot(self) -> int:
+        deadline = time.monotonic() + self.kv_wait_s
+        while (slot := self.storage.acquire()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AtCapacity(
+                    f"{self.loaded.name}: all {self.storage.slots} KV-cache slots are held by running sessions "
+                    f"(waited {self.kv_wait_s:.1f} s); retry later"
+                )
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), remaining)
+        return slot
 
     def reap(self, ttl: float) -> int:
         """Close sessions idle for more than ttl seconds (a client that holds a stream but never steps)."""
@@ -169,21 +213,28 @@ class Runtime:
         return len(idle)
 
     def close(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is None:
+            return
         log.debug("session %d of request %s closed", session.id, session.request_id,
                   extra={"request_id": session.request_id})  # fmt: skip
-        session.kv = KVState()
+        session.kv.truncate(0)
+        self.storage.release(session.kv.slot)
+        self._slot_freed.set()
 
-    async def step(self, session: Session, append: bytes, fmt: Format, rollback: int = 0) -> StepOutput:
-        """Commit `append` (after dropping `rollback` bytes) and return the distribution over the next bytes."""
-        self._move(session, rollback, append)
-        plan = self._plan(session, bytes(session.generated))
+    async def step(
+        self, session: Session, append: bytes, fmt: Format, rollback: int = 0, partial: bool = False
+    ) -> StepOutput:
+        """Commit `append` (after dropping `rollback` bytes) and return the distribution over the next bytes.
+        `partial`: the appended text may end inside a token, so the last one stays open to extension."""
+        self._move(session, rollback, append, partial)
+        plan = self._plan(session.text)
         stats = await self._ensure_rows(session.kv, plan.ids, plan.rows_needed)
         session.last_plan = plan
         parts = build_parts(plan, session.kv.rows, self.conditioner.index, fmt)
         if stats is None:
             return StepOutput(parts, 0, 0, 0, 0.0, 0.0)
-        return StepOutput(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms)
+        return StepOutput(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms,
+                          stats.queue_position)  # fmt: skip
 
     async def draft(
         self,
@@ -194,35 +245,43 @@ class Runtime:
         sampling: SamplingParams,
         seed: int,
         report_top_k: int = 0,
+        partial: bool = False,
     ) -> DraftOutput:
         """Draw up to max_tokens tokens here, one step each; the session then holds them."""
-        if not 1 <= max_tokens <= self.loaded.context_length:
-            raise RequestError(f"draft.max_tokens: {max_tokens} is outside 1..{self.loaded.context_length}")
+        if not 1 <= max_tokens <= self.context_length:
+            raise RequestError(f"draft.max_tokens: {max_tokens} is outside 1..{self.context_length}")
         rng = np.random.default_rng(seed)
         pieces: list[bytes] = []
         dists: list[list[Part]] = []
         fed = passes = 0
         ended = False
         for _ in range(max_tokens):
-            out = await self.step(session, append, FULL, rollback)
-            rollback = 0
+            try:
+                out = await self.step(session, append, FULL, rollback, partial)
+            except ContextFull:
+                if not pieces:
+                    raise
+                break  # the context is full after some tokens: return them; the next call says so
+            append, rollback = b"", 0
             fed, passes = fed + out.tokens_fed, passes + out.forward_passes
+            plan = session.last_plan
+            assert plan is not None
             if report_top_k:
-                assert session.last_plan is not None
-                dists.append(build_parts(session.last_plan, session.kv.rows, self.conditioner.index,
+                dists.append(build_parts(plan, session.kv.rows, self.conditioner.index,
                                          Format(report_top_k, FULL.dtype)))  # fmt: skip
-            piece = self._draw(out.parts, sampling, rng)
-            if piece is None:
+            drawn = self._draw(out.parts, sampling, rng)
+            if drawn is None:
                 ended = True
                 break
+            token, part = drawn
+            piece = self.tokens[token][part.skip_bytes :]
+            path = (plan.ids if part.after_last else plan.ids[:-1]) + [token]
+            self.conditioner.commit_path(session.text, path, piece)
             pieces.append(piece)
-            append = piece
-        if not ended:
-            session.generated += append  # held; the next message feeds it
         return DraftOutput(pieces, ended, dists, fed, passes)
 
-    def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> bytes | None:
-        """One continuation drawn from a step's parts: its bytes, or None for end of sequence."""
+    def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> tuple[int, Part] | None:
+        """One token drawn from a step's parts, with the part it came from; None for end of sequence."""
         logps = []
         for part in parts:
             logp = part.logprobs.astype(np.float64) + part.log_scale
@@ -236,34 +295,34 @@ class Runtime:
         token = offset if part.ids is None else int(part.ids[offset])
         if part.ids is None and token in self._eos:
             return None
-        return self.tokens[token][part.skip_bytes :]
+        return token, part
 
     async def score(
-        self, session: Session, append: bytes, rollback: int, pieces: list[bytes], top_k: int
+        self, session: Session, append: bytes, rollback: int, pieces: list[bytes], top_k: int, partial: bool = False
     ) -> ScoreOutput:
-        """Distributions before each piece and after the last, in one forward pass; the session keeps the pieces."""
-        self._move(session, rollback, append)
-        text = bytes(session.generated) + b"".join(pieces)
-        plan = self._plan(session, text)
-        # Where tokens end, counted in bytes from the end of the text (robust to BOS and SentencePiece's
-        # dummy prefix at the start).
-        suffixes = [sum(len(p) for p in pieces[j:]) for j in range(len(pieces) + 1)]
-        token_at: dict[int, int] = {}
-        tail = len(plan.pending)
-        for t in range(len(plan.ids) - 1, -1, -1):
-            token_at.setdefault(tail, t)
-            tail += len(self.tokens[plan.ids[t]])
-            if tail > suffixes[0]:
-                break
-        rows = [token_at.get(s) for s in suffixes]
-        stats = await self._ensure_rows(session.kv, plan.ids, {r for r in rows if r is not None})
-        session.generated = bytearray(text)
+        """Distributions before each piece and after the last, in one forward pass; the session keeps the pieces
+        (another model's, so re-tokenized canonically). A position inside one of the model's tokens (pending
+        bytes) has none."""
+        self._move(session, rollback, append, partial)
+        state = session.text.copy()
+        plans = [self.conditioner.plan(state)]
+        for piece in pieces:
+            self.conditioner.commit(state, piece, partial=True)
+            plans.append(self.conditioner.plan(state))
+        final = plans[-1]
+        if len(final.ids) >= self.context_length:
+            raise ContextFull(f"text: {len(final.ids)} tokens reach {self.loaded.name}'s context length")
+        # A position has a distribution where the model is at a token boundary and its tokens there are
+        # a prefix of the final ones (then one pass over the final tokens gives its rows).
+        usable = [p.at_boundary and p.ids == final.ids[: len(p.ids)] for p in plans]
+        needed = {r for p, ok in zip(plans, usable, strict=True) if ok for r in p.rows_needed}
+        stats = await self._ensure_rows(session.kv, final.ids, needed)
+        session.text = state
         session.last_plan = None
         fmt = Format(top_k, FULL.dtype)
-        positions = [
-            None if r is None else [dense_part(torch.log_softmax(session.kv.rows[r].float(), -1), 0.0, fmt)]
-            for r in rows
-        ]
+        index = self.conditioner.index
+        positions = [build_parts(p, session.kv.rows, index, fmt) if ok else None
+                     for p, ok in zip(plans, usable, strict=True)]  # fmt: skip
         if stats is None:
             return ScoreOutput(positions, 0, 0)
         return ScoreOutput(positions, stats.tokens_fed, 1)
@@ -275,61 +334,45 @@ class Runtime:
         plan, rows = session.last_plan, session.kv.rows
         return [lookup_logprob(plan, rows, self.conditioner, self._eos, c) for c in candidates]
 
-    def _move(self, session: Session, rollback: int, append: bytes) -> None:
+    def _move(self, session: Session, rollback: int, append: bytes, partial: bool = False) -> None:
         """Drop `rollback` bytes from the end of the session's text, then append."""
         if session.expired:
             raise SessionExpired(f"session {session.id} was idle too long and its KV cache was reclaimed")
         session.last_used = time.monotonic()
-        if rollback > len(session.generated):
-            raise RequestError(f"rollback: {rollback} bytes, but the session holds {len(session.generated)}")
+        text = session.text
+        if rollback > len(text.generated):
+            raise RequestError(f"rollback: {rollback} bytes, but the session holds {len(text.generated)}")
         if rollback:
-            del session.generated[-rollback:]
-        session.generated += append
+            self.conditioner.rollback(text, rollback)
+        if append:
+            row = session.kv.rows.get(len(text.fixed) - 1) if not text.tail else None
+            self.conditioner.commit(text, append, row, partial)
 
-    def _plan(self, session: Session, generated: bytes) -> Plan:
-        plan = self.conditioner.plan(session.prompt, session.add_special_tokens, generated)
-        if len(plan.ids) >= self.loaded.context_length:
+    def _plan(self, text: TextState) -> Plan:
+        plan = self.conditioner.plan(text)
+        if len(plan.ids) >= self.context_length:
             raise ContextFull(f"text: {len(plan.ids)} tokens reach {self.loaded.name}'s context length")
         return plan
 
     async def _ensure_rows(self, kv: KVState, ids: list[int], needed: Collection[int]) -> PassStats | None:
-        """Make the cache hold ids with the output rows at `needed` positions: one forward pass at most,
-        over the tokens that changed (and back to the earliest missing row)."""
+        """Make the cache hold ids with the output rows at the `needed` positions: one feed at most, over
+        the tokens that changed (and back to the earliest missing row)."""
         kv.truncate(common_prefix(kv.ids, ids))
         missing = [p for p in needed if p not in kv.rows]
         if not missing:
+            kv.keep_rows(set(needed))
             return None
-        first = min(missing)
-        # Rows already there before `first` survive the pass (extend keeps only the newest rows).
-        kept = {p: kv.rows[p] for p in needed if p < first and p in kv.rows}
-        kv.truncate(first)
+        kv.truncate(min(min(missing), len(kv.ids)))
         new = ids[len(kv.ids) :]
-        await self._reserve(len(ids), len(new))
-        try:
-            stats = await self.batcher.forward(kv, new, rows=max(ROWS_KEPT, len(ids) - first))
-        finally:
-            self._kv_reserved -= len(new)
-        kv.rows.update(kept)
+        stats = await self.engine.forward(kv, new, needed)
+        kv.keep_rows(set(needed))
         metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
         return stats
 
-    async def _reserve(self, total: int, new: int) -> None:
-        """Wait until `new` more cached tokens fit the KV budget (a session of `total` tokens)."""
-        if not self.kv_budget_bytes:
-            return
-        budget = self.kv_budget_bytes // self.kv_bytes_per_token  # in tokens
-        if total > budget:
-            raise AtCapacity(f"{self.loaded.name}: {total} tokens need more KV cache than its budget of {budget}")
-        deadline = time.monotonic() + self.kv_wait_s
-        while sum(len(s.kv.ids) for s in self.sessions.values()) + self._kv_reserved + new > budget:
-            if time.monotonic() > deadline:
-                raise AtCapacity(f"{self.loaded.name}: KV-cache budget full ({budget} tokens); retry later")
-            await asyncio.sleep(0.01)
-        self._kv_reserved += new
 
-
-def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
-    """Keys and values of one token over every layer, from the model's config."""
+def kv_bytes_per_token(model: Any, dtype: torch.dtype, required: bool = True) -> int:
+    """Keys and values of one token over every layer, from the model's config (0 if it cannot tell and
+    nothing requires it)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     try:
         heads = config.num_attention_heads
@@ -337,6 +380,8 @@ def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = config.num_hidden_layers
     except AttributeError as exc:
+        if not required:
+            return 0
         raise ValueError(f"--kv-budget-mib: cannot size this model's KV cache from its config ({exc})") from exc
     return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 
@@ -16,13 +17,20 @@ from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime,
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+
+
+class _ShuttingDown(Exception):
+    pass
 
 
 class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
     def __init__(self) -> None:
         self.runtime: Runtime | None = None  # None while the model loads
         self.draining = False  # set on shutdown: new sessions get UNAVAILABLE
+        self.stopping = asyncio.Event()  # set when the grace period is over: running sessions end
         self.running = 0  # Session streams in progress
 
     async def _runtime(self, context: grpc.aio.ServicerContext) -> Runtime:
@@ -39,22 +47,37 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         for chunk in convert.vocabulary_chunks(await self._runtime(context), request.chunk_size):
             yield chunk
 
+    async def _unless_stopping(self, awaitable: Awaitable[T]) -> T:
+        """Await, unless the worker stops first (then the work is cancelled and _ShuttingDown raised)."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise _ShuttingDown
+        return work.result()
+
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
         runtime = await self._runtime(context)
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
         session: Session | None = None
         self.running += 1
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while (request := await self._unless_stopping(anext(requests, None))) is not None:
                 kind = request.WhichOneof("kind")
+                if self.draining and session is None:
+                    raise _ShuttingDown  # refused once its first message is read: the client sees this status
                 if kind == "open":
                     if session is not None:
                         raise RequestError("open: the session is already open")
                     prompt = convert.prompt_from_proto(request.open.prompt)
-                    session = runtime.open(prompt, request.open.request_id)
+                    session = await self._unless_stopping(runtime.open(prompt, request.open.request_id))
                     yield worker_pb2.SessionResponse(
                         opened=worker_pb2.SessionOpened(prompt_tokens=session.prompt_tokens)
                     )
@@ -62,24 +85,28 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     raise RequestError(f"{kind}: open the session first")
                 elif kind == "step":
                     step = request.step
-                    out = await runtime.step(session, step.append, convert.format_from_proto(step), step.rollback)
-                    yield convert.step_to_proto(out)
+                    fmt = convert.format_from_proto(step)
+                    call = runtime.step(session, step.append, fmt, step.rollback, step.partial)
+                    yield convert.step_to_proto(await self._unless_stopping(call))
                 elif kind == "draft":
                     d = request.draft
                     sampling = convert.sampling_from_proto(d.sampling)
-                    drafted = await runtime.draft(
-                        session, d.append, d.rollback, d.max_tokens, sampling, d.sampling.seed, d.report_top_k
-                    )
-                    yield convert.draft_to_proto(drafted)
+                    call = runtime.draft(
+                        session, d.append, d.rollback, d.max_tokens, sampling, d.sampling.seed, d.report_top_k,
+                        d.partial,
+                    )  # fmt: skip
+                    yield convert.draft_to_proto(await self._unless_stopping(call))
                 elif kind == "score":
                     sc = request.score
                     top_k = sc.top_k or convert.DEFAULT_TOP_K
-                    scored = await runtime.score(session, sc.append, sc.rollback, list(sc.pieces), top_k)
-                    yield convert.score_to_proto(scored)
+                    call = runtime.score(session, sc.append, sc.rollback, list(sc.pieces), top_k, sc.partial)
+                    yield convert.score_to_proto(await self._unless_stopping(call))
                 elif kind == "lookup":
                     yield convert.lookup_to_proto(runtime.lookup(session, list(request.lookup.candidates)))
                 else:
                     raise RequestError("request: empty message, expected open or step")
+        except _ShuttingDown:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down; retry on another replica")
         except ContextFull as exc:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except AtCapacity as exc:
@@ -88,6 +115,9 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a bug or a model error: this request fails, the worker goes on serving
+            log.exception("session of request %s failed", session.request_id if session else "?")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{runtime.loaded.name}: {type(exc).__name__}: {exc}")
         finally:
             self.running -= 1
             if session is not None:
@@ -113,7 +143,7 @@ class WorkerServer:
         await self.grpc.start(serving=False)
 
     async def ready(self, runtime: Runtime) -> None:
-        runtime.batcher.start()
+        runtime.engine.start()
         self.service.runtime = runtime
         self._reaper = asyncio.get_running_loop().create_task(self._reap(runtime))
         await self.grpc.set_serving(True)
@@ -136,6 +166,11 @@ class WorkerServer:
         deadline = loop.time() + grace
         while self.service.running and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        # Sessions still running when the grace period is over end with UNAVAILABLE "shutting down".
+        self.service.stopping.set()
+        deadline = loop.time() + 5.0
+        while self.service.running and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         await self.grpc.server.stop(0)
         if self.service.runtime is not None:
-            await self.service.runtime.batcher.stop()
+            await self.service.runtime.engine.stop()

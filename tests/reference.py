@@ -1,8 +1,9 @@
 """A slow, independent GaC reference: no KV cache, no index arrays, no batching.
 
-Each step recomputes every model from scratch on its canonical tokenization, applies token
-healing by brute force over the vocabulary, averages distributions keyed by bytes in plain
-dicts, and takes the argmax. The served cluster must produce the same text.
+Each step recomputes every model from scratch on the tokens its conditioning rules give (the
+worker's Conditioner decides *which* tokens, and is tested on its own against full re-encodes),
+applies token healing by brute force over the vocabulary, averages distributions keyed by bytes in
+plain dicts, and takes the argmax. The served cluster must produce the same text.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_worker.conditioning import split_utf8
+from model_worker.conditioning import Conditioner, TextState
 from model_worker.token_bytes import token_byte_table
 
 END = None  # the pooled end-of-sequence entry
@@ -26,44 +27,34 @@ class ReferenceModel:
         size = self.model.get_output_embeddings().weight.shape[0]
         self.tokens, self.special = token_byte_table(self.tokenizer, size)
         self.eos = {self.tokenizer.eos_token_id}
+        self.conditioner = Conditioner(self.tokenizer, self.tokens, self.special)
 
     @torch.no_grad()
     def _logprobs(self, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1].double(), -1)
 
-    def next_bytes(self, prompt: str, generated: bytes) -> dict[bytes | None, float]:
-        valid, pending = split_utf8(generated)
-        text = prompt + valid.decode("utf-8", errors="replace")
-        text_bytes = text.encode() + pending
-        ids = self.tokenizer(text)["input_ids"]
-        singles = {b[0]: i for i, b in reversed(list(enumerate(self.tokens))) if len(b) == 1 and not self.special[i]}
-        if pending and all(b in singles for b in pending):
-            ids += [singles[b] for b in pending]
-            pending = b""
+    def start(self, prompt: str) -> TextState:
+        return self.conditioner.start(prompt, True)
+
+    def commit(self, state: TextState, piece: bytes, partial: bool = False) -> None:
+        row = self._logprobs(state.fixed) if not state.tail else None
+        self.conditioner.commit(state, piece, row, partial)
+
+    def next_bytes(self, state: TextState) -> dict[bytes | None, float]:
+        plan = self.conditioner.plan(state)
+        ids, pending = plan.ids, plan.pending
         dist: dict[bytes | None, float] = {}
 
         def add(key: bytes | None, p: float) -> None:
             dist[key] = dist.get(key, 0.0) + p
 
         scale = 1.0
-        last = self.tokens[ids[-1]]
-        prefix = last + pending
-        extending = [
-            t
-            for t, b in enumerate(self.tokens)
-            if not self.special[t] and b.startswith(prefix) and len(b) > len(prefix)
-        ]
-        healing = (
-            len(ids) >= 2
-            and not self.special[ids[-1]]
-            and last != b""
-            and text_bytes[: len(text_bytes) - len(pending)].endswith(last)
-            and (pending or extending)
-        )
-        if healing:
+        if plan.heal_prefix is not None:
+            prefix = plan.heal_prefix
             before = self._logprobs(ids[:-1])
-            for t in extending:
-                add(self.tokens[t][len(prefix) :], math.exp(before[t]))
+            for t, b in enumerate(self.tokens):
+                if not self.special[t] and b.startswith(prefix) and len(b) > len(prefix):
+                    add(b[len(prefix) :], math.exp(before[t]))
             scale = math.exp(before[ids[-1]])
         after = self._logprobs(ids)
         for t, b in enumerate(self.tokens):
@@ -79,15 +70,22 @@ class ReferenceModel:
 
 
 def reference_generate(models: list[ReferenceModel], prompt: str, max_new_tokens: int) -> str:
-    """Greedy GaC with equal weights."""
+    """Greedy GaC with equal weights. A model that gave the chosen entry less than half the probability
+    the mix gave it did not write it: it receives the text as partial (re-tokenized, healed)."""
+    states = [m.start(prompt) for m in models]
     generated = b""
     for _ in range(max_new_tokens):
+        dists = [model.next_bytes(state) for model, state in zip(models, states, strict=True)]
+        dists = [{k: p / sum(d.values()) for k, p in d.items()} for d in dists]
         mixed: dict[bytes | None, float] = {}
-        for model in models:
-            for key, p in model.next_bytes(prompt, generated).items():
+        for dist in dists:
+            for key, p in dist.items():
                 mixed[key] = mixed.get(key, 0.0) + p / len(models)
         choice = max(mixed, key=lambda k: mixed[k])
         if choice is END:
             break
         generated += choice
+        share = mixed[choice] / sum(mixed.values())
+        for model, state, dist in zip(models, states, dists, strict=True):
+            model.commit(state, choice, partial=dist.get(choice, 0.0) < 0.5 * share)
     return generated.decode("utf-8", errors="replace")

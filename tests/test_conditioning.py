@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model_worker.conditioning import PrefixIndex, split_utf8
+from model_worker.conditioning import Conditioner, Plan, PrefixIndex, TextState, split_utf8
+from model_worker.token_bytes import token_byte_table
+from tests import tokenizer_factory
 
 
 @pytest.mark.parametrize(
@@ -38,3 +42,101 @@ def test_prefix_index_finds_exactly_the_strict_extensions() -> None:
     assert index.has_extension(b"\xff") and not index.has_extension(b"\xff\xff")
     brute = [i for i, t in enumerate(tokens) if not special[i] and t.startswith(b"a") and len(t) > 1]
     assert np.array_equal(np.sort(index.extensions(b"a")), brute)
+
+
+# --------------------------------------------------------------------------- conditioning rules
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece", "sentencepiece_legacy", "unigram"])
+def conditioner(request: pytest.FixtureRequest) -> Conditioner:
+    build = {
+        "byte_level": tokenizer_factory.byte_level_bpe,
+        "sentencepiece": tokenizer_factory.sentencepiece_byte_fallback,
+        "sentencepiece_legacy": tokenizer_factory.sentencepiece_legacy,
+        "unigram": tokenizer_factory.sentencepiece_plain,
+    }[request.param]
+    tokenizer = build()
+    tokens, special = token_byte_table(tokenizer, len(tokenizer))
+    return Conditioner(tokenizer, tokens, special)
+
+
+def _spelled(c: Conditioner, state: TextState) -> bytes:
+    return b"".join(c._tokens[i] for i in state.fixed[state.prompt_len :])
+
+
+def test_the_prompt_is_tokenized_canonically_and_never_healed(conditioner: Conditioner) -> None:
+    for prompt in ("hello wor", "the quick", "1 + 2 = ", "héllo"):
+        state = conditioner.start(prompt, True)
+        assert state.fixed == conditioner.encode(prompt, True)
+        assert conditioner.plan(state) == Plan(state.fixed, b"", None)
+
+
+def test_a_piece_that_is_an_own_token_at_the_boundary_is_that_token(conditioner: Conditioner) -> None:
+    state = conditioner.start("hello", True)
+    for token in conditioner.encode(" world, hello there", False):
+        piece = conditioner._tokens[token]
+        conditioner.commit(state, piece)
+        assert state.fixed[-1] == token and not state.tail
+        assert conditioner.plan(state) == Plan(state.fixed, b"", None)  # no extension mass
+
+
+def test_a_partial_piece_stays_open_to_extension(conditioner: Conditioner) -> None:
+    state = conditioner.start("hello", True)
+    extendable = next(ids[0] for b, ids in sorted(conditioner.ids_by_bytes.items())
+                      if b.isascii() and conditioner.index.has_extension(b))  # fmt: skip
+    conditioner.commit(state, conditioner._tokens[extendable], partial=True)
+    plan = conditioner.plan(state)
+    assert plan.heal_prefix == conditioner._tokens[extendable] == conditioner._tokens[plan.ids[-1]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_incremental_tail_tokens_equal_a_full_re_encode(conditioner: Conditioner, data: st.DataObject) -> None:
+    """Text committed in pieces of any size: only the open tail (the last word) is re-encoded, with a few
+    tokens of left context; the tokens equal those of re-encoding all the text after the prompt, with all
+    of it as context (a conditioner that never settles), and always spell the text exactly."""
+    text = data.draw(st.sampled_from(tokenizer_factory.CORPUS)).encode()
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=8, unique=True)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True) if text[a:b]]
+    whole = Conditioner(conditioner._tokenizer, conditioner._tokens, conditioner._special, settle=False,
+                        anchor_tokens=10**6)  # fmt: skip
+    prompt = "line one\n"
+    fast, slow = conditioner.start(prompt, True), whole.start(prompt, True)
+    for piece in pieces:
+        conditioner.commit(fast, piece, partial=True)
+        whole.commit(slow, piece, partial=True)
+        plan = conditioner.plan(fast)
+        assert plan.ids == whole.plan(slow).ids
+        if conditioner._tokenizer.unk_token_id not in plan.ids:  # <unk> stands for bytes it does not spell
+            assert _spelled(conditioner, fast) + fast.tail == fast.generated
+    assert len(fast.tail) <= len(text)
+
+
+def test_a_split_character_is_pending_bytes_while_a_token_extends_it(conditioner: Conditioner) -> None:
+    for char in ("🙂", "你", "é", "🚀"):
+        data = (" " + char).encode()
+        for cut in range(2, len(data)):
+            state = conditioner.start("a", True)
+            conditioner.commit(state, data[:cut], partial=True)
+            plan = conditioner.plan(state)
+            tail_ids = plan.ids[state.prompt_len :]
+            extendable = conditioner.index.has_extension(data[1:cut]) or any(
+                conditioner.index.has_extension(conditioner._tokens[t] + plan.pending) for t in tail_ids[-1:]
+            )
+            if extendable:  # never spelt with single-byte tokens
+                assert plan.pending == data[len(data[:cut]) - len(plan.pending) : cut] and plan.pending
+            assert b"".join(conditioner._tokens[i] for i in tail_ids) + plan.pending == data[:cut]
+
+
+def test_rollback_returns_to_the_state_of_fewer_pieces(conditioner: Conditioner) -> None:
+    pieces = [b" the", b" qu", b"ick", b" br", "ö".encode()[:1], "ö".encode()[1:], b"wn"]
+    for keep in range(len(pieces)):
+        state, expected = conditioner.start("x", True), conditioner.start("x", True)
+        for piece in pieces:
+            conditioner.commit(state, piece)
+        for piece in pieces[:keep]:
+            conditioner.commit(expected, piece)
+        conditioner.rollback(state, sum(len(p) for p in pieces[keep:]))
+        assert state.generated == expected.generated
+        assert conditioner.plan(state).ids[: len(state.fixed)] == state.fixed
+        assert _spelled(conditioner, state) + state.tail == state.generated

@@ -28,7 +28,7 @@ from coordinator.workers import ModelSession, Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config
 from tests.tiny_models import never_ending_llama
 
-LONG = 600  # tokens: about 2 s on a quiet CPU core, long enough to act while the request runs
+LONG = 1200  # tokens: about 4 s on a quiet CPU core, long enough to act while the request runs
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -189,7 +189,8 @@ def test_a_client_deadline_reaches_the_workers_session(tmp_path: Path, endless: 
 def test_sigterm_drains_a_coordinator_process(tmp_path: Path, endless: WorkerProcess) -> None:
     coord = CoordinatorProcess(tmp_path, endless, grace=30)
     try:
-        with chorus.Client(coord.target, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        # retries=0: the refusal itself is under test (the SDK would retry it by default).
+        with chorus.Client(coord.target, timeout=60, retries=0) as client, ThreadPoolExecutor(1) as pool:
             assert _health(coord.target) == SERVING
             in_flight = pool.submit(client.generate, prompt="hello", max_new_tokens=LONG)
             _wait_until(lambda: _sessions(endless.address) == 1, "the request reached the worker", timeout=30)
@@ -216,7 +217,7 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
     try:
         with (
             coordinator(loop, make_config([victim])) as target,
-            chorus.Client(target, timeout=60) as client,
+            chorus.Client(target, timeout=60, retries=0) as client,
             ThreadPoolExecutor(1) as pool,
         ):
             in_flight = pool.submit(client.generate, prompt="hello", max_new_tokens=LONG)
@@ -235,5 +236,28 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
         assert result.usage.lost_models == ()
         assert victim.process.wait(25) == 0
         assert time.monotonic() - finished < 15  # not the whole grace period
+    finally:
+        victim.stop()
+
+
+def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_down(
+    loop: LoopThread, long_model: Path
+) -> None:
+    """A draining worker lets running sessions finish within its grace period; those still running then
+    end with UNAVAILABLE saying the worker is shutting down: never INTERNAL, never a silent cut."""
+    victim = _spawn(long_model, "--grace", "1")
+    try:
+        with (
+            coordinator(loop, make_config([victim])) as target,
+            chorus.Client(target, timeout=60, retries=0) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            in_flight = pool.submit(client.generate, prompt="hello", max_new_tokens=4000)  # far past the grace
+            _wait_until(lambda: _sessions(victim.address) == 1, "the request reached the worker", timeout=30)
+            victim.process.send_signal(signal.SIGTERM)
+            with pytest.raises(chorus.Unavailable, match="shutting down") as caught:
+                in_flight.result(30)
+            assert "INTERNAL" not in str(caught.value)
+        assert victim.process.wait(15) == 0
     finally:
         victim.stop()

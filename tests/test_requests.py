@@ -192,7 +192,8 @@ def test_past_capacity_requests_get_resource_exhausted_at_once(
     loop: LoopThread, endless_workers: list[WorkerProcess]
 ) -> None:
     config = make_config(endless_workers, limits={"max_running": 1})
-    with coordinator(loop, config) as target, chorus.Client(target, timeout=60) as client:
+    # retries=0: the refusal itself is under test (the SDK would retry it by default).
+    with coordinator(loop, config) as target, chorus.Client(target, timeout=60, retries=0) as client:
         stream = client.stream(prompt="hello", max_new_tokens=4000)
         next(stream)  # one conversation running: the coordinator is full
         started = time.monotonic()

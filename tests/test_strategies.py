@@ -83,7 +83,7 @@ def test_me_samples_the_weighted_mixture(
         for seed in range(n):
             r = client.generate(prompt=prompt, max_new_tokens=1, temperature=1.0, seed=seed, weights=weights)
             counts[r.text.encode() if r.text else END] += 1
-    single = [m.next_bytes(prompt, b"") for m in references]
+    single = [m.next_bytes(m.start(prompt)) for m in references]
 
     def mixture(w: list[float]) -> dict[bytes | None, float]:
         keys = set(single[0]) | set(single[1])
@@ -131,8 +131,9 @@ def _unite_reference(models: list[ReferenceModel], prompt: str, max_new: int) ->
     """Greedy UniTE with every entry a candidate: a candidate missing from a model's own options
     takes the probability of its longest option that is a prefix of it; softmax over candidates."""
     generated = b""
+    states = [m.start(prompt) for m in models]
     for _ in range(max_new):
-        dists = [m.next_bytes(prompt, generated) for m in models]
+        dists = [m.next_bytes(state) for m, state in zip(models, states, strict=True)]
         candidates = set().union(*dists)
         mixed = dict.fromkeys(candidates, 0.0)
         for dist in dists:
@@ -150,6 +151,8 @@ def _unite_reference(models: list[ReferenceModel], prompt: str, max_new: int) ->
         if choice is END:
             break
         generated += choice
+        for m, state, dist in zip(models, states, dists, strict=True):  # who wrote it: see reference_generate
+            m.commit(state, choice, partial=dist.get(choice, 0.0) / sum(dist.values()) < 0.5 * mixed[choice])
     return generated.decode("utf-8", errors="replace")
 
 
@@ -193,7 +196,9 @@ def test_lookup_scores_a_candidates_first_token(
             await client.close()
 
     got = loop.run(run())
-    expected_dist = references[0].next_bytes(prompt, committed)
+    state = references[0].start(prompt)
+    references[0].commit(state, committed)
+    expected_dist = references[0].next_bytes(state)
     for candidate, value in zip(candidates, got, strict=True):
         key = END if not candidate else next(
             (candidate[:n] for n in range(len(candidate), 0, -1) if candidate[:n] in expected_dist), None)  # fmt: skip
@@ -238,22 +243,38 @@ def test_safe_ensembles_only_where_models_disagree(loop: LoopThread, pair: list[
 
 
 def _chared_reference(models: list[ReferenceModel], prompt: str, max_new: int) -> str:
-    """Greedy character-wise ensemble from exact next-bytes distributions, equal weights."""
+    """Greedy character-wise ensemble from exact next-bytes distributions, equal weights: a model's
+    distribution is narrowed to the chosen character, and asked afresh (sent the characters chosen
+    since) when some of its mass ends exactly at the character or none goes on past it."""
     from coordinator.union_vocab import first_char
 
     generated = b""
+    states = [m.start(prompt) for m in models]
+    tables: list[dict[bytes | None, float] | None] = [None] * len(models)
+    unsent = [b""] * len(models)
     for _ in range(max_new):
         votes: dict[bytes | None, float] = {}
-        for model in models:
-            dist = model.next_bytes(prompt, generated)
-            total = sum(dist.values())
-            for key, p in dist.items():
+        for i, (model, state) in enumerate(zip(models, states, strict=True)):
+            if tables[i] is None:
+                model.commit(state, unsent[i], partial=True)
+                unsent[i], tables[i] = b"", model.next_bytes(state)
+            table = tables[i]
+            assert table is not None
+            total = sum(table.values())
+            for key, p in table.items():
                 char = END if key is END else first_char(key)
                 votes[char] = votes.get(char, 0.0) + p / total / len(models)
         choice = max(votes, key=lambda k: votes[k])
         if choice is END:
             break
         generated += choice
+        for i, table in enumerate(tables):
+            assert table is not None
+            unsent[i] += choice
+            rest = {k[len(choice) :]: p for k, p in table.items() if k is not END and len(k) > len(choice)
+                    and k.startswith(choice)}  # fmt: skip
+            ended = any(k is not END and k and choice.startswith(k) for k in table)
+            tables[i] = None if ended or not rest else rest
     return generated.decode("utf-8", errors="replace")
 
 

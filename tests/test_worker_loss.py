@@ -161,3 +161,39 @@ def test_a_restarted_worker_is_used_again_without_a_restart(loop: LoopThread, pa
                 time.sleep(0.2)
     assert result.usage.lost_models == ()
     assert result.usage.models[1].forward_passes > 0
+
+
+def test_a_worker_exception_fails_the_request_with_internal_and_the_worker_serves_on(loop: LoopThread) -> None:
+    """An exception inside the worker (here, in its forward pass) is the request's INTERNAL error with the
+    message, not a lost worker; the same worker answers the next request."""
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
+    from model_worker.server import WorkerServer
+
+    async def start() -> tuple[WorkerServer, Runtime]:
+        server = WorkerServer("127.0.0.1:0")
+        await server.start()
+        runtime = Runtime(load_model(str(MODELS / "arith-bpe")))
+        await server.ready(runtime)
+        return server, runtime
+
+    server, runtime = loop.run(start())
+    worker = WorkerProcess(
+        ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe")), None, f"127.0.0.1:{server.port}"
+    )  # type: ignore[arg-type]
+    healthy = runtime.engine._run
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("the forward pass blew up")
+
+    try:
+        with coordinator(loop, make_config([worker])) as target, chorus.Client(target, timeout=60, retries=0) as client:
+            runtime.engine._run = broken  # type: ignore[method-assign]
+            with pytest.raises(chorus.ChorusError) as caught:
+                client.generate(prompt="12+35=", max_new_tokens=4, on_worker_loss="degrade")
+            assert caught.value.code == grpc.StatusCode.INTERNAL
+            assert "the forward pass blew up" in caught.value.details and "lost" not in caught.value.details
+            runtime.engine._run = healthy  # type: ignore[method-assign]
+            assert client.generate(prompt="12+35=", max_new_tokens=4).text == "48"
+    finally:
+        loop.run(server.stop(grace=0))

@@ -53,3 +53,23 @@ def random_llama(path: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def random_gemma3(path: Path, seed: int = 0, window: int = 8) -> Path:
+    """A random tiny Gemma 3: sliding-window layers (window tokens) between full ones, as in Gemma 3 270M."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = sentencepiece_byte_fallback()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        sliding_window=window, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # sharper than a random init, so greedy choices are not near ties
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(path)
+    return path

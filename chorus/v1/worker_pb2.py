@@ -25,55 +25,55 @@ _sym_db = _symbol_database.Default()
 from chorus.v1 import common_pb2 as chorus_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63horus/v1/worker.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"\r\n\x0bInfoRequest\"\x8a\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x11special_token_ids\x18\x05 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x16\n\x0etokenizer_kind\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x04\"\'\n\x11VocabularyRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\r\"D\n\x0fVocabularyChunk\x12\x10\n\x08start_id\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x0c\x12\x0f\n\x07special\x18\x03 \x03(\x08\"D\n\x0bSessionOpen\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.chorus.v1.Prompt\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"m\n\x0bSessionStep\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12-\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.chorus.v1.DistributionFormat\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08rollback\x18\x04 \x01(\r\"K\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x81\x01\n\x0cSessionDraft\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12\x10\n\x08rollback\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12%\n\x08sampling\x18\x04 \x01(\x0b\x32\x13.chorus.v1.Sampling\x12\x14\n\x0creport_top_k\x18\x05 \x01(\r\"O\n\x0cSessionScore\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12\x10\n\x08rollback\x18\x02 \x01(\r\x12\x0e\n\x06pieces\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\"#\n\rSessionLookup\x12\x12\n\ncandidates\x18\x01 \x03(\x0c\"\xe8\x01\n\x0eSessionRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.chorus.v1.SessionOpenH\x00\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x16.chorus.v1.SessionStepH\x00\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x17.chorus.v1.SessionDraftH\x00\x12(\n\x05score\x18\x04 \x01(\x0b\x32\x17.chorus.v1.SessionScoreH\x00\x12*\n\x06lookup\x18\x05 \x01(\x0b\x32\x18.chorus.v1.SessionLookupH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x10\x44istributionPart\x12\x12\n\nskip_bytes\x18\x01 \x01(\r\x12\x11\n\tlog_scale\x18\x02 \x01(\x02\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.chorus.v1.DType\x12\x11\n\trest_mass\x18\x06 \x01(\x02\"\x9e\x01\n\nStepResult\x12*\n\x05parts\x18\x01 \x03(\x0b\x32\x1b.chorus.v1.DistributionPart\x12\x12\n\ntokens_fed\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\"&\n\rSessionOpened\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\"T\n\x14PositionDistribution\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x08\x12*\n\x05parts\x18\x02 \x03(\x0b\x32\x1b.chorus.v1.DistributionPart\"\x88\x01\n\x0b\x44raftResult\x12\x0e\n\x06pieces\x18\x01 \x03(\x0c\x12\r\n\x05\x65nded\x18\x02 \x01(\x08\x12.\n\x05\x64ists\x18\x03 \x03(\x0b\x32\x1f.chorus.v1.PositionDistribution\x12\x12\n\ntokens_fed\x18\x04 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x05 \x01(\r\"m\n\x0bScoreResult\x12\x32\n\tpositions\x18\x01 \x03(\x0b\x32\x1f.chorus.v1.PositionDistribution\x12\x12\n\ntokens_fed\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\" \n\x0cLookupResult\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\xe9\x01\n\x0fSessionResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.chorus.v1.SessionOpenedH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.chorus.v1.StepResultH\x00\x12\'\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x16.chorus.v1.DraftResultH\x00\x12\'\n\x05score\x18\x04 \x01(\x0b\x32\x16.chorus.v1.ScoreResultH\x00\x12)\n\x06lookup\x18\x05 \x01(\x0b\x32\x17.chorus.v1.LookupResultH\x00\x42\x06\n\x04kind*=\n\x12\x44istributionFormat\x12\t\n\x05TOP_K\x10\x00\x12\r\n\tFULL_FP16\x10\x01\x12\r\n\tFULL_FP32\x10\x02*!\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x32\xd3\x01\n\x0bModelWorker\x12\x34\n\x04Info\x12\x16.chorus.v1.InfoRequest\x1a\x14.chorus.v1.ModelInfo\x12H\n\nVocabulary\x12\x1c.chorus.v1.VocabularyRequest\x1a\x1a.chorus.v1.VocabularyChunk0\x01\x12\x44\n\x07Session\x12\x19.chorus.v1.SessionRequest\x1a\x1a.chorus.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63horus/v1/worker.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"\r\n\x0bInfoRequest\"\xb2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x19\n\x11special_token_ids\x18\x05 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x07 \x03(\t\x12\x16\n\x0etokenizer_kind\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x04\x12\x10\n\x08kv_slots\x18\r \x01(\r\x12\x14\n\x0cqueued_feeds\x18\x0e \x01(\r\"\'\n\x11VocabularyRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\r\"D\n\x0fVocabularyChunk\x12\x10\n\x08start_id\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x0c\x12\x0f\n\x07special\x18\x03 \x03(\x08\"D\n\x0bSessionOpen\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.chorus.v1.Prompt\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"~\n\x0bSessionStep\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12-\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1d.chorus.v1.DistributionFormat\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x10\n\x08rollback\x18\x04 \x01(\r\x12\x0f\n\x07partial\x18\x05 \x01(\x08\"K\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x92\x01\n\x0cSessionDraft\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12\x10\n\x08rollback\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12%\n\x08sampling\x18\x04 \x01(\x0b\x32\x13.chorus.v1.Sampling\x12\x14\n\x0creport_top_k\x18\x05 \x01(\r\x12\x0f\n\x07partial\x18\x06 \x01(\x08\"`\n\x0cSessionScore\x12\x0e\n\x06\x61ppend\x18\x01 \x01(\x0c\x12\x10\n\x08rollback\x18\x02 \x01(\r\x12\x0e\n\x06pieces\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0f\n\x07partial\x18\x05 \x01(\x08\"#\n\rSessionLookup\x12\x12\n\ncandidates\x18\x01 \x03(\x0c\"\xe8\x01\n\x0eSessionRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.chorus.v1.SessionOpenH\x00\x12&\n\x04step\x18\x02 \x01(\x0b\x32\x16.chorus.v1.SessionStepH\x00\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x17.chorus.v1.SessionDraftH\x00\x12(\n\x05score\x18\x04 \x01(\x0b\x32\x17.chorus.v1.SessionScoreH\x00\x12*\n\x06lookup\x18\x05 \x01(\x0b\x32\x18.chorus.v1.SessionLookupH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x10\x44istributionPart\x12\x12\n\nskip_bytes\x18\x01 \x01(\r\x12\x11\n\tlog_scale\x18\x02 \x01(\x02\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x10\n\x08logprobs\x18\x04 \x01(\x0c\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.chorus.v1.DType\x12\x11\n\trest_mass\x18\x06 \x01(\x02\"\xb6\x01\n\nStepResult\x12*\n\x05parts\x18\x01 \x03(\x0b\x32\x1b.chorus.v1.DistributionPart\x12\x12\n\ntokens_fed\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x16\n\x0equeue_position\x18\x07 \x01(\r\"&\n\rSessionOpened\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\"T\n\x14PositionDistribution\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x08\x12*\n\x05parts\x18\x02 \x03(\x0b\x32\x1b.chorus.v1.DistributionPart\"\x88\x01\n\x0b\x44raftResult\x12\x0e\n\x06pieces\x18\x01 \x03(\x0c\x12\r\n\x05\x65nded\x18\x02 \x01(\x08\x12.\n\x05\x64ists\x18\x03 \x03(\x0b\x32\x1f.chorus.v1.PositionDistribution\x12\x12\n\ntokens_fed\x18\x04 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x05 \x01(\r\"m\n\x0bScoreResult\x12\x32\n\tpositions\x18\x01 \x03(\x0b\x32\x1f.chorus.v1.PositionDistribution\x12\x12\n\ntokens_fed\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\" \n\x0cLookupResult\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\xe9\x01\n\x0fSessionResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.chorus.v1.SessionOpenedH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.chorus.v1.StepResultH\x00\x12\'\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x16.chorus.v1.DraftResultH\x00\x12\'\n\x05score\x18\x04 \x01(\x0b\x32\x16.chorus.v1.ScoreResultH\x00\x12)\n\x06lookup\x18\x05 \x01(\x0b\x32\x17.chorus.v1.LookupResultH\x00\x42\x06\n\x04kind*=\n\x12\x44istributionFormat\x12\t\n\x05TOP_K\x10\x00\x12\r\n\tFULL_FP16\x10\x01\x12\r\n\tFULL_FP32\x10\x02*!\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x32\xd3\x01\n\x0bModelWorker\x12\x34\n\x04Info\x12\x16.chorus.v1.InfoRequest\x1a\x14.chorus.v1.ModelInfo\x12H\n\nVocabulary\x12\x1c.chorus.v1.VocabularyRequest\x1a\x1a.chorus.v1.VocabularyChunk0\x01\x12\x44\n\x07Session\x12\x19.chorus.v1.SessionRequest\x1a\x1a.chorus.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chorus.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISTRIBUTIONFORMAT']._serialized_start=2149
-  _globals['_DISTRIBUTIONFORMAT']._serialized_end=2210
-  _globals['_DTYPE']._serialized_start=2212
-  _globals['_DTYPE']._serialized_end=2245
+  _globals['_DISTRIBUTIONFORMAT']._serialized_start=2264
+  _globals['_DISTRIBUTIONFORMAT']._serialized_end=2325
+  _globals['_DTYPE']._serialized_start=2327
+  _globals['_DTYPE']._serialized_end=2360
   _globals['_INFOREQUEST']._serialized_start=61
   _globals['_INFOREQUEST']._serialized_end=74
   _globals['_MODELINFO']._serialized_start=77
-  _globals['_MODELINFO']._serialized_end=343
-  _globals['_VOCABULARYREQUEST']._serialized_start=345
-  _globals['_VOCABULARYREQUEST']._serialized_end=384
-  _globals['_VOCABULARYCHUNK']._serialized_start=386
-  _globals['_VOCABULARYCHUNK']._serialized_end=454
-  _globals['_SESSIONOPEN']._serialized_start=456
-  _globals['_SESSIONOPEN']._serialized_end=524
-  _globals['_SESSIONSTEP']._serialized_start=526
-  _globals['_SESSIONSTEP']._serialized_end=635
-  _globals['_SAMPLING']._serialized_start=637
-  _globals['_SAMPLING']._serialized_end=712
-  _globals['_SESSIONDRAFT']._serialized_start=715
-  _globals['_SESSIONDRAFT']._serialized_end=844
-  _globals['_SESSIONSCORE']._serialized_start=846
-  _globals['_SESSIONSCORE']._serialized_end=925
-  _globals['_SESSIONLOOKUP']._serialized_start=927
-  _globals['_SESSIONLOOKUP']._serialized_end=962
-  _globals['_SESSIONREQUEST']._serialized_start=965
-  _globals['_SESSIONREQUEST']._serialized_end=1197
-  _globals['_DISTRIBUTIONPART']._serialized_start=1200
-  _globals['_DISTRIBUTIONPART']._serialized_end=1340
-  _globals['_STEPRESULT']._serialized_start=1343
-  _globals['_STEPRESULT']._serialized_end=1501
-  _globals['_SESSIONOPENED']._serialized_start=1503
-  _globals['_SESSIONOPENED']._serialized_end=1541
-  _globals['_POSITIONDISTRIBUTION']._serialized_start=1543
-  _globals['_POSITIONDISTRIBUTION']._serialized_end=1627
-  _globals['_DRAFTRESULT']._serialized_start=1630
-  _globals['_DRAFTRESULT']._serialized_end=1766
-  _globals['_SCORERESULT']._serialized_start=1768
-  _globals['_SCORERESULT']._serialized_end=1877
-  _globals['_LOOKUPRESULT']._serialized_start=1879
-  _globals['_LOOKUPRESULT']._serialized_end=1911
-  _globals['_SESSIONRESPONSE']._serialized_start=1914
-  _globals['_SESSIONRESPONSE']._serialized_end=2147
-  _globals['_MODELWORKER']._serialized_start=2248
-  _globals['_MODELWORKER']._serialized_end=2459
+  _globals['_MODELINFO']._serialized_end=383
+  _globals['_VOCABULARYREQUEST']._serialized_start=385
+  _globals['_VOCABULARYREQUEST']._serialized_end=424
+  _globals['_VOCABULARYCHUNK']._serialized_start=426
+  _globals['_VOCABULARYCHUNK']._serialized_end=494
+  _globals['_SESSIONOPEN']._serialized_start=496
+  _globals['_SESSIONOPEN']._serialized_end=564
+  _globals['_SESSIONSTEP']._serialized_start=566
+  _globals['_SESSIONSTEP']._serialized_end=692
+  _globals['_SAMPLING']._serialized_start=694
+  _globals['_SAMPLING']._serialized_end=769
+  _globals['_SESSIONDRAFT']._serialized_start=772
+  _globals['_SESSIONDRAFT']._serialized_end=918
+  _globals['_SESSIONSCORE']._serialized_start=920
+  _globals['_SESSIONSCORE']._serialized_end=1016
+  _globals['_SESSIONLOOKUP']._serialized_start=1018
+  _globals['_SESSIONLOOKUP']._serialized_end=1053
+  _globals['_SESSIONREQUEST']._serialized_start=1056
+  _globals['_SESSIONREQUEST']._serialized_end=1288
+  _globals['_DISTRIBUTIONPART']._serialized_start=1291
+  _globals['_DISTRIBUTIONPART']._serialized_end=1431
+  _globals['_STEPRESULT']._serialized_start=1434
+  _globals['_STEPRESULT']._serialized_end=1616
+  _globals['_SESSIONOPENED']._serialized_start=1618
+  _globals['_SESSIONOPENED']._serialized_end=1656
+  _globals['_POSITIONDISTRIBUTION']._serialized_start=1658
+  _globals['_POSITIONDISTRIBUTION']._serialized_end=1742
+  _globals['_DRAFTRESULT']._serialized_start=1745
+  _globals['_DRAFTRESULT']._serialized_end=1881
+  _globals['_SCORERESULT']._serialized_start=1883
+  _globals['_SCORERESULT']._serialized_end=1992
+  _globals['_LOOKUPRESULT']._serialized_start=1994
+  _globals['_LOOKUPRESULT']._serialized_end=2026
+  _globals['_SESSIONRESPONSE']._serialized_start=2029
+  _globals['_SESSIONRESPONSE']._serialized_end=2262
+  _globals['_MODELWORKER']._serialized_start=2363
+  _globals['_MODELWORKER']._serialized_end=2574
 # @@protoc_insertion_point(module_scope)

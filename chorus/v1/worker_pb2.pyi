@@ -29,7 +29,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "special_token_ids", "context_length", "capabilities", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes")
+    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "special_token_ids", "context_length", "capabilities", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes", "kv_slots", "queued_feeds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FEEDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     vocab_size: int
@@ -54,7 +56,9 @@ class ModelInfo(_message.Message):
     dtype: str
     active_sessions: int
     kv_cache_bytes: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    kv_slots: int
+    queued_feeds: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_slots: _Optional[int] = ..., queued_feeds: _Optional[int] = ...) -> None: ...
 
 class VocabularyRequest(_message.Message):
     __slots__ = ("chunk_size",)
@@ -81,16 +85,18 @@ class SessionOpen(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("append", "format", "top_k", "rollback")
+    __slots__ = ("append", "format", "top_k", "rollback", "partial")
     APPEND_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     append: bytes
     format: DistributionFormat
     top_k: int
     rollback: int
-    def __init__(self, append: _Optional[bytes] = ..., format: _Optional[_Union[DistributionFormat, str]] = ..., top_k: _Optional[int] = ..., rollback: _Optional[int] = ...) -> None: ...
+    partial: bool
+    def __init__(self, append: _Optional[bytes] = ..., format: _Optional[_Union[DistributionFormat, str]] = ..., top_k: _Optional[int] = ..., rollback: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed")
@@ -105,30 +111,34 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionDraft(_message.Message):
-    __slots__ = ("append", "rollback", "max_tokens", "sampling", "report_top_k")
+    __slots__ = ("append", "rollback", "max_tokens", "sampling", "report_top_k", "partial")
     APPEND_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REPORT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     append: bytes
     rollback: int
     max_tokens: int
     sampling: Sampling
     report_top_k: int
-    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., report_top_k: _Optional[int] = ...) -> None: ...
+    partial: bool
+    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., report_top_k: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class SessionScore(_message.Message):
-    __slots__ = ("append", "rollback", "pieces", "top_k")
+    __slots__ = ("append", "rollback", "pieces", "top_k", "partial")
     APPEND_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     append: bytes
     rollback: int
     pieces: _containers.RepeatedScalarFieldContainer[bytes]
     top_k: int
-    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., pieces: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    partial: bool
+    def __init__(self, append: _Optional[bytes] = ..., rollback: _Optional[int] = ..., pieces: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class SessionLookup(_message.Message):
     __slots__ = ("candidates",)
@@ -167,20 +177,22 @@ class DistributionPart(_message.Message):
     def __init__(self, skip_bytes: _Optional[int] = ..., log_scale: _Optional[float] = ..., ids: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., rest_mass: _Optional[float] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("parts", "tokens_fed", "forward_passes", "batch_size", "queue_ms", "compute_ms")
+    __slots__ = ("parts", "tokens_fed", "forward_passes", "batch_size", "queue_ms", "compute_ms", "queue_position")
     PARTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     parts: _containers.RepeatedCompositeFieldContainer[DistributionPart]
     tokens_fed: int
     forward_passes: int
     batch_size: int
     queue_ms: float
     compute_ms: float
-    def __init__(self, parts: _Optional[_Iterable[_Union[DistributionPart, _Mapping]]] = ..., tokens_fed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, parts: _Optional[_Iterable[_Union[DistributionPart, _Mapping]]] = ..., tokens_fed: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batch_size: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("prompt_tokens",)

@@ -46,10 +46,12 @@ class StepContext(Protocol):
     text: bytes  # the text generated so far
     alive: Sequence[bool]  # per model: its worker is still there (policy degrade)
 
-    async def ask(self, models: Sequence[int], top_k: int | None = None) -> dict[int, UnionDist]:
+    async def ask(self, models: Sequence[int], top_k: int | None = None, partial: bool = False) -> dict[int, UnionDist]:
         """The listed models' next-bytes distributions in the union, asked concurrently (top_k
-        overrides the configured transport). A model whose worker was lost (policy degrade) is
-        missing from the answer; if no model is left at all, this raises."""
+        overrides the configured transport). `partial`: the text committed since may end inside a
+        token (a character, not a token, was chosen), so each model's last token stays open. A model
+        whose worker was lost (policy degrade) is missing from the answer; if no model is left at
+        all, this raises."""
         ...
 
     async def draft(

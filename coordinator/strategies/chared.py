@@ -34,7 +34,7 @@ class Chared(Strategy):
         need = [i for i, t in enumerate(self._tables) if t is None and ctx.alive[i]]
         marginals: dict[int, Table] = {}
         if need:
-            for i, dist in (await ctx.ask(need)).items():
+            for i, dist in (await ctx.ask(need, partial=True)).items():
                 self._tables[i], marginals[i] = _table(ctx, dist)
         for i, table in enumerate(self._tables):
             if table is not None and ctx.alive[i] and i not in marginals:
