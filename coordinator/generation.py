@@ -19,7 +19,7 @@ from coordinator.strategies import STRATEGIES, Drafted
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage, WirePart
 from coordinator.union_dist import ExtraIds, UnionDist, from_parts, mix
 from coordinator.union_vocab import END
-from coordinator.workers import ModelSession, Transport, WorkerClient
+from coordinator.workers import ContextFull, ModelSession, Transport, WorkerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +103,13 @@ class _Step:
         call = run.sessions[model].draft(append + ahead, rollback, max_tokens, self.sampling, seed, report_top_k,
                                          foreign or bool(ahead))  # fmt: skip
         started = time.perf_counter()
-        drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
+        try:
+            drafted = await run.guarded(model, call, run.step_budget(model) * (1 + max_tokens))
+        except ContextExhausted:
+            if not ahead:
+                raise
+            run.held_extra[model] = ahead  # it took the text assumed to follow, then found its context full
+            return None  # nothing drafted ahead: the strategy goes on without
         if drafted is None:
             run.check_any_alive()
             return None
@@ -239,9 +245,9 @@ class _Run:
                     break
                 log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
                          extra={"request_id": self.request.request_id})  # fmt: skip
+        except ContextFull as exc:
+            raise ContextExhausted(str(exc)) from exc
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                raise ContextExhausted(exc.details()) from exc
             if exc.code() in _FAILED_CODES:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
             if exc.code() not in _LOST_CODES:

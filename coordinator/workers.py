@@ -37,6 +37,10 @@ class Transport:
     half: bool  # full distributions as float16
 
 
+class ContextFull(Exception):
+    """The text no longer fits the model's context; the session stays open (a rollback brings it back)."""
+
+
 class WorkerClient:
     def __init__(self, address: str, tls: TlsFiles | None = None) -> None:
         self.address = address
@@ -209,6 +213,8 @@ class ModelSession:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "worker closed the session"
             )
+        if response.WhichOneof("kind") == "context_full":
+            raise ContextFull(response.context_full.details)
         return response
 
 

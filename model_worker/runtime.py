@@ -309,12 +309,16 @@ class Runtime:
         for piece in pieces:
             self.conditioner.commit(state, piece, partial=True)
             plans.append(self.conditioner.plan(state))
-        final = plans[-1]
-        if len(final.ids) >= self.context_length:
-            raise ContextFull(f"text: {len(final.ids)} tokens reach {self.loaded.name}'s context length")
+        # Near the context limit only the first pieces may fit: the positions after them have no distribution
+        # (the session still holds every piece; its next step says the context is full).
+        fitting = [j for j, p in enumerate(plans) if len(p.ids) < self.context_length]
+        if not fitting or fitting[0] != 0:
+            raise ContextFull(f"text: {len(plans[0].ids)} tokens reach {self.loaded.name}'s context length")
+        last = max(j for j in fitting if all(k in fitting for k in range(j + 1)))
+        final = plans[last]
         # A position has a distribution where the model is at a token boundary and its tokens there are
         # a prefix of the final ones (then one pass over the final tokens gives its rows).
-        usable = [p.at_boundary and p.ids == final.ids[: len(p.ids)] for p in plans]
+        usable = [j <= last and p.at_boundary and p.ids == final.ids[: len(p.ids)] for j, p in enumerate(plans)]
         needed = {r for p, ok in zip(plans, usable, strict=True) if ok for r in p.rows_needed}
         stats = await self._ensure_rows(session.kv, final.ids, needed)
         session.text = state

@@ -61,6 +61,41 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             raise _ShuttingDown
         return work.result()
 
+    async def _handle(
+        self, runtime: Runtime, session: Session | None, request: worker_pb2.SessionRequest
+    ) -> tuple[worker_pb2.SessionResponse, Session | None]:
+        """One message of a session stream: its response, and the session (opened by the first message)."""
+        kind = request.WhichOneof("kind")
+        if kind == "open":
+            if session is not None:
+                raise RequestError("open: the session is already open")
+            prompt = convert.prompt_from_proto(request.open.prompt)
+            session = await self._unless_stopping(runtime.open(prompt, request.open.request_id))
+            return worker_pb2.SessionResponse(
+                opened=worker_pb2.SessionOpened(prompt_tokens=session.prompt_tokens)
+            ), session
+        if kind is None:
+            raise RequestError("request: empty message, expected open or step")
+        if session is None:
+            raise RequestError(f"{kind}: open the session first")
+        if kind == "step":
+            step = request.step
+            call = runtime.step(session, step.append, convert.format_from_proto(step), step.rollback, step.partial)
+            return convert.step_to_proto(await self._unless_stopping(call)), session
+        if kind == "draft":
+            d = request.draft
+            sampling = convert.sampling_from_proto(d.sampling)
+            call = runtime.draft(
+                session, d.append, d.rollback, d.max_tokens, sampling, d.sampling.seed, d.report_top_k, d.partial
+            )
+            return convert.draft_to_proto(await self._unless_stopping(call)), session
+        if kind == "score":
+            sc = request.score
+            top_k = sc.top_k or convert.DEFAULT_TOP_K
+            call = runtime.score(session, sc.append, sc.rollback, list(sc.pieces), top_k, sc.partial)
+            return convert.score_to_proto(await self._unless_stopping(call)), session
+        return convert.lookup_to_proto(runtime.lookup(session, list(request.lookup.candidates))), session
+
     async def Session(
         self, request_iterator: AsyncIterator[worker_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.SessionResponse]:
@@ -70,45 +105,15 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         requests = aiter(request_iterator)
         try:
             while (request := await self._unless_stopping(anext(requests, None))) is not None:
-                kind = request.WhichOneof("kind")
                 if self.draining and session is None:
                     raise _ShuttingDown  # refused once its first message is read: the client sees this status
-                if kind == "open":
-                    if session is not None:
-                        raise RequestError("open: the session is already open")
-                    prompt = convert.prompt_from_proto(request.open.prompt)
-                    session = await self._unless_stopping(runtime.open(prompt, request.open.request_id))
-                    yield worker_pb2.SessionResponse(
-                        opened=worker_pb2.SessionOpened(prompt_tokens=session.prompt_tokens)
-                    )
-                elif kind is not None and session is None:
-                    raise RequestError(f"{kind}: open the session first")
-                elif kind == "step":
-                    step = request.step
-                    fmt = convert.format_from_proto(step)
-                    call = runtime.step(session, step.append, fmt, step.rollback, step.partial)
-                    yield convert.step_to_proto(await self._unless_stopping(call))
-                elif kind == "draft":
-                    d = request.draft
-                    sampling = convert.sampling_from_proto(d.sampling)
-                    call = runtime.draft(
-                        session, d.append, d.rollback, d.max_tokens, sampling, d.sampling.seed, d.report_top_k,
-                        d.partial,
-                    )  # fmt: skip
-                    yield convert.draft_to_proto(await self._unless_stopping(call))
-                elif kind == "score":
-                    sc = request.score
-                    top_k = sc.top_k or convert.DEFAULT_TOP_K
-                    call = runtime.score(session, sc.append, sc.rollback, list(sc.pieces), top_k, sc.partial)
-                    yield convert.score_to_proto(await self._unless_stopping(call))
-                elif kind == "lookup":
-                    yield convert.lookup_to_proto(runtime.lookup(session, list(request.lookup.candidates)))
-                else:
-                    raise RequestError("request: empty message, expected open or step")
+                try:
+                    response, session = await self._handle(runtime, session, request)
+                except ContextFull as exc:  # the session goes on: a rollback brings it back within its context
+                    response = worker_pb2.SessionResponse(context_full=worker_pb2.ContextFull(details=str(exc)))
+                yield response
         except _ShuttingDown:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down; retry on another replica")
-        except ContextFull as exc:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except AtCapacity as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SessionExpired as exc:

