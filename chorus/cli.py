@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import chorus
@@ -16,10 +18,23 @@ from model_worker.catalog import add_arguments as add_catalog_arguments
 from model_worker.main import add_arguments as add_worker_arguments
 
 if TYPE_CHECKING:
+    from coordinator.cluster import LocalWorkers
     from coordinator.config import EnsembleConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-DEMO_PROMPTS = ("12+35=", "48+27=", "7+86=", "63+19=", "90+9=", "25+58=")
+DEMO_SUMS = ("12+35=", "48+27=", "7+86=", "63+19=", "90+9=", "25+58=")
+DEMO_FACTS = (
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Germany?", "Berlin"),
+    ("What is 2 + 2?", "4"),
+    ("What is 10 + 5?", "15"),
+    ("What is 6 + 7?", "13"),
+    ("What is the opposite of hot?", "cold"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("How many legs does a spider have?", "8"),
+    ("What is the largest planet in the solar system?", "Jupiter"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--config", required=True)
     demo.add_argument("--port", type=int, default=0)
+    demo.add_argument("--questions", choices=sorted(QUESTIONS), default="sums", help="the checkable prompts asked")
+    demo.add_argument("--strategies", help="ensemble strategies to show, comma-separated (default: the config's)")
 
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -87,8 +104,8 @@ def _up(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
     config = _load(args.config)
-    with cluster.local_workers(config) as addresses:
-        asyncio.run(_serve(config, addresses, args.port, args.metrics_port, args.grace))
+    with cluster.supervised_workers(config) as workers:  # a worker that dies is restarted
+        asyncio.run(_serve(config, workers.addresses, args.port, args.metrics_port, args.grace, workers))
     return 0
 
 
@@ -110,11 +127,16 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 async def _serve(
-    config: EnsembleConfig, addresses: list[str], port: int | None, metrics_port: int | None, grace: float
+    config: EnsembleConfig,
+    addresses: list[str],
+    port: int | None,
+    metrics_port: int | None,
+    grace: float,
+    workers: LocalWorkers | None = None,
 ) -> None:
     from coordinator import cluster
 
-    running = await cluster.start_coordinator(config, addresses, port)
+    running = await cluster.start_coordinator(config, addresses, port, workers=workers)
     if metrics_port is not None:
         bound = serve_metrics(config.server.host, metrics_port)
         print(f"metrics on http://{config.server.host}:{bound}/metrics", flush=True)
@@ -184,35 +206,81 @@ def _demo(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
     config = _load(args.config)
-    with cluster.local_workers(config) as addresses:
-        asyncio.run(_demo_async(config, addresses, args.port))
+    strategies = args.strategies.split(",") if args.strategies else [config.strategy]
+    with cluster.supervised_workers(config) as workers:
+        addresses = workers.addresses
+        asyncio.run(_demo_async(config, addresses, args.port, QUESTIONS[args.questions](), strategies, workers))
     return 0
 
 
-async def _demo_async(config: EnsembleConfig, addresses: list[str], port: int) -> None:
+@dataclass(frozen=True)
+class Question:
+    prompt: str
+    answer: str
+    stop: tuple[str, ...] = ()
+
+    def check(self, text: str) -> bool:
+        """Right when the answer is a word of the reply's first line (sums: the reply itself)."""
+        first = text.strip().split("\n")[0].lower()
+        return self.answer.lower() in re.findall(r"[\w']+", first)
+
+
+def _sums() -> list[Question]:
+    return [Question(p, str(sum(int(n) for n in p.rstrip("=").split("+")))) for p in DEMO_SUMS]
+
+
+def _facts() -> list[Question]:
+    """Few-shot questions with one-word answers, for the real models (base and instruct alike)."""
+    shots = "Q: What is the capital of Italy?\nA: Rome\nQ: What is 3 + 4?\nA: 7\n"
+    return [Question(f"{shots}Q: {q}\nA:", a, ("\n",)) for q, a in DEMO_FACTS]
+
+
+QUESTIONS = {"sums": _sums, "facts": _facts}
+
+
+async def _demo_async(
+    config: EnsembleConfig,
+    addresses: list[str],
+    port: int,
+    questions: list[Question],
+    strategies: list[str],
+    workers: LocalWorkers | None = None,
+) -> None:
     from coordinator import cluster
 
     names = list(config.model_names)
-    runs = [(f"{name} alone", _solo(config, i), [addresses[i]]) for i, name in enumerate(names)]
-    runs.append((f"ensemble ({config.strategy})", config, addresses))
-    for label, cfg, addrs in runs:
-        running = await cluster.start_coordinator(cfg, addrs, port)
+    runs = [(name, _solo(config, i), [addresses[i]], None) for i, name in enumerate(names)]
+    runs += [(strategy, config, addresses, strategy) for strategy in strategies]
+    answers: dict[str, list[str]] = {}
+    summary = []
+    for label, cfg, addrs, strategy in runs:
+        running = await cluster.start_coordinator(cfg, addrs, port, workers=workers)
         target = f"127.0.0.1:{running.port}"
-        correct, tokens, elapsed = 0, 0, 0.0
-        print(f"\n== {label}")
+        right, tokens, elapsed = 0, 0, 0.0
+        answers[label] = []
         async with chorus.AsyncClient(target) as client:
-            await client.generate(prompt=DEMO_PROMPTS[0], max_new_tokens=4)  # warm-up
-            for prompt in DEMO_PROMPTS:
+            await client.generate(prompt=questions[0].prompt, max_new_tokens=2, strategy=strategy)  # warm-up
+            for q in questions:
                 started = time.perf_counter()
-                result = await client.generate(prompt=prompt, max_new_tokens=8)
+                result = await client.generate(prompt=q.prompt, max_new_tokens=12, stop=list(q.stop) or None,
+                                               strategy=strategy)  # fmt: skip
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
-                a, b = prompt.rstrip("=").split("+")
-                ok = result.text.strip() == str(int(a) + int(b))
-                correct += ok
-                print(f"  {prompt}{result.text:<6} {'ok' if ok else 'WRONG'}   ({result.usage.steps} steps)")
-        print(f"  {correct}/{len(DEMO_PROMPTS)} correct, {1e3 * elapsed / tokens:.1f} ms/token")
+                ok = q.check(result.text)
+                right += ok
+                answers[label].append(f"{result.text.strip()[:18]} {'ok' if ok else 'WRONG'}")
+        summary.append((label, right, 1e3 * elapsed / tokens))
         await running.stop(grace=0)
+    labels = [label for label, *_ in runs]
+    width = max(len(a) for column in answers.values() for a in column) + 2
+    shown = [q.prompt.rsplit("Q: ", 1)[-1].replace("\nA:", "") for q in questions]
+    lead = max(len(s) for s in shown) + 2
+    print("\n" + "".ljust(lead) + "".join(label.ljust(width) for label in labels))
+    for j, text in enumerate(shown):
+        print(text.ljust(lead) + "".join(answers[label][j].ljust(width) for label in labels))
+    print()
+    for label, right, ms in summary:
+        print(f"{label:<12} {right}/{len(questions)} right   {ms:.1f} ms/token")
 
 
 def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:

@@ -6,12 +6,14 @@ import grpc
 
 
 class ChorusError(Exception):
-    """Any failed call; `code` is the gRPC status code, `details` the server's message."""
+    """Any failed call; `code` is the gRPC status code, `details` the server's message, `retry_after`
+    the seconds the server asked a retry to wait (its `retry-after` hint), None if it gave none."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ChorusError):
@@ -49,6 +51,9 @@ _BY_CODE: dict[grpc.StatusCode, type[ChorusError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> ChorusError:
+    from chorus.client import retry_hint  # chorus.client imports this module
+
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
-    return _BY_CODE.get(code, ChorusError)(code, details)
+    hint = retry_hint(error) if hasattr(error, "trailing_metadata") else None
+    return _BY_CODE.get(code, ChorusError)(code, details, hint)
