@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything .[worker,dev] needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench clean
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
@@ -90,6 +90,11 @@ BENCH_QUALITY_REAL_LIMIT ?= 200
 bench-quality-real: $(STAMP) real-models
 	$(PY) scripts/bench_quality.py --config configs/real.yaml --task lambada --limit $(BENCH_QUALITY_REAL_LIMIT) \
 		--concurrency 8 --json bench-quality-real.json
+
+## bench-gpu: the engine on one GPU with random Llama-3.1-8B and Qwen2.5-7B members (bf16): decode tokens/s
+## at batch 1/8/32 vs generate+static cache and the bandwidth limit, GaC vs the two alone, ME / GaC (< 8 min, H200)
+bench-gpu: $(STAMP)
+	$(PY) scripts/bench_gpu.py --json bench-gpu.json
 
 ## bench: performance figures as side-by-side ratios with targets (table + bench.json); BENCH_ARGS=--quick to smoke
 bench: $(STAMP)

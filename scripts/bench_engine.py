@@ -57,12 +57,17 @@ class EngineDecode:
                 assert keys is not None and values is not None
                 keys.normal_()
                 values.normal_()
-        feeds = [_Feed(KVState(s, [0] * context), [1], {context}, None, 0) for s in range(sessions)]  # type: ignore[arg-type]
-        self.slices = [_Slice(f, [1], context, [context]) for f in feeds]
+        self.context = context
+        self.feeds = [_Feed(KVState(s, [0] * context), [1], {context}, None, 0) for s in range(sessions)]  # type: ignore[arg-type]
+        self._slice = _Slice
 
-    def step(self) -> float:
+    def step(self, tokens: int = 1) -> float:
+        """One pass feeding `tokens` tokens to every session (1 = a decode; more = an ME catch-up), written
+        at the same cells each time, keeping the last output row."""
+        start = self.context - tokens + 1
+        slices = [self._slice(f, [1] * tokens, start, [self.context]) for f in self.feeds]
         started = time.perf_counter()
-        self.engine._run(self.slices)  # writes position `context` of every slot: the same cells each time
+        self.engine._run(slices)
         _sync(self.device)
         return time.perf_counter() - started
 
