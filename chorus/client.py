@@ -169,12 +169,13 @@ def build_request(
     request_id: str | None = None,
     on_worker_loss: str | None = None,
     weights: Mapping[str, float] | None = None,
+    model: str | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     given = [x is not None for x in (prompt, messages, conversations)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, messages or conversations")
     request = coordinator_pb2.GenerateRequest(
-        strategy=strategy or "", request_id=request_id or "", on_worker_loss=on_worker_loss or ""
+        strategy=strategy or "", request_id=request_id or "", on_worker_loss=on_worker_loss or "", model=model or ""
     )
     if prompt is not None:
         request.prompt = prompt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,17 @@ class TlsFiles:
         ca = self.ca.read_bytes() if self.ca else None
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=ca is not None)
 
+    def ssl_server_context(self) -> ssl.SSLContext:
+        """The same as server_credentials, for an HTTP server (aiohttp): TLS 1.2+, client certificates
+        signed by `ca` required when `ca` is given."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # trusts no CA but `ca` (not the system's)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca:
+            context.load_verify_locations(cafile=self.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
@@ -46,6 +58,18 @@ def read_tokens(path: Path) -> tuple[str, ...]:
     return tokens
 
 
+def bearer_allowed(authorization: str, tokens: Sequence[bytes]) -> bool:
+    """Whether an `Authorization` value is `Bearer <token>` with one of the tokens (what gRPC metadata and
+    the HTTP APIs both check), compared in constant time."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    candidate = token.strip().encode()
+    # Compare against every token so the time taken does not tell which one was close.
+    matches = [hmac.compare_digest(candidate, t) for t in tokens]
+    return any(matches)
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` with a known token, compared in constant time."""
 
@@ -53,14 +77,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         self._tokens = [t.encode() for t in tokens]
 
     def _allowed(self, metadata: Sequence[Any] | None) -> bool:
-        given = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        candidate = token.strip().encode()
-        # Compare against every token so the time taken does not tell which one was close.
-        matches = [hmac.compare_digest(candidate, t) for t in self._tokens]
-        return any(matches)
+        return bearer_allowed(dict(metadata or ()).get("authorization", ""), self._tokens)
 
     async def intercept_service(
         self,

@@ -170,6 +170,19 @@ class Http(_Section):
     enabled: bool = False
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)  # 0 = any free port
+    # TLS on the HTTP port: by default the gRPC server's (server.tls_cert, tls_key, client_ca); these
+    # give HTTP its own. Bearer tokens are always server.tokens_file's, the same as gRPC's.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Http:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca needs tls_cert and tls_key (without them HTTP uses server's TLS)")
+        return self
 
 
 class Discovery(_Section):
@@ -370,6 +383,13 @@ class EnsembleConfig(_Section):
             return self.model_names.index(self.safe.drafter)
         primary = self.primary_index
         return 0 if primary is None else primary
+
+    def alone(self, name: str) -> EnsembleConfig:
+        """This config with one model alone (a request for that member): strategy gac by default, the
+        whole weight, no other drafter."""
+        spec = self.models[self.model_names.index(name)]
+        safe = self.safe.model_copy(update={"drafter": None})
+        return self.model_copy(update={"models": (spec,), "strategy": "gac", "weights": "average", "safe": safe})
 
     @property
     def primary(self) -> ModelSpec | None:

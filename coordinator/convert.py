@@ -14,6 +14,7 @@ from coordinator.strategies import STRATEGIES
 from coordinator.types import Finished, GenerationRequest, Prompt, SamplingParams, TextPiece, Usage
 
 ROLES = ("system", "user", "assistant")
+ENSEMBLE_ID = "chorus"  # the whole ensemble, as a request's `model` (HTTP and gRPC) names it
 MAX_STOP_STRINGS = 16
 MAX_TEMPERATURE = 100.0
 
@@ -52,11 +53,14 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
     max_new = request.max_new_tokens if request.HasField("max_new_tokens") else defaults.max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidRequest(f"max_new_tokens: {max_new} is outside 1..{limits.max_new_tokens}")
-    strategy = request.strategy or config.strategy
+    model = member_named(request.model, config)
+    scope = config if model is None else config.alone(model)  # a member alone: the config of it alone
+    strategy = request.strategy or scope.strategy
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"strategy: unknown {strategy!r}, expected one of {sorted(STRATEGIES)}")
-    if STRATEGIES[strategy].needs_primary and config.primary_index is None:
-        raise InvalidRequest(f"strategy: {strategy!r} needs a model with priority primary in the config")
+    if STRATEGIES[strategy].needs_primary and scope.primary_index is None:
+        alone = f" (model {model!r} alone is not the primary)" if model is not None else ""
+        raise InvalidRequest(f"strategy: {strategy!r} needs a model with priority primary in the config{alone}")
     sampling = SamplingParams(
         temperature=_number(request, "temperature", defaults.temperature, 0.0, MAX_TEMPERATURE),
         top_p=_number(request, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
@@ -74,7 +78,7 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         if not s:
             raise InvalidRequest(f"stop[{i}]: empty stop string")
     seed = request.seed if request.HasField("seed") else None
-    weights = _weights(request, config)
+    weights = _weights(request, scope)
     on_loss = request.on_worker_loss or defaults.on_worker_loss
     if on_loss not in ("fail", "degrade"):
         raise InvalidRequest(f"on_worker_loss: {on_loss!r} is not 'fail' or 'degrade'")
@@ -93,9 +97,32 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
             weights=weights,
             step_timeout=limits.step_timeout_s,
             first_step_timeout=limits.first_step_timeout_s,
+            model=model,
         )
         for i, p in enumerate(prompts)
     ]
+
+
+def member_named(model: str, config: EnsembleConfig) -> str | None:
+    """The member a request's `model` names; None for the whole ensemble ("" or ENSEMBLE_ID)."""
+    if model in ("", ENSEMBLE_ID):
+        return None
+    if model not in config.model_names:
+        raise InvalidRequest(
+            f"model: unknown model {model!r}; {ENSEMBLE_ID!r} is the ensemble, its models are "
+            f"{list(config.model_names)}"
+        )
+    return model
+
+
+def check_logprobs(request: GenerationRequest) -> None:
+    """Refuse logprobs for strategies that accept tokens drawn inside a worker: the coordinator has no
+    distribution those were drawn from."""
+    if request.logprobs is not None and STRATEGIES[request.strategy].drafts:
+        raise InvalidRequest(
+            f"logprobs: strategy {request.strategy!r} accepts tokens a model drew in its worker, with no "
+            f"distribution the ensemble drew them from; ask another strategy (e.g. gac) for logprobs"
+        )
 
 
 def _weights(request: coordinator_pb2.GenerateRequest, config: EnsembleConfig) -> tuple[float, ...]:
@@ -105,7 +132,7 @@ def _weights(request: coordinator_pb2.GenerateRequest, config: EnsembleConfig) -
     names = config.model_names
     for name, value in request.weights.items():
         if name not in names:
-            raise InvalidRequest(f"weights: unknown model {name!r}, the ensemble has {list(names)}")
+            raise InvalidRequest(f"weights: unknown model {name!r}, the request's models are {list(names)}")
         if not math.isfinite(value) or value <= 0:
             raise InvalidRequest(f"weights[{name!r}]: {value} must be a finite number > 0")
     raw = [request.weights.get(name, w) for name, w in zip(names, config.weight_vector(), strict=True)]

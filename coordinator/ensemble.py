@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,12 @@ class Ensemble:
         members = [Member(spec, w) for spec, w in zip(config.models, config.weight_vector(), strict=True)]
         transport = Transport(top_k=config.transport.top_k, half=config.transport.dtype == "float16")
         return cls(config, members, transport)
+
+    def alone(self, name: str) -> Ensemble:
+        """One member alone, for a request that names it: the same replicas (placement and release as in
+        the whole ensemble), the same union vocabulary, the whole weight."""
+        member = next(m for m in self.members if m.spec.name == name)
+        return Ensemble(self.config.alone(name), [replace(member, weight=1.0)], self.transport, self.union)
 
     @property
     def worker_tls(self) -> TlsFiles | None:

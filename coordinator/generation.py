@@ -13,10 +13,11 @@ import grpc
 import numpy as np
 
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
+from coordinator.logprobs import token_logprob
 from coordinator.metrics import RequestMetrics
 from coordinator.sampling import choose
 from coordinator.strategies import STRATEGIES, Drafted
-from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, Usage, WirePart
+from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, TokenLogprob, Usage, WirePart
 from coordinator.union_dist import ExtraIds, UnionDist, from_parts, mix
 from coordinator.union_vocab import END
 from coordinator.workers import ContextFull, ModelSession, Transport, WorkerClient
@@ -273,6 +274,8 @@ async def generate(
     started = time.perf_counter()
     strategy = STRATEGIES[request.strategy]()
     ensemble.check_ready()
+    if request.model is not None:  # a member alone: placed on that member only
+        ensemble = ensemble.alone(request.model)
     placed: list[tuple[Member, Replica]] = []
     try:
         for m in ensemble.members:
@@ -283,10 +286,11 @@ async def generate(
         raise
     sessions = [replica.client.session(timeout) for _, replica in placed]
     run = _Run(ensemble, request, sessions, [replica.client for _, replica in placed])
-    measure = RequestMetrics(request.strategy, [m.spec.name for m in ensemble.members])
+    measure = RequestMetrics(request.strategy, [m.spec.name for m in ensemble.members], request.model)
     rng = np.random.default_rng(request.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = _StopMatcher(request.stop)
+    unsent: list[TokenLogprob] = []  # with request.logprobs: tokens whose text no piece carried yet
     finish = "length"
     try:
         opens = [run.guarded(i, s.open(request.prompt, request.request_id), request.first_step_timeout)
@@ -318,6 +322,9 @@ async def generate(
                     end = True
                 else:
                     chosen.append(step.extras.bytes_of(uid))
+                    if request.logprobs is not None:  # strategies that draft pieces are refused logprobs
+                        dist, top = decision.dist, request.logprobs
+                        unsent.append(token_logprob(dist, request.sampling, uid, top, step.extras))
             run.written(bool(decision.pieces), step.answers, decision.dist, uid)
             for piece in chosen[: request.max_new_tokens - run.usage.completion_tokens]:
                 run.usage.steps += 1
@@ -325,8 +332,9 @@ async def generate(
                 measure.token()
                 run.text += piece
                 text, stopped = stops.feed(decoder.decode(piece))
-                if text:
-                    yield TextPiece(text)
+                if text or (stopped and unsent):
+                    yield TextPiece(text, tuple(unsent))
+                    unsent.clear()
                 if stopped:
                     finish = "stop"
                     break
@@ -335,8 +343,8 @@ async def generate(
                 finish = "stop"
         if not stops.stopped:
             tail, _ = stops.feed(decoder.decode(b"", final=True), final=True)
-            if tail:
-                yield TextPiece(tail)
+            if tail or unsent:
+                yield TextPiece(tail, tuple(unsent))
         run.usage.elapsed_ms = (time.perf_counter() - started) * 1e3
         measure.finished(finish)
         usage = run.usage

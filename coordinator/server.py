@@ -17,6 +17,7 @@ from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady
+from coordinator.failures import count_failure, model_label
 from coordinator.generation import WorkerFailed, WorkerLost, generate_many
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         if isinstance(request, Undecodable):
+            count_failure("invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        model = model_label(request.model, self.ensemble.config.model_names)  # failures' model_name
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
         try:
             requests = convert.requests_from_proto(request, self.ensemble.config)
         except convert.InvalidRequest as exc:
+            count_failure(exc, model=model)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
         events = generate_many(self.ensemble, requests, timeout)
@@ -98,14 +102,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 async for index, event in events:
                     yield convert.event_to_proto(index, event)
         except Overloaded as exc:
+            count_failure(exc, model=model)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailing_metadata=RETRY_AFTER)
         except NotReady as exc:
+            count_failure(exc, model=model)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=RETRY_AFTER)
         except (Draining, WorkerLost) as exc:  # retry on another coordinator / with other workers: no wait
+            count_failure(exc, model=model)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except WorkerFailed as exc:
+            count_failure(exc, model=model)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except grpc.aio.AioRpcError as exc:
+            count_failure(exc, model=model)
             code = exc.code()
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 await context.abort(code, exc.details() or code.name)
@@ -113,6 +122,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 await context.abort(code, "deadline exceeded while generating")
             log.warning("worker failed: %s %s", code, exc.details())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"a model worker failed: {code.name}: {exc.details()}")
+        except BaseException as exc:  # the client went away or its deadline passed (cancelled), or a bug
+            count_failure(exc, context.time_remaining(), model=model)
+            raise
         finally:
             await events.aclose()
 

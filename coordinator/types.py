@@ -35,6 +35,9 @@ class GenerationRequest:
     weights: tuple[float, ...] = ()  # per model, normalised; empty = the configured ones
     step_timeout: float = 1.0
     first_step_timeout: float = 60.0
+    model: str | None = None  # a member's name: that member alone; None = the whole ensemble
+    # Report each token's log-probability and this many top alternatives (0-20); None = none (no cost).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,21 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its bytes and log-probability under the distribution it was drawn from, and
+    that distribution's most likely entries (bytes None = end of sequence)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes | None, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextPiece:
     text: str
+    # With request.logprobs: the tokens committed since the previous piece (whose text this piece
+    # releases; a piece may be empty to carry the last ones).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,9 @@ def reference_generate(models: list[ReferenceModel], prompt: str, max_new_tokens
     states = [m.start(prompt) for m in models]
     generated = b""
     for _ in range(max_new_tokens):
+        # Each model's softmax as it is (the mass of special tokens other than the end is dropped, not
+        # spread), averaged; shares of the chosen entry are normalised, within a model and within the mix.
         dists = [model.next_bytes(state) for model, state in zip(models, states, strict=True)]
-        dists = [{k: p / sum(d.values()) for k, p in d.items()} for d in dists]
         mixed: dict[bytes | None, float] = {}
         for dist in dists:
             for key, p in dist.items():
@@ -87,5 +88,5 @@ def reference_generate(models: list[ReferenceModel], prompt: str, max_new_tokens
         generated += choice
         share = mixed[choice] / sum(mixed.values())
         for model, state, dist in zip(models, states, dists, strict=True):
-            model.commit(state, choice, partial=dist.get(choice, 0.0) < 0.5 * share)
+            model.commit(state, choice, partial=dist.get(choice, 0.0) / sum(dist.values()) < 0.5 * share)
     return generated.decode("utf-8", errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
@@ -163,7 +164,6 @@ BAD_VALUES = [
     (["-f", str(CHART / "ci" / "one-model-values.yaml"), "--set", "ensemble.strategy=threshold"], "primary"),
     (["--set", "tls.clients.enabled=true", "--set", "http.enabled=false"], "/tls/clients/secretName"),
     (["--set", "tls.workers.enabled=true"], "/tls/workers/secretName"),
-    (["--set", "auth.tokensSecret=tokens"], "http.enabled"),  # the HTTP APIs would bypass the tokens
     # Values typed by the schema (the first three were untyped once; GiB is no Kubernetes quantity).
     (_set("coordinator.resources.requests.cpu=lots"), "/coordinator/resources/requests/cpu"),
     (_set("coordinator.resources.requests.memory=1GB2"), "/coordinator/resources/requests/memory"),
@@ -261,7 +261,7 @@ def test_tls_values_mount_the_secrets_where_config_and_args_point(helm: str) -> 
         f"{workers_dir}/tls.key",
     )
     assert config.worker_tls.server_name == "chorus-worker"  # workers are dialled by IP
-    assert not config.http.enabled  # the HTTP APIs check neither TLS nor tokens
+    assert not config.http.enabled  # off in these values (test_http_with_tls_and_auth_renders turns it on)
     # The files are readable by the containers' user only through the pod's fsGroup.
     assert coordinator["securityContext"]["fsGroup"] == 10001
     assert {volume["defaultMode"] for _, volume in mounts.values()} == {0o440}
@@ -288,6 +288,34 @@ def test_tls_values_mount_the_secrets_where_config_and_args_point(helm: str) -> 
     assert [item["key"] for item in mounts["/etc/chorus-tls/clients"][1]["items"]] == ["ca.crt"]
     assert test_pod["spec"]["containers"][0]["args"][-3:] == [
         "/etc/chorus-tls/clients/ca.crt", "/etc/chorus-tls/test-client", "/etc/chorus-auth/tokens"]  # fmt: skip
+
+
+def test_http_with_tls_and_auth_renders_and_serves_the_same_tls_and_tokens(helm: str) -> None:
+    """The chart no longer refuses the HTTP APIs with tls.clients or auth: they serve the clients' TLS
+    (client certificates required as for gRPC) and require the same tokens."""
+    from coordinator.http_api import _tls
+
+    docs = _render(helm, *_values(TLS_VALUES), "--set", "http.enabled=true")
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
+    assert config.http.enabled and config.server.tokens_file == "/etc/chorus-auth/tokens"
+    tls = _tls(config)  # what the HTTP port serves
+    assert tls is not None
+    clients = Path("/etc/chorus-tls/clients")
+    assert (tls.cert, tls.key, tls.ca) == (clients / "tls.crt", clients / "tls.key", clients / "ca.crt")
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "chorus-coordinator"]
+    (http_port,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert http_port["appProtocol"] == "https"
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-coordinator"]
+    ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert "http" in [p["name"] for p in ports]
+    # Without tls.clients the port is plain HTTP, still behind the tokens.
+    docs = _render(helm, *_ONE, "--set", "http.enabled=true", "--set", "auth.tokensSecret=tokens")
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
+    assert config.http.enabled and config.server.tokens_file == "/etc/chorus-auth/tokens" and _tls(config) is None
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "chorus-coordinator"]
+    assert [p["appProtocol"] for p in service["spec"]["ports"] if p["name"] == "http"] == ["http"]
 
 
 def _write_secret(directory: Path, ca: Path, name: str) -> Path:
@@ -542,6 +570,32 @@ def test_worker_strategy_is_recreate_or_a_rolling_update_that_needs_no_spare_gpu
         "qwen-7b": {"type": "Recreate"},  # models[i].strategy over worker.strategy
         "mistral-7b": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "50%"}},
     }
+
+
+def _arg(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm: str) -> None:
+    """Each is passed to the worker, which applies it (or refuses quantization it cannot apply), or left out."""
+    workers = _workers(_render(helm, *_values(FLEET_VALUES)))
+    args = {name: d["spec"]["template"]["spec"]["containers"][0]["args"] for name, d in workers.items()}
+    llama, qwen, mistral = args["llama-8b"], args["qwen-7b"], args["mistral-7b"]
+    assert (_arg(llama, "--max-model-len"), _arg(llama, "--kv-budget-mib"), _arg(llama, "--quantization")) == (
+        "8192", "20000", None)  # fmt: skip
+    assert _arg(qwen, "--quantization") == "8bit" and _arg(qwen, "--max-model-len") is None
+    for a in (llama, qwen, mistral):
+        assert (_arg(a, "--max-sessions"), float(_arg(a, "--kv-wait") or 0), _arg(a, "--prefill-chunk")) == (
+            "64",
+            5.0,
+            "256",
+        )
+    from model_worker.main import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for a in (llama, qwen, mistral):  # the worker's own parser takes every flag the chart renders
+        parser.parse_args([x for x in a if not x.startswith("$(")])
 
 
 def test_replicas_are_left_to_an_autoscaler_and_zero_is_rendered_as_zero(helm: str) -> None:

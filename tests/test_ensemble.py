@@ -12,7 +12,7 @@ from coordinator.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, LoopThread, coordinator, make_config, worker
 from tests.reference import ReferenceModel, reference_generate
 
-PROMPTS = ["12+35=", "48+27=", "7+86=", "3+4=", "héllo 你好 🙂 ", "99+99="]
+PROMPTS = ["12+35=", "48+27=", "7+86=", "3+4=", "héllo 你好 🙂 ", "99+99=", "9+"]
 
 
 def _texts(target: str, prompts: list[str], **kwargs: object) -> list[str]:

@@ -42,7 +42,8 @@ def client(servers: tuple[str, str]) -> openai.OpenAI:
 
 def test_chat_completion_equals_the_grpc_answer(servers: tuple[str, str], client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "48+27="}]
-    reply = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6)  # type: ignore[arg-type]
+    # Greedy asked explicitly: OpenAI's default temperature is 1 (the config sets none).
+    reply = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
     with chorus.Client(servers[0], timeout=60) as sdk:
         expected = sdk.generate(messages=messages, apply_chat_template=True, max_new_tokens=6)
     assert reply.choices[0].message.content == expected.text
@@ -52,8 +53,8 @@ def test_chat_completion_equals_the_grpc_answer(servers: tuple[str, str], client
 
 def test_streaming_chat_deltas_add_up(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "7+86="}]
-    whole = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6)  # type: ignore[arg-type]
-    stream = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6, stream=True)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6, seed=3)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model="chorus", messages=messages, max_tokens=6, seed=3, stream=True)  # type: ignore[arg-type]
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == whole.choices[0].message.content
@@ -62,30 +63,44 @@ def test_streaming_chat_deltas_add_up(client: openai.OpenAI) -> None:
 
 def test_completions_with_a_list_of_prompts_and_ensemble_options(client: openai.OpenAI) -> None:
     reply = client.completions.create(
-        model="chorus", prompt=["48+27=", "7+86="], max_tokens=4, extra_body={"strategy": "gac", "top_k": 0}
+        model="chorus",
+        prompt=["48+27=", "7+86="],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"strategy": "gac", "top_k": 0},
     )
     assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == ["75", "93"]
     weighted = client.completions.create(
-        model="chorus", prompt="12+35=", max_tokens=4, extra_body={"weights": {"arith-sp": 1, "arith-bpe": 1e-6}}
+        model="chorus",
+        prompt="12+35=",
+        max_tokens=4,
+        temperature=0,
+        extra_body={"weights": {"arith-sp": 1, "arith-bpe": 1e-6}},
     )
     assert weighted.choices[0].text == "47"  # arith-sp's answer (arith-bpe alone says 48)
-    stream = client.completions.create(model="chorus", prompt="48+27=", max_tokens=4, stream=True)
+    stream = client.completions.create(model="chorus", prompt="48+27=", max_tokens=4, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == "75"
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["chorus", "arith-bpe", "arith-sp"]
+    models = list(client.models.list())
+    assert [m.id for m in models] == ["chorus", "arith-bpe", "arith-sp"]
+    assert [(m.model_extra or {})["chorus"]["kind"] for m in models] == ["ensemble", "member", "member"]
+    assert (models[0].model_extra or {})["chorus"]["members"] == ["arith-bpe", "arith-sp"]
+    assert client.models.retrieve("arith-sp").id == "arith-sp"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"temperature": -1}, "temperature"), ({"n": 2}, "n"), ({"extra_body": {"strategy": "nope"}}, "strategy")],
+    [({"temperature": -1}, "temperature"), ({"n": 0}, "n"), ({"extra_body": {"strategy": "nope"}}, "strategy")],
 )
 def test_bad_requests_are_400_naming_the_field(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="chorus", messages=[{"role": "user", "content": "1"}], **extra)
     assert param in str(caught.value)
-    ok = client.completions.create(model="chorus", prompt="48+27=", max_tokens=4)  # still serving
+    ok = client.completions.create(model="chorus", prompt="48+27=", max_tokens=4, temperature=0)  # still serving
     assert ok.choices[0].text == "75"
 
 
@@ -215,10 +230,10 @@ json_values = st.recursive(
 )  # fmt: skip
 small_ints = st.integers(-2, 6) | st.sampled_from([0.5, 2.0, 2**32, 2**64, 10**30])
 valid_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=10)}
+    {"role": st.sampled_from(["user", "system", "assistant", "developer"]), "content": st.text(max_size=10)}
 )
 odd_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "wizard"]) | json_values,
+    {"role": st.sampled_from(["user", "wizard", "tool"]) | json_values,
      "content": st.text(max_size=10) | st.lists(st.fixed_dictionaries({"text": json_values}), max_size=2)
                 | json_values},
 ) | json_values  # fmt: skip
@@ -245,6 +260,13 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
     "until": st.lists(st.text(max_size=3), max_size=3),
     "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logprobs": st.booleans() | small_ints,
+    "top_logprobs": small_ints,
+    "user": st.text(max_size=5),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
+    "frequency_penalty": st.sampled_from([0, 0.5]),
+    "tools": json_values,
 }
 
 
@@ -298,7 +320,7 @@ def test_fuzzed_bodies_get_2xx_or_4xx_never_5xx(fuzz_url: str) -> None:
 
     post()
     assert 200 in statuses and 400 in statuses  # the bodies reach both outcomes
-    good = {"model": "chorus", "prompt": "48+27=", "max_tokens": 4}
+    good = {"model": "chorus", "prompt": "48+27=", "max_tokens": 4, "temperature": 0}
     status, reply = _post(f"{fuzz_url}/v1/completions", json.dumps(good).encode())
     assert status == 200 and reply["choices"][0]["text"] == "75", reply  # still serving
 

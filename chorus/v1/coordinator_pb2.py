@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chorus.v1 import common_pb2 as chorus_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63horus/v1/coordinator.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"\xd0\x04\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.chorus.v1.ConversationH\x00\x12-\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1c.chorus.v1.ConversationBatchH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12 \n\x13\x61pply_chat_template\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x16\n\tthreshold\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x16\n\x0eon_worker_loss\x18\x0e \x01(\t\x12\x38\n\x07weights\x18\x0f \x03(\x0b\x32\'.chorus.v1.GenerateRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x16\n\x14_apply_chat_templateB\x0c\n\n_threshold\"C\n\x11\x43onversationBatch\x12.\n\rconversations\x18\x01 \x03(\x0b\x32\x17.chorus.v1.Conversation\"]\n\nModelUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\ntokens_fed\x18\x04 \x01(\r\"\x9a\x01\n\x05Usage\x12\x19\n\x11\x63ompletion_tokens\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x17\n\x0fsteps_ensembled\x18\x03 \x01(\r\x12%\n\x06models\x18\x04 \x03(\x0b\x32\x15.chorus.v1.ModelUsage\x12\x12\n\nelapsed_ms\x18\x05 \x01(\x02\x12\x13\n\x0blost_models\x18\x06 \x03(\t\"f\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.chorus.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"T\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.chorus.v1.Completion\"\x0f\n\rModelsRequest\"\xa0\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_kind\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x02\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\x86\x01\n\x0eModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.chorus.v1.ModelEntry\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nstrategies\x18\x03 \x03(\t\x12\x18\n\x10union_vocab_size\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x32\x93\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.chorus.v1.GenerateRequest\x1a\x1b.chorus.v1.GenerateResponse0\x01\x12=\n\x06Models\x12\x18.chorus.v1.ModelsRequest\x1a\x19.chorus.v1.ModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63horus/v1/coordinator.proto\x12\tchorus.v1\x1a\x16\x63horus/v1/common.proto\"\xdf\x04\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.chorus.v1.ConversationH\x00\x12-\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1c.chorus.v1.ConversationBatchH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12 \n\x13\x61pply_chat_template\x18\x0b \x01(\x08H\x06\x88\x01\x01\x12\x16\n\tthreshold\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x16\n\x0eon_worker_loss\x18\x0e \x01(\t\x12\x38\n\x07weights\x18\x0f \x03(\x0b\x32\'.chorus.v1.GenerateRequest.WeightsEntry\x12\r\n\x05model\x18\x10 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x16\n\x14_apply_chat_templateB\x0c\n\n_threshold\"C\n\x11\x43onversationBatch\x12.\n\rconversations\x18\x01 \x03(\x0b\x32\x17.chorus.v1.Conversation\"]\n\nModelUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\r\x12\x12\n\ntokens_fed\x18\x04 \x01(\r\"\x9a\x01\n\x05Usage\x12\x19\n\x11\x63ompletion_tokens\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x17\n\x0fsteps_ensembled\x18\x03 \x01(\r\x12%\n\x06models\x18\x04 \x03(\x0b\x32\x15.chorus.v1.ModelUsage\x12\x12\n\nelapsed_ms\x18\x05 \x01(\x02\x12\x13\n\x0blost_models\x18\x06 \x03(\t\"f\n\nCompletion\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.chorus.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"T\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x15.chorus.v1.Completion\"\x0f\n\rModelsRequest\"\xa0\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0etokenizer_kind\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x02\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\x86\x01\n\x0eModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.chorus.v1.ModelEntry\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nstrategies\x18\x03 \x03(\t\x12\x18\n\x10union_vocab_size\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x32\x93\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.chorus.v1.GenerateRequest\x1a\x1b.chorus.v1.GenerateResponse0\x01\x12=\n\x06Models\x12\x18.chorus.v1.ModelsRequest\x1a\x19.chorus.v1.ModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_WEIGHTSENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=67
-  _globals['_GENERATEREQUEST']._serialized_end=659
-  _globals['_GENERATEREQUEST_WEIGHTSENTRY']._serialized_start=502
-  _globals['_GENERATEREQUEST_WEIGHTSENTRY']._serialized_end=548
-  _globals['_CONVERSATIONBATCH']._serialized_start=661
-  _globals['_CONVERSATIONBATCH']._serialized_end=728
-  _globals['_MODELUSAGE']._serialized_start=730
-  _globals['_MODELUSAGE']._serialized_end=823
-  _globals['_USAGE']._serialized_start=826
-  _globals['_USAGE']._serialized_end=980
-  _globals['_COMPLETION']._serialized_start=982
-  _globals['_COMPLETION']._serialized_end=1084
-  _globals['_GENERATERESPONSE']._serialized_start=1086
-  _globals['_GENERATERESPONSE']._serialized_end=1170
-  _globals['_MODELSREQUEST']._serialized_start=1172
-  _globals['_MODELSREQUEST']._serialized_end=1187
-  _globals['_MODELENTRY']._serialized_start=1190
-  _globals['_MODELENTRY']._serialized_end=1350
-  _globals['_MODELSRESPONSE']._serialized_start=1353
-  _globals['_MODELSRESPONSE']._serialized_end=1487
-  _globals['_COORDINATOR']._serialized_start=1490
-  _globals['_COORDINATOR']._serialized_end=1637
+  _globals['_GENERATEREQUEST']._serialized_end=674
+  _globals['_GENERATEREQUEST_WEIGHTSENTRY']._serialized_start=517
+  _globals['_GENERATEREQUEST_WEIGHTSENTRY']._serialized_end=563
+  _globals['_CONVERSATIONBATCH']._serialized_start=676
+  _globals['_CONVERSATIONBATCH']._serialized_end=743
+  _globals['_MODELUSAGE']._serialized_start=745
+  _globals['_MODELUSAGE']._serialized_end=838
+  _globals['_USAGE']._serialized_start=841
+  _globals['_USAGE']._serialized_end=995
+  _globals['_COMPLETION']._serialized_start=997
+  _globals['_COMPLETION']._serialized_end=1099
+  _globals['_GENERATERESPONSE']._serialized_start=1101
+  _globals['_GENERATERESPONSE']._serialized_end=1185
+  _globals['_MODELSREQUEST']._serialized_start=1187
+  _globals['_MODELSREQUEST']._serialized_end=1202
+  _globals['_MODELENTRY']._serialized_start=1205
+  _globals['_MODELENTRY']._serialized_end=1365
+  _globals['_MODELSRESPONSE']._serialized_start=1368
+  _globals['_MODELSRESPONSE']._serialized_end=1502
+  _globals['_COORDINATOR']._serialized_start=1505
+  _globals['_COORDINATOR']._serialized_end=1652
 # @@protoc_insertion_point(module_scope)

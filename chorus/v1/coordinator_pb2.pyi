@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "batch", "max_new_tokens", "strategy", "temperature", "top_p", "top_k", "seed", "stop", "apply_chat_template", "threshold", "request_id", "on_worker_loss", "weights")
+    __slots__ = ("prompt", "messages", "batch", "max_new_tokens", "strategy", "temperature", "top_p", "top_k", "seed", "stop", "apply_chat_template", "threshold", "request_id", "on_worker_loss", "weights", "model")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ON_WORKER_LOSS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _common_pb2.Conversation
     batch: ConversationBatch
@@ -46,7 +47,8 @@ class GenerateRequest(_message.Message):
     request_id: str
     on_worker_loss: str
     weights: _containers.ScalarMap[str, float]
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., batch: _Optional[_Union[ConversationBatch, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ..., threshold: _Optional[float] = ..., request_id: _Optional[str] = ..., on_worker_loss: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., batch: _Optional[_Union[ConversationBatch, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., apply_chat_template: _Optional[bool] = ..., threshold: _Optional[float] = ..., request_id: _Optional[str] = ..., on_worker_loss: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ConversationBatch(_message.Message):
     __slots__ = ("conversations",)

@@ -93,6 +93,9 @@ class Decision:
 class Strategy(ABC):
     name: ClassVar[str]
     needs_primary: ClassVar[bool] = False
+    # It accepts tokens a model drew inside its worker (Decision.pieces), not drawn from a distribution
+    # the coordinator has: such strategies cannot report logprobs.
+    drafts: ClassVar[bool] = False
 
     @classmethod
     def check(cls, sampling: SamplingParams) -> None:

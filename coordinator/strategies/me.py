@@ -22,6 +22,7 @@ _BLOCK = 256  # schedule entries drawn at a time
 
 class Me(Strategy):
     name = "me"
+    drafts = True
 
     def __init__(self) -> None:
         self._schedule: deque[int] = deque()

@@ -30,6 +30,7 @@ _SHARPEN_CANDIDATES = 8
 
 class Safe(Strategy):
     name = "safe"
+    drafts = True
 
     def __init__(self) -> None:
         self._ensemble_next = False
