@@ -598,6 +598,14 @@ def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm:
         parser.parse_args([x for x in a if not x.startswith("$(")])
 
 
+def test_a_headless_service_resolves_to_every_coordinator_pod_for_client_side_balancing(helm: str) -> None:
+    services = {d["metadata"]["name"]: d for d in _of_kind(_render(helm, *_values(ONE_MODEL)), "Service")}
+    headless, plain = services["chorus-coordinator-headless"], services["chorus-coordinator"]
+    assert headless["spec"]["clusterIP"] == "None" and "clusterIP" not in plain["spec"]
+    assert headless["spec"]["selector"] == plain["spec"]["selector"]
+    assert [(p["name"], p["targetPort"]) for p in headless["spec"]["ports"]] == [("grpc", "grpc")]
+
+
 def test_replicas_are_left_to_an_autoscaler_and_zero_is_rendered_as_zero(helm: str) -> None:
     fleet = _render(helm, *_values(FLEET_VALUES))
     replicas = {name: d["spec"]["replicas"] for name, d in _workers(fleet).items()}
