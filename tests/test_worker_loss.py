@@ -197,3 +197,25 @@ def test_a_worker_exception_fails_the_request_with_internal_and_the_worker_serve
             assert client.generate(prompt="12+35=", max_new_tokens=4).text == "48"
     finally:
         loop.run(server.stop(grace=0))
+
+
+def test_a_busy_worker_is_never_reported_as_lost(loop: LoopThread, tmp_path: Path) -> None:
+    """Eight concurrent 1,500-token prompts, prefilled in 64-token chunks on one thread, keep a worker
+    busy for far longer than the step timeouts (50 ms, 200 ms for a first step): its liveness check
+    answers, so every request finishes and none loses the model (the coordinator used to read the wait
+    as a dead worker)."""
+    model = never_ending_llama(tmp_path / "long", MODELS / "arith-sp", context=2048)
+    spec = ModelSpec(name="busy", path=str(model))
+    worker = spawn_worker(spec, threads=1, timeout=180, extra_args=("--prefill-chunk", "64"))
+    try:
+        config = make_config([worker], limits={"step_timeout_s": 0.05, "first_step_timeout_s": 0.2})
+        prompts = [" ".join(f"{i}+{j}={i + j}" for j in range(180)) for i in range(8)]
+        with coordinator(loop, config) as target, chorus.Client(target, timeout=300, retries=0) as client:
+            assert min(len(p) for p in prompts) > 1500  # at least 1,500 tokens of digits and signs
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(lambda p: client.generate(prompt=p, max_new_tokens=8), prompts))
+        for r in results:
+            assert r.usage.lost_models == () and r.usage.completion_tokens == 8
+            assert r.usage.models[0].prompt_tokens > 1500
+    finally:
+        worker.stop()
