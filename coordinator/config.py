@@ -515,11 +515,20 @@ def cpu_adjusted(config: EnsembleConfig, cuda_available: bool) -> tuple[Ensemble
 
     With CUDA available the config is returned unchanged. Otherwise, per model:
     device cuda/cuda:N/auto -> cpu; dtype float16/bfloat16 -> float32 (auto stays auto,
-    which the worker resolves to float32 on CPU); quantization 8bit/4bit -> none;
-    max_memory and num_gpus are dropped. Every change except auto -> cpu gets a note.
+    which the worker resolves to float32 on CPU); max_memory and num_gpus are dropped. Every
+    change except auto -> cpu gets a note. Quantization 8bit/4bit cannot run without CUDA and is
+    not silently dropped: a ConfigError says so (quantization: none runs the model unquantized).
     """
     if cuda_available:
         return config, []
+    refused = [
+        f"models[{i}].quantization: {m.quantization} needs a CUDA device (bitsandbytes); supported without one: "
+        "none (the model unquantized), or a quantized GGUF file as its path"
+        for i, m in enumerate(config.models)
+        if m.quantization != "none"
+    ]
+    if refused:
+        raise ConfigError(refused)
     notes: list[str] = []
     models: list[ModelSpec] = []
     for i, model in enumerate(config.models):
@@ -532,9 +541,6 @@ def cpu_adjusted(config: EnsembleConfig, cuda_available: bool) -> tuple[Ensemble
         if model.dtype in ("float16", "bfloat16"):
             update["dtype"] = "float32"
             notes.append(f"{label}: dtype {model.dtype} ignored, using float32: no CUDA device")
-        if model.quantization != "none":
-            update["quantization"] = "none"
-            notes.append(f"{label}: quantization {model.quantization} ignored: no CUDA device")
         for key in ("max_memory", "num_gpus"):
             if getattr(model, key) is not None:
                 update[key] = None

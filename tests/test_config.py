@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -604,7 +605,6 @@ def test_cpu_adjusted_notes() -> None:
                     "path": "org/solar",
                     "device": "cuda:1",
                     "dtype": "bfloat16",
-                    "quantization": "8bit",
                     "max_memory": {0: "24GiB"},
                     "num_gpus": 0.5,
                 },
@@ -622,17 +622,30 @@ def test_cpu_adjusted_notes() -> None:
     assert notes == [
         "models[0] (SOLAR): device cuda:1 ignored, using cpu: no CUDA device",
         "models[0] (SOLAR): dtype bfloat16 ignored, using float32: no CUDA device",
-        "models[0] (SOLAR): quantization 8bit ignored: no CUDA device",
         "models[0] (SOLAR): max_memory ignored: no CUDA device",
         "models[0] (SOLAR): num_gpus ignored: no CUDA device",
         "models[1] (auto): dtype float16 ignored, using float32: no CUDA device",
     ]
     solar, auto, plain = adjusted.models
-    assert (solar.device, solar.dtype, solar.quantization) == ("cpu", "float32", "none")
+    assert (solar.device, solar.dtype) == ("cpu", "float32")
     assert solar.max_memory is None and solar.num_gpus is None
     assert (auto.device, auto.dtype) == ("cpu", "float32")
     assert plain == config.models[2]
     assert config.models[0].device == "cuda:1"  # the input is untouched
+
+
+def test_quantization_without_cuda_is_refused_never_dropped() -> None:
+    config = load_config({"models": [{"name": "SOLAR", "path": "org/solar", "quantization": "8bit"}]})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.quantization: 8bit needs a CUDA device.*none"):
+        cpu_adjusted(config, cuda_available=False)
+    assert cpu_adjusted(config, cuda_available=True) == (config, [])  # the worker applies it (bitsandbytes)
+
+
+def test_the_worker_refuses_quantization_it_cannot_apply() -> None:
+    from model_worker.loading import load_model
+
+    with pytest.raises(ValueError, match=r"quantization: 4bit needs a CUDA device .* Use quantization: none"):
+        load_model(str(Path(__file__).resolve().parent.parent / "models" / "arith-bpe"), quantization="4bit")
 
 
 def test_cpu_adjusted_gac_example(tmp_path: Path) -> None:
@@ -703,7 +716,8 @@ if hypothesis is not None:
             assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
             return
         assert config.models
-        cpu_adjusted(config, cuda_available=False)
+        with contextlib.suppress(ConfigError):  # quantization without CUDA is refused
+            cpu_adjusted(config, cuda_available=False)
         assert sum(config.weight_vector()) == pytest.approx(1.0)
 
     _LEAVES: list[tuple[Any, ...]] = [
