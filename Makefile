@@ -39,13 +39,13 @@ up: $(STAMP)
 real-models: $(STAMP)
 	$(VENV)/bin/chorus prepare
 
-## test: the whole test suite, the real-model group included
+## test: the whole test suite, the real-model group included (two processes, a test file each at a time)
 test: $(STAMP) real-models
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 ## test-fast: everything but the real-model group (no model download)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not real"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not real"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

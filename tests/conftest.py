@@ -7,6 +7,8 @@ import pytest
 from coordinator.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, LoopThread, worker
 
+pytest_plugins = ["tests.real_models"]  # the real models' fixtures: real, workers
+
 
 @pytest.fixture(scope="session")
 def loop() -> Iterator[LoopThread]:

