@@ -44,6 +44,8 @@ class WorkerFailed(Exception):
 _LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 # Codes of a worker that answered with an error of its own (an exception while serving the request).
 _FAILED_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# What gRPC itself reports, as INTERNAL, when a connection breaks under a call: the worker is gone.
+_TRANSPORT_INTERNAL = "Internal error from Core"
 
 
 class _Step:
@@ -249,9 +251,9 @@ class _Run:
         except ContextFull as exc:
             raise ContextExhausted(str(exc)) from exc
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FAILED_CODES:
+            if exc.code() in _FAILED_CODES and exc.details() != _TRANSPORT_INTERNAL:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
-            if exc.code() not in _LOST_CODES:
+            if exc.code() not in _LOST_CODES and exc.details() != _TRANSPORT_INTERNAL:
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
         finally:

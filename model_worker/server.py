@@ -176,6 +176,8 @@ class WorkerServer:
         deadline = loop.time() + 5.0
         while self.service.running and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        await self.grpc.server.stop(0)
+        # A grace of a second, not 0: the sessions' final statuses ("shutting down") must reach their
+        # clients before the connections close (cut, a client reads gRPC's own "Internal error from Core").
+        await self.grpc.server.stop(1.0)
         if self.service.runtime is not None:
             await self.service.runtime.engine.stop()
