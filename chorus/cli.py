@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import chorus
-from chorus import logs
-from chorus.lifecycle import serve_metrics, wait_for_signal
+from chorus_common import logs
+from chorus_common.lifecycle import serve_metrics, wait_for_signal
 from model_worker.catalog import add_arguments as add_catalog_arguments
 from model_worker.main import add_arguments as add_worker_arguments
 

@@ -28,7 +28,7 @@ from chorus.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 # Pings keep idle connections open through NATs and load balancers and spot a dead server within
-# ~40 s. A server must accept them: chorus.serving allows pings every 10 s, with or without calls.
+# ~40 s. A server must accept them: chorus_common.serving allows pings every 10 s, with or without calls.
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

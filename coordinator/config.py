@@ -116,7 +116,7 @@ class Server(_Section):
     client_ca: str | None = None  # clients must then present a certificate this CA signed
     tokens_file: str | None = None  # bearer tokens clients must send, one per line
     # Seconds after which a client connection is sent GOAWAY, so clients reconnect and re-resolve:
-    # long-lived clients spread over coordinator replicas (chorus.serving.DEFAULT_MAX_CONNECTION_AGE_S).
+    # long-lived clients spread over coordinator replicas (chorus_common.serving.DEFAULT_MAX_CONNECTION_AGE_S).
     # null = connections live as long as clients keep them.
     max_connection_age_s: float | None = Field(300.0, gt=0, le=2_000_000)
     # How long calls in flight may go on after that; null = until they end (generations are never cut).
@@ -357,8 +357,8 @@ class EnsembleConfig(_Section):
         return self
 
     def _strategy_accepts_defaults(self) -> list[tuple[Loc, str]]:
+        from chorus_common.types import SamplingParams
         from coordinator.strategies import STRATEGIES as MODULES  # they need no config: no cycle at run time
-        from coordinator.types import SamplingParams
 
         d = self.defaults
         try:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 from chorus.v1 import common_pb2, coordinator_pb2
+from chorus_common.types import Prompt, SamplingParams
 from coordinator.config import EnsembleConfig
 from coordinator.ensemble import Ensemble
 from coordinator.strategies import STRATEGIES
-from coordinator.types import Finished, GenerationRequest, Prompt, SamplingParams, TextPiece, Usage
+from coordinator.types import Finished, GenerationRequest, TextPiece, Usage
 
 ROLES = ("system", "user", "assistant")
 ENSEMBLE_ID = "chorus"  # the whole ensemble, as a request's `model` (HTTP and gRPC) names it

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chorus.security import TlsFiles
+from chorus_common.security import TlsFiles
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab, UnionVocab

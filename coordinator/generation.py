@@ -12,13 +12,13 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from chorus_common.types import DistributionPart
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.logprobs import token_logprob
 from coordinator.metrics import RequestMetrics
-from coordinator.sampling import choose
 from coordinator.strategies import STRATEGIES, Drafted
-from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, TokenLogprob, Usage, WirePart
-from coordinator.union_dist import ExtraIds, UnionDist, from_parts, mix
+from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, TokenLogprob, Usage
+from coordinator.union_dist import ExtraIds, UnionDist, choose, from_parts, mix
 from coordinator.union_vocab import END
 from coordinator.workers import ContextFull, ModelSession, Transport, WorkerClient
 
@@ -151,7 +151,7 @@ class _Step:
         self._run.check_any_alive()
         return {i: r for i, r in zip(alive, results, strict=True) if r is not None}
 
-    def _dist(self, i: int, parts: Sequence[WirePart]) -> UnionDist:
+    def _dist(self, i: int, parts: Sequence[DistributionPart]) -> UnionDist:
         member = self._run.ensemble.members[i]
         assert member.vocab is not None  # checked ready before the first step
         return from_parts(parts, member.index, member.vocab.tokens, self.extras)

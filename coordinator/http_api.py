@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from chorus.security import TlsFiles, bearer_allowed, read_tokens
 from chorus.v1 import common_pb2, coordinator_pb2
+from chorus_common.security import TlsFiles, bearer_allowed, read_tokens
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.config import EnsembleConfig

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.sampling import drawn_from
-from coordinator.types import SamplingParams, TokenLogprob
+from chorus_common.sampling import drawn_from
+from chorus_common.types import SamplingParams
+from coordinator.types import TokenLogprob
 from coordinator.union_dist import ExtraIds, UnionDist
 
 MAX_TOP = 20  # alternatives per token at most (OpenAI's top_logprobs bound)

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from chorus.security import TlsFiles, read_tokens
-from chorus.serving import GrpcServer
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
+from chorus_common.security import TlsFiles, read_tokens
+from chorus_common.serving import GrpcServer
 from coordinator import convert
 from coordinator.admission import Admission, Draining, Overloaded
 from coordinator.ensemble import Ensemble, NotReady

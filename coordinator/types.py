@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str | None = None
-    messages: tuple[tuple[str, str], ...] = ()
-    apply_chat_template: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no limit
+from chorus_common.types import DistributionPart, Prompt, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -53,18 +39,8 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
-class WirePart:
-    """A part of one model's next-bytes distribution, as the worker sent it."""
-
-    skip_bytes: int
-    log_scale: float
-    ids: np.ndarray | None  # None = dense over the whole vocabulary
-    logprobs: np.ndarray
-
-
-@dataclass(frozen=True)
 class ModelStep:
-    parts: list[WirePart]
+    parts: list[DistributionPart]
     tokens_fed: int
     forward_passes: int
 
@@ -75,7 +51,7 @@ class ModelDraft:
 
     pieces: list[bytes]
     ended: bool  # an end-of-sequence token was drawn after the pieces
-    dists: list[list[WirePart]]
+    dists: list[list[DistributionPart]]
     tokens_fed: int
     forward_passes: int
 
@@ -84,7 +60,7 @@ class ModelDraft:
 class ModelScore:
     """A model's distributions before each scored piece and after the last (None: no token boundary)."""
 
-    positions: list[list[WirePart] | None]
+    positions: list[list[DistributionPart] | None]
     tokens_fed: int
     forward_passes: int
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.types import WirePart
+from chorus_common.sampling import pick
+from chorus_common.types import DistributionPart, SamplingParams
 from coordinator.union_vocab import DenseMap, UnionVocab
 
 # Below this many entries a sort-based merge beats a dense accumulator of the union's size.
@@ -67,7 +68,16 @@ class UnionDist:
         return self if total <= 0 else UnionDist(self.uids, self.probs / total)
 
 
-def from_parts(parts: Sequence[WirePart], index: np.ndarray, tokens: list[bytes], extras: ExtraIds) -> UnionDist:
+def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) -> int:
+    """A union id drawn from dist (greedy: its most likely entry)."""
+    if dist.uids.size == 0:
+        raise ValueError("empty distribution")
+    return int(dist.uids[pick(dist.probs, params, rng)])
+
+
+def from_parts(
+    parts: Sequence[DistributionPart], index: np.ndarray, tokens: list[bytes], extras: ExtraIds
+) -> UnionDist:
     """Map one model's parts into the union (index: model id -> union id, -1 = not text)."""
     if len(parts) == 1 and parts[0].ids is None and parts[0].skip_bytes == 0 and parts[0].logprobs.size == index.size:
         dense = extras.union.dense_map(index)
@@ -142,7 +152,7 @@ def _exp(logprobs: np.ndarray, log_scale: float, ids: np.ndarray) -> np.ndarray:
     return np.exp(x)
 
 
-def _from_dense(part: WirePart, dense: DenseMap) -> UnionDist:
+def _from_dense(part: DistributionPart, dense: DenseMap) -> UnionDist:
     if dense.grouped is not None:
         slot, ids = dense.grouped
         probs = np.bincount(slot, weights=_exp(part.logprobs, part.log_scale, ids), minlength=dense.uids.size)

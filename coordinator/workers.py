@@ -13,10 +13,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from chorus.security import TlsFiles
-from chorus.serving import LIVENESS, MESSAGE_OPTIONS
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from coordinator.types import ModelDraft, ModelScore, ModelStep, Prompt, SamplingParams, WirePart, WorkerInfo
+from chorus_common.security import TlsFiles
+from chorus_common.serving import LIVENESS, MESSAGE_OPTIONS
+from chorus_common.types import DistributionPart, Prompt, SamplingParams
+from coordinator.types import ModelDraft, ModelScore, ModelStep, WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
 CHANNEL_OPTIONS = [
@@ -227,9 +228,9 @@ def _prompt_to_proto(prompt: Prompt, request_id: str) -> worker_pb2.SessionOpen:
     return worker_pb2.SessionOpen(prompt=p, request_id=request_id)
 
 
-def _part_from_proto(part: worker_pb2.DistributionPart) -> WirePart:
+def _part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:
     ids = np.frombuffer(part.ids, dtype="<u4").astype(np.int64) if part.ids else None
-    return WirePart(
+    return DistributionPart(
         skip_bytes=part.skip_bytes,
         log_scale=part.log_scale,
         ids=ids,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 
 from chorus.v1 import common_pb2, worker_pb2
-from coordinator.types import SamplingParams
+from chorus_common.types import Prompt, SamplingParams
 from model_worker.distribution import Format, Part
-from model_worker.runtime import DraftOutput, PromptSpec, RequestError, Runtime, ScoreOutput, StepOutput
+from model_worker.runtime import DraftOutput, RequestError, Runtime, ScoreOutput, StepOutput
 
 _FORMATS = {
     worker_pb2.FULL_FP16: np.dtype(np.float16),
@@ -18,13 +18,13 @@ _FORMATS = {
 DEFAULT_TOP_K = 20
 
 
-def prompt_from_proto(prompt: common_pb2.Prompt) -> PromptSpec:
+def prompt_from_proto(prompt: common_pb2.Prompt) -> Prompt:
     kind = prompt.WhichOneof("kind")
     if kind == "text":
-        return PromptSpec(text=prompt.text)
+        return Prompt(text=prompt.text)
     if kind == "chat":
         messages = tuple((m.role, m.content) for m in prompt.chat.messages)
-        return PromptSpec(messages=messages, apply_chat_template=prompt.apply_chat_template)
+        return Prompt(messages=messages, apply_chat_template=prompt.apply_chat_template)
     raise RequestError("open.prompt: neither text nor chat given")
 
 
@@ -98,7 +98,6 @@ def _part_to_proto(part: Part) -> worker_pb2.DistributionPart:
         ids=b"" if part.ids is None else part.ids.astype("<u4", copy=False).tobytes(),
         logprobs=part.logprobs.astype("<f2" if half else "<f4", copy=False).tobytes(),
         dtype=worker_pb2.FLOAT16 if half else worker_pb2.FLOAT32,
-        rest_mass=part.rest_mass,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chorus_common.types import DistributionPart
 from model_worker.conditioning import Conditioner, Plan, PrefixIndex
 
 
@@ -21,14 +22,9 @@ FULL = Format(0, np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
-class Part:
-    """Token t stands for bytes(t)[skip_bytes:] with probability exp(log_scale + logprob)."""
+class Part(DistributionPart):
+    """A distribution part as the worker builds it, knowing where its tokens go."""
 
-    skip_bytes: int
-    log_scale: float
-    ids: np.ndarray | None  # None = dense over the whole vocabulary
-    logprobs: np.ndarray
-    rest_mass: float
     # Its tokens follow the plan's last token; False = they replace it (the healing part).
     after_last: bool = True
 
@@ -53,9 +49,8 @@ def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, f
 def dense_part(logprobs: torch.Tensor, scale: float, fmt: Format) -> Part:
     if fmt.top_k:
         values, ids = torch.topk(logprobs, min(fmt.top_k, logprobs.numel()))
-        rest = max(0.0, 1.0 - float(values.exp().sum()))
-        return Part(0, scale, ids.cpu().numpy().astype(np.uint32), values.cpu().numpy(), rest)
-    return Part(0, scale, None, logprobs.cpu().numpy().astype(fmt.dtype, copy=False), 0.0)
+        return Part(0, scale, ids.cpu().numpy().astype(np.uint32), values.cpu().numpy())
+    return Part(0, scale, None, logprobs.cpu().numpy().astype(fmt.dtype, copy=False))
 
 
 def _sparse(
@@ -65,13 +60,10 @@ def _sparse(
         return []
     index = torch.from_numpy(ids).to(logprobs.device)
     values = logprobs[index]
-    rest = 0.0
     if top_k and ids.size > top_k:
-        total = float(values.exp().sum())
         values, order = torch.topk(values, top_k)
         index = index[order]
-        rest = max(0.0, total - float(values.exp().sum()))
-    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), rest, after_last)]
+    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), after_last)]
 
 
 def lookup_logprob(plan: Plan, rows: dict[int, torch.Tensor], conditioner: Conditioner, eos: frozenset[int],

@@ -8,9 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from chorus import logs
-from chorus.lifecycle import serve_metrics, wait_for_signal
-from chorus.security import TlsFiles
+from chorus_common import logs
+from chorus_common.lifecycle import serve_metrics, wait_for_signal
+from chorus_common.security import TlsFiles
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.sampling import pick
-from coordinator.types import SamplingParams
+from chorus_common.sampling import pick
+from chorus_common.types import Prompt, SamplingParams
 from model_worker import metrics
 from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
@@ -48,13 +48,6 @@ class SessionExpired(Exception):
 
 class AtCapacity(Exception):
     """The worker holds its maximum of sessions (RESOURCE_EXHAUSTED: retry later)."""
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    text: str | None = None
-    messages: tuple[tuple[str, str], ...] = ()
-    apply_chat_template: bool = False
 
 
 @dataclass
@@ -159,7 +152,7 @@ class Runtime:
         """Cached tokens as a fraction of the storage (every slot's tokens)."""
         return self.kv_cached_tokens() / (self.storage.slots * self.storage.slot_tokens)
 
-    def render(self, prompt: PromptSpec) -> tuple[str, bool]:
+    def render(self, prompt: Prompt) -> tuple[str, bool]:
         """The prompt as text, and whether the tokenizer should add its special tokens."""
         if prompt.text is not None:
             return prompt.text, True
@@ -175,7 +168,7 @@ class Runtime:
         lines = "".join(f"{role}: {content}\n" for role, content in prompt.messages)
         return lines + "assistant: ", True
 
-    async def open(self, prompt: PromptSpec, request_id: str = "") -> Session:
+    async def open(self, prompt: Prompt, request_id: str = "") -> Session:
         text, add_special = self.render(prompt)
         state = self.conditioner.start(text, add_special)
         if not state.fixed:

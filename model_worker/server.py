@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import grpc
 
-from chorus.security import TlsFiles
-from chorus.serving import GrpcServer
 from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus_common.security import TlsFiles
+from chorus_common.serving import GrpcServer
 from model_worker import convert
 from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
 

@@ -58,12 +58,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import chorus  # noqa: E402
 from chorus.v1 import worker_pb2  # noqa: E402
+from chorus_common.types import SamplingParams  # noqa: E402
 from coordinator import cluster  # noqa: E402
 from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_config  # noqa: E402
-from coordinator.sampling import choose  # noqa: E402
 from coordinator.strategies import STRATEGIES  # noqa: E402
-from coordinator.types import SamplingParams  # noqa: E402
-from coordinator.union_dist import ExtraIds, from_parts, mix  # noqa: E402
+from coordinator.union_dist import ExtraIds, choose, from_parts, mix  # noqa: E402
 from coordinator.union_vocab import ModelVocab, UnionVocab  # noqa: E402
 from coordinator.workers import _part_from_proto  # noqa: E402
 
@@ -160,7 +159,6 @@ def _step_payload(vocab: int, transport: str, top_k: int, rng: np.random.Generat
             ids=ids.astype("<u4").tobytes(),
             logprobs=values.tobytes(),
             dtype=worker_pb2.FLOAT32,
-            rest_mass=float(max(0.0, 1.0 - np.exp(values.astype(np.float64)).sum())),
         )
     step = worker_pb2.StepResult(parts=[part], tokens_fed=1, forward_passes=1, batch_size=1)
     return worker_pb2.SessionResponse(step=step).SerializeToString()

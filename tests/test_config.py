@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import yaml
 
-from chorus.serving import DEFAULT_MAX_CONNECTION_AGE_S
+from chorus_common.serving import DEFAULT_MAX_CONNECTION_AGE_S
 from coordinator.config import (
     DEFAULT_CONFIG_PATH,
     STRATEGIES,

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 import chorus
-from chorus.security import bearer_allowed
+from chorus_common.security import bearer_allowed
 from coordinator.cluster import WorkerProcess, start_coordinator
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker

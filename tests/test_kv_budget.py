@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from chorus.v1 import worker_pb2
+from chorus_common.types import Prompt
 from coordinator.cluster import spawn_worker
 from coordinator.config import ModelSpec
-from coordinator.types import Prompt
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, LoopThread
 

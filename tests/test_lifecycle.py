@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import chorus
-from chorus.serving import LIVENESS
 from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus_common.serving import LIVENESS
+from chorus_common.types import Prompt
 from coordinator.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
-from coordinator.types import Prompt
 from coordinator.workers import ModelSession, Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config
 from tests.tiny_models import never_ending_llama

@@ -17,12 +17,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import chorus
-from chorus.lifecycle import serve_metrics
 from chorus.v1 import worker_pb2
+from chorus_common.lifecycle import serve_metrics
+from chorus_common.types import Prompt
 from coordinator.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec
 from coordinator.metrics import FAILURE_REASONS, MODEL_NAME
-from coordinator.types import Prompt
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, LoopThread, coordinator, make_config
 from tests.tiny_models import never_ending_llama

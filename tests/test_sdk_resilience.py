@@ -1,7 +1,7 @@
 """The SDK against flaky servers: retries (backoff, server hints, never once text has arrived), the
 default deadline, how a stream ended, round_robin over replicas, keepalive and connection age.
 
-The servers are real grpc.aio servers on localhost (chorus.serving.GrpcServer, as in production)
+The servers are real grpc.aio servers on localhost (chorus_common.serving.GrpcServer, as in production)
 around a fake Coordinator servicer that refuses its first calls as told."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 
 import chorus
 from chorus import client as sdk
-from chorus.serving import DEFAULT_MAX_CONNECTION_AGE_S, GrpcServer
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
+from chorus_common.serving import DEFAULT_MAX_CONNECTION_AGE_S, GrpcServer
 from coordinator.config import parse_config
 from coordinator.ensemble import Ensemble
 from coordinator.server import SERVICE_NAME, CoordinatorServer

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 import chorus
+from chorus_common.types import Prompt
 from coordinator.cluster import WorkerProcess
 from coordinator.config import parse_config
-from coordinator.types import Prompt
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
 from tests.reference import END, ReferenceModel

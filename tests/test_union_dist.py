@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.types import WirePart
+from chorus_common.types import DistributionPart
 from coordinator.union_dist import ExtraIds, _merge, from_parts, mix
 from coordinator.union_vocab import ModelVocab, UnionVocab
 
@@ -33,7 +33,7 @@ def test_fast_paths_equal_the_general_merge(dtype: str, seed: int) -> None:
     for m, vocab in enumerate(vocabs):
         logits = rng.normal(size=len(vocab.tokens)) * 3
         logprobs = (logits - np.logaddexp.reduce(logits)).astype(dtype)
-        part = WirePart(skip_bytes=0, log_scale=0.0, ids=None, logprobs=logprobs)
+        part = DistributionPart(skip_bytes=0, log_scale=0.0, ids=None, logprobs=logprobs)
         index = union.index[m]
         dists.append(from_parts([part], index, vocab.tokens, extras))  # the DenseMap path
         keep = index >= 0

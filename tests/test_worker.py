@@ -13,9 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus_common.types import Prompt
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
-from model_worker.runtime import AtCapacity, PromptSpec, Runtime, SessionExpired
+from model_worker.runtime import AtCapacity, Runtime, SessionExpired
 from model_worker.server import WorkerServer
 from tests.reference import ReferenceModel
 from tests.tiny_models import random_gemma3, random_gpt2, random_llama
@@ -59,7 +60,7 @@ def test_steps_match_a_recompute_from_scratch(model_dir: Path) -> None:
     async def run() -> None:
         runtime.engine.start()
         prompt = "héllo "
-        session = await runtime.open(PromptSpec(text=prompt))
+        session = await runtime.open(Prompt(text=prompt))
         state = reference.start(prompt)
         for piece in ["", "w", "o", "rl", "d", " 你", "好", "!"]:
             out = await runtime.step(session, piece.encode(), FULL)
@@ -76,7 +77,7 @@ def test_split_characters_match_the_reference(model_dir: Path) -> None:
 
     async def run() -> None:
         runtime.engine.start()
-        session = await runtime.open(PromptSpec(text="a"))
+        session = await runtime.open(Prompt(text="a"))
         state = reference.start("a")
         committed = b""
         for target in ("🙂".encode()[:1], "🙂".encode()[:3], "🙂".encode(), "🙂é".encode()[:5]):
@@ -98,7 +99,7 @@ def test_a_model_alone_reproduces_generate(model_dir: Path) -> None:
     runtime = Runtime(loaded)
 
     async def run(prompt: str, n: int) -> list[int]:
-        session = await runtime.open(PromptSpec(text=prompt))
+        session = await runtime.open(Prompt(text=prompt))
         piece, ids = b"", []
         for _ in range(n):
             out = await runtime.step(session, piece, FULL)
@@ -134,7 +135,7 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
 
     async def steps(concurrent: bool) -> tuple[list[dict[bytes | None, float]], int]:
         runtime.engine.start()
-        sessions = [await runtime.open(PromptSpec(text=p)) for p in prompts]
+        sessions = [await runtime.open(Prompt(text=p)) for p in prompts]
         results: list[dict[bytes | None, float]] = []
         biggest = 0
         for appends in ([b""] * len(prompts), continuation, continuation):
@@ -169,9 +170,9 @@ def test_prefills_run_in_chunks_and_decodes_pass_between_them(model_dir: Path) -
     async def first_step(chunk: int) -> tuple[dict[bytes | None, float], bool]:
         runtime = Runtime(loaded, prefill_chunk=chunk)
         runtime.engine.start()
-        short = await runtime.open(PromptSpec(text="a"))
+        short = await runtime.open(Prompt(text="a"))
         await runtime.step(short, b"", FULL)
-        long = await runtime.open(PromptSpec(text=long_prompt))
+        long = await runtime.open(Prompt(text=long_prompt))
         prefill = asyncio.ensure_future(runtime.step(long, b"", FULL))
         await asyncio.sleep(0)  # the prefill is queued first
         await runtime.step(short, b"b", FULL)
@@ -214,7 +215,7 @@ def test_accelerate_device_map_path_gives_the_same_distribution(model_dir: Path)
 
     async def first_step(runtime: Runtime) -> dict[bytes | None, float]:
         runtime.engine.start()
-        session = await runtime.open(PromptSpec(text="hello"))
+        session = await runtime.open(Prompt(text="hello"))
         out = await runtime.step(session, b"", FULL)
         await runtime.engine.stop()
         return _as_dict(runtime, out.parts)
@@ -226,10 +227,10 @@ def test_a_full_worker_makes_new_sessions_wait_then_refuses_them(model_dir: Path
     runtime = Runtime(load_model(str(model_dir)), max_sessions=2, kv_wait_s=0.3)
 
     async def run() -> None:
-        first, _ = await runtime.open(PromptSpec(text="a")), await runtime.open(PromptSpec(text="b"))
+        first, _ = await runtime.open(Prompt(text="a")), await runtime.open(Prompt(text="b"))
         with pytest.raises(AtCapacity, match="slots"):
-            await runtime.open(PromptSpec(text="c"))
-        waiting = asyncio.ensure_future(runtime.open(PromptSpec(text="c")))
+            await runtime.open(Prompt(text="c"))
+        waiting = asyncio.ensure_future(runtime.open(Prompt(text="c")))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         runtime.close(first)  # a slot frees while it waits: it gets it
@@ -243,7 +244,7 @@ def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
 
     async def run() -> None:
         runtime.engine.start()
-        idle, busy = await runtime.open(PromptSpec(text="a")), await runtime.open(PromptSpec(text="b"))
+        idle, busy = await runtime.open(Prompt(text="a")), await runtime.open(Prompt(text="b"))
         await runtime.step(idle, b"", FULL)
         await runtime.step(busy, b"", FULL)
         idle.last_used -= 120  # two minutes without a step
@@ -267,7 +268,7 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -
 
     async def run() -> list[list[Part] | None]:
         runtime.engine.start()
-        session = await runtime.open(PromptSpec(text=prompt))
+        session = await runtime.open(Prompt(text=prompt))
         await runtime.step(session, b"", FULL)  # the row at the end of the prompt is now cached
         out = await runtime.score(session, b"", 0, pieces, top_k=runtime.vocab_size)
         assert session.generated == b"".join(pieces)

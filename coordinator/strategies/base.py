@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
-from coordinator.types import SamplingParams
+from chorus_common.types import SamplingParams
 from coordinator.union_dist import UnionDist
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from collections import deque
 
 import numpy as np
 
+from chorus_common.types import SamplingParams
 from coordinator.strategies.base import Decision, StepContext, Strategy
-from coordinator.types import SamplingParams
 
 _BLOCK = 256  # schedule entries drawn at a time
 

@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chorus.security import BearerAuth, TlsFiles
+from chorus_common.security import BearerAuth, TlsFiles
 
 MAX_MESSAGE_BYTES = 256 << 20  # full distributions of 200k-token vocabularies travel between servers
 MESSAGE_OPTIONS = [

@@ -1,22 +1,14 @@
 """Choosing one entry from a distribution: greedy, or temperature / top-k / top-p sampling.
 
 `pick` works on a bare probability vector, so workers drafting tokens sample exactly as the
-coordinator does.
+coordinator does when it chooses an entry of the union.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from coordinator.types import SamplingParams
-from coordinator.union_dist import UnionDist
-
-
-def choose(dist: UnionDist, params: SamplingParams, rng: np.random.Generator) -> int:
-    """A union id drawn from dist."""
-    if dist.uids.size == 0:
-        raise ValueError("empty distribution")
-    return int(dist.uids[pick(dist.probs, params, rng)])
+from chorus_common.types import SamplingParams
 
 
 def pick(probs: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
