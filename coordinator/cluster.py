@@ -9,7 +9,6 @@ retry hint) and take it back, with fresh Info, once the restarted worker serves.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from tqdm import tqdm
 
+from chorus_common.worker_args import WorkerArgs
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.discovery import KubernetesDiscovery
 from coordinator.ensemble import Ensemble, connect
@@ -76,43 +76,41 @@ def spawn_worker(
     threads: int | None = None,
     metrics_port: int | None = None,
     port: int = 0,
-    extra_args: tuple[str, ...] = (),
+    options: Mapping[str, Any] | None = None,
     cancel: threading.Event | None = None,
 ) -> WorkerProcess:
-    """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads).
-    Setting `cancel` while it loads kills it and raises SpawnCancelled."""
+    """Start `python -m model_worker` for spec and wait until it serves (threads: OpenMP threads;
+    options: WorkerArgs fields over the spec's). Setting `cancel` while it loads kills it and raises
+    SpawnCancelled."""
     port_dir = Path(tempfile.mkdtemp(prefix="chorus-worker-"))
     try:
-        return _spawn(spec, host, timeout, threads, metrics_port, port, extra_args, cancel, port_dir / "port")
+        port_file = port_dir / "port"
+        args = worker_args(
+            spec, host=host, port=port, metrics_port=metrics_port, port_file=port_file, **(options or {})
+        )
+        return _spawn(spec, args, port_file, timeout, threads, cancel)
     finally:
         shutil.rmtree(port_dir, ignore_errors=True)
 
 
+def worker_args(spec: ModelSpec, **options: Any) -> WorkerArgs:
+    """The worker settings a model's config entry gives, with options (WorkerArgs fields) over them."""
+    max_memory = {str(k): v for k, v in spec.max_memory.items()} if spec.max_memory else None
+    given = {"model": spec.path, "name": spec.name, "device": spec.device, "dtype": spec.dtype,
+             "quantization": spec.quantization, "max_memory": max_memory,
+             "max_model_len": spec.max_model_len}  # fmt: skip
+    return WorkerArgs(**{**given, **options})
+
+
 def _spawn(
     spec: ModelSpec,
-    host: str,
+    args: WorkerArgs,
+    port_file: Path,
     timeout: float,
     threads: int | None,
-    metrics_port: int | None,
-    port: int,
-    extra_args: tuple[str, ...],
     cancel: threading.Event | None,
-    port_file: Path,
 ) -> WorkerProcess:
-    command = [
-        sys.executable, "-m", "model_worker",
-        "--model", spec.path, "--name", spec.name, "--device", spec.device, "--dtype", spec.dtype,
-        "--host", host, "--port", str(port), "--port-file", str(port_file),
-    ]  # fmt: skip
-    if metrics_port is not None:
-        command += ["--metrics-port", str(metrics_port)]
-    command += extra_args
-    if spec.max_memory:
-        command += ["--max-memory", json.dumps({str(k): v for k, v in spec.max_memory.items()})]
-    if spec.max_model_len:
-        command += ["--max-model-len", str(spec.max_model_len)]
-    if spec.quantization != "none":
-        command += ["--quantization", spec.quantization]
+    command = [sys.executable, "-m", "model_worker", *args.to_argv()]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -131,7 +129,7 @@ def _spawn(
             process.wait()
             raise TimeoutError(f"worker {spec.name} did not start within {timeout:.0f} s")
         time.sleep(0.05)
-    return WorkerProcess(spec, process, f"{host}:{port_file.read_text()}")
+    return WorkerProcess(spec, process, f"{args.host}:{port_file.read_text()}")
 
 
 def describe_exit(returncode: int) -> str:

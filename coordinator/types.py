@@ -35,7 +35,6 @@ class WorkerInfo:
     context_length: int
     tokenizer_kind: str
     device: str
-    capabilities: tuple[str, ...]
 
 
 @dataclass(frozen=True)

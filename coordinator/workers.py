@@ -91,7 +91,6 @@ class WorkerClient:
             context_length=info.context_length,
             tokenizer_kind=info.tokenizer_kind,
             device=info.device,
-            capabilities=tuple(info.capabilities),
         )
 
     async def vocabulary(self, info: WorkerInfo, timeout: float = 300.0) -> ModelVocab:
@@ -144,7 +143,7 @@ class ModelSession:
         await self._write(worker_pb2.SessionRequest(step=step))
         result = (await self._read()).step
         return ModelStep(
-            parts=[_part_from_proto(p) for p in result.parts],
+            parts=[part_from_proto(p) for p in result.parts],
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,
         )
@@ -171,7 +170,7 @@ class ModelSession:
         return ModelDraft(
             pieces=list(result.pieces),
             ended=result.ended,
-            dists=[[_part_from_proto(p) for p in d.parts] for d in result.dists],
+            dists=[[part_from_proto(p) for p in d.parts] for d in result.dists],
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,
         )
@@ -183,7 +182,7 @@ class ModelSession:
         await self._write(worker_pb2.SessionRequest(score=score))
         result = (await self._read()).score
         return ModelScore(
-            positions=[[_part_from_proto(p) for p in d.parts] if d.boundary else None for d in result.positions],
+            positions=[[part_from_proto(p) for p in d.parts] if d.boundary else None for d in result.positions],
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,
         )
@@ -228,7 +227,9 @@ def _prompt_to_proto(prompt: Prompt, request_id: str) -> worker_pb2.SessionOpen:
     return worker_pb2.SessionOpen(prompt=p, request_id=request_id)
 
 
-def _part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:
+def part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:
+    if part.dtype not in _DTYPES:
+        raise ValueError(f"a worker sent a distribution part of dtype {part.dtype}, not FLOAT32 or FLOAT16")
     ids = np.frombuffer(part.ids, dtype="<u4").astype(np.int64) if part.ids else None
     return DistributionPart(
         skip_bytes=part.skip_bytes,

@@ -10,7 +10,6 @@ The cache is $CHORUS_CACHE, or ~/.cache/chorus.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -166,11 +165,8 @@ def _say(log: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", help=f"catalog models (default: all of {', '.join(MODELS)})")
-
-
-def run(args: argparse.Namespace) -> int:
-    for name in args.names or list(MODELS):
+def run(names: list[str]) -> int:
+    """`chorus prepare [NAME...]`: the named catalog models (none: all of them)."""
+    for name in names or list(MODELS):
         prepare(name)
     return 0

@@ -32,7 +32,7 @@ def format_from_proto(step: worker_pb2.SessionStep) -> Format:
     if step.format == worker_pb2.TOP_K:
         return Format(top_k=step.top_k or DEFAULT_TOP_K, dtype=np.dtype(np.float32))
     if step.format not in _FORMATS:
-        raise RequestError(f"step.format: unknown value {step.format}")
+        raise RequestError(f"step.format: {step.format} is not TOP_K, FULL_FP16 or FULL_FP32")
     return Format(top_k=0, dtype=_FORMATS[step.format])
 
 
@@ -103,17 +103,12 @@ def _part_to_proto(part: Part) -> worker_pb2.DistributionPart:
 
 def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
     loaded = runtime.loaded
-    capabilities = ["top_k", "full_fp16", "full_fp32", "token_healing"]
-    if getattr(loaded.tokenizer, "chat_template", None):
-        capabilities.append("chat_template")
     return worker_pb2.ModelInfo(
         name=loaded.name,
         fingerprint=loaded.fingerprint,
         vocab_size=runtime.vocab_size,
         eos_token_ids=runtime.eos_ids,
-        special_token_ids=[i for i, s in enumerate(runtime.special) if s],
         context_length=runtime.context_length,
-        capabilities=capabilities,
         tokenizer_kind=runtime.tokenizer_kind,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),

@@ -2,7 +2,7 @@
 
 Each feed (tokens to append to one session's cache, and the positions whose output rows it wants)
 waits in a queue. Every round of the scheduler runs at most two passes:
-- one *decode pass* over every waiting short feed (at most MIX_UP_TO tokens: decodes, and the few
+- one *decode pass* over every waiting short feed (at most `mix_up_to` tokens: decodes, and the few
   tokens that canonical re-tokenization and healing add), left-padded to the longest, so a row's
   last token is always the pass's last column;
 - one *prefill chunk* of at most `prefill_chunk` tokens of the oldest long feed.
@@ -21,13 +21,10 @@ from typing import Any
 
 import torch
 
+from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.kv_cache import AttentionPattern, PassCache, PassLayout, SlotStorage, build_masks
 from model_worker.kv_state import KVState
-
-# Feeds of at most this many tokens ride in the decode pass; longer ones are prefilled in chunks.
-MIX_UP_TO = 8
-PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -40,7 +37,9 @@ class PassStats:
 
 
 @dataclass
-class _Feed:
+class Feed:
+    """One session's tokens the scheduler runs (over several passes when it is a prompt)."""
+
     kv: KVState
     ids: list[int]
     want: set[int]  # absolute positions whose output rows are wanted
@@ -58,10 +57,10 @@ class _Feed:
 
 
 @dataclass(frozen=True)
-class _Slice:
+class Slice:
     """The part of a feed one pass runs: tokens ids[a:b], starting at cache position `start`."""
 
-    feed: _Feed
+    feed: Feed
     tokens: list[int]
     start: int
     want: list[int]  # wanted positions inside this slice
@@ -74,7 +73,8 @@ class Engine:
         device: torch.device,
         storage: SlotStorage,
         name: str = "model",
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int = WorkerArgs.prefill_chunk,
+        mix_up_to: int = WorkerArgs.mix_up_to,
     ) -> None:
         self._model = model
         self._name = name
@@ -84,7 +84,8 @@ class Engine:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._layers = int(config.num_hidden_layers)
         self.prefill_chunk = prefill_chunk
-        self._waiting: list[_Feed] = []
+        self.mix_up_to = mix_up_to
+        self._waiting: list[Feed] = []
         self._wakeup = asyncio.Event()
         # One thread runs the model, so the event loop stays free to take new steps and answer health checks.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -113,8 +114,8 @@ class Engine:
         slot = self.storage.acquire()
         assert slot is not None
         try:
-            feed = _Feed(KVState(slot), [0], {0}, None, 0)  # type: ignore[arg-type]
-            self._run([_Slice(feed, [0], 0, [0])])
+            feed = Feed(KVState(slot), [0], {0}, None, 0)  # type: ignore[arg-type]
+            self._run([Slice(feed, [0], 0, [0])])
         finally:
             self.storage.release(slot)
 
@@ -124,7 +125,7 @@ class Engine:
         start = len(kv.ids)
         future: asyncio.Future[PassStats] = asyncio.get_running_loop().create_future()
         wanted = {p for p in want if start <= p < start + len(new_ids)}
-        self._waiting.append(_Feed(kv, list(new_ids), wanted, future, len(self._waiting)))
+        self._waiting.append(Feed(kv, list(new_ids), wanted, future, len(self._waiting)))
         metrics.QUEUE_DEPTH.labels(self._name).set(len(self._waiting))
         self._wakeup.set()
         return await future
@@ -136,8 +137,8 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             self._waiting = [f for f in self._waiting if not f.future.done()]
-            short = [f for f in self._waiting if f.remaining <= MIX_UP_TO]
-            long = [f for f in self._waiting if f.remaining > MIX_UP_TO]
+            short = [f for f in self._waiting if f.remaining <= self.mix_up_to]
+            long = [f for f in self._waiting if f.remaining > self.mix_up_to]
             passes = [self._decode_slices(group) for group in _dense_groups(short)]
             if long:
                 feed = long[0]
@@ -164,15 +165,15 @@ class Engine:
             self._waiting = [f for f in self._waiting if not f.future.done()]
             metrics.QUEUE_DEPTH.labels(self._name).set(len(self._waiting))
 
-    def _slice(self, feed: _Feed, n: int) -> _Slice:
+    def _slice(self, feed: Feed, n: int) -> Slice:
         start = len(feed.kv.ids)
         tokens = feed.ids[feed.done : feed.done + n]
-        return _Slice(feed, tokens, start, sorted(p for p in feed.want if start <= p < start + n))
+        return Slice(feed, tokens, start, sorted(p for p in feed.want if start <= p < start + n))
 
-    def _decode_slices(self, feeds: list[_Feed]) -> list[_Slice]:
+    def _decode_slices(self, feeds: list[Feed]) -> list[Slice]:
         return [self._slice(f, f.remaining) for f in feeds]
 
-    def _record(self, s: _Slice, rows: dict[int, torch.Tensor], compute_ms: float, batch: int) -> None:
+    def _record(self, s: Slice, rows: dict[int, torch.Tensor], compute_ms: float, batch: int) -> None:
         feed = s.feed
         feed.kv.ids.extend(s.tokens)
         feed.kv.rows.update(rows)
@@ -185,7 +186,7 @@ class Engine:
             feed.future.set_result(PassStats(len(feed.ids), batch, queue_ms, feed.compute_ms, feed.position))
 
     @torch.inference_mode()
-    def _run(self, slices: list[_Slice]) -> list[dict[int, torch.Tensor]]:
+    def _run(self, slices: list[Slice]) -> list[dict[int, torch.Tensor]]:
         """One forward pass: the slices' slots form the view [lo, hi); feeds are left-padded to the longest."""
         slots = [s.feed.kv.slot for s in slices]
         lo, hi = min(slots), max(slots) + 1
@@ -240,7 +241,7 @@ class Engine:
         return result
 
 
-def _dense_groups(feeds: list[_Feed]) -> list[list[_Feed]]:
+def _dense_groups(feeds: list[Feed]) -> list[list[Feed]]:
     """Split feeds into passes whose slot ranges are at least half used (dummy rows cost compute)."""
     if not feeds:
         return []

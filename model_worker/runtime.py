@@ -17,10 +17,11 @@ import torch
 
 from chorus_common.sampling import pick
 from chorus_common.types import Prompt, SamplingParams
+from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
-from model_worker.engine import PREFILL_CHUNK, Engine, PassStats
+from model_worker.engine import Engine, PassStats
 from model_worker.kv_cache import SlotStorage
 from model_worker.kv_state import KVState, common_prefix
 from model_worker.loading import LoadedModel
@@ -100,10 +101,11 @@ class Runtime:
     def __init__(
         self,
         loaded: LoadedModel,
-        max_sessions: int = 64,
+        max_sessions: int = WorkerArgs.max_sessions,
         kv_budget_bytes: int = 0,
-        kv_wait_s: float = 5.0,
-        prefill_chunk: int = PREFILL_CHUNK,
+        kv_wait_s: float = WorkerArgs.kv_wait,
+        prefill_chunk: int = WorkerArgs.prefill_chunk,
+        mix_up_to: int = WorkerArgs.mix_up_to,
     ) -> None:
         self.loaded = loaded
         self.context_length = loaded.context_length  # the slot's size: a session's tokens, prompt included
@@ -131,7 +133,7 @@ class Runtime:
                                    enumerate(zip(self.tokens, self.special, strict=True))])  # fmt: skip
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
         self.storage = SlotStorage(slots, self.context_length, loaded.device)
-        self.engine = Engine(loaded.model, loaded.device, self.storage, loaded.name, prefill_chunk=prefill_chunk)
+        self.engine = Engine(loaded.model, loaded.device, self.storage, loaded.name, prefill_chunk, mix_up_to)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._parts_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distribution")

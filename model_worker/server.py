@@ -12,6 +12,7 @@ import grpc
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.security import TlsFiles
 from chorus_common.serving import GrpcServer
+from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
 from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
 
@@ -132,7 +133,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
 class WorkerServer:
     """The worker's gRPC server. Health says NOT_SERVING until the model is loaded and while draining."""
 
-    def __init__(self, address: str, session_ttl: float = 600.0, tls: TlsFiles | None = None) -> None:
+    def __init__(self, address: str, session_ttl: float = WorkerArgs.session_ttl, tls: TlsFiles | None = None) -> None:
         self.session_ttl = session_ttl
         self._reaper: asyncio.Task[None] | None = None
         self.service = WorkerService()

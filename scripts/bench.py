@@ -64,7 +64,7 @@ from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_con
 from coordinator.strategies import STRATEGIES  # noqa: E402
 from coordinator.union_dist import ExtraIds, choose, from_parts, mix  # noqa: E402
 from coordinator.union_vocab import ModelVocab, UnionVocab  # noqa: E402
-from coordinator.workers import _part_from_proto  # noqa: E402
+from coordinator.workers import part_from_proto  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -198,7 +198,7 @@ def coordinator_cpu_per_step(
         dists = []
         for m in range(k):
             response = worker_pb2.SessionResponse.FromString(payload[m])
-            parts = [_part_from_proto(p) for p in response.step.parts]
+            parts = [part_from_proto(p) for p in response.step.parts]
             dists.append(from_parts(parts, union.index[m], vocabs[m].tokens, extras))
         dist = mix(dists, weights / weights.sum(), extras.size)
         uid = choose(dist, params, choice_rng)

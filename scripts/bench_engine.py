@@ -44,7 +44,7 @@ class EngineDecode:
     """S sessions of L cached tokens in an Engine's slots (random keys and values), one decode step each."""
 
     def __init__(self, model: Any, sessions: int, context: int, device: torch.device) -> None:
-        from model_worker.engine import Engine, _Feed, _Slice
+        from model_worker.engine import Engine, Feed, Slice
         from model_worker.kv_cache import SlotStorage
         from model_worker.kv_state import KVState
 
@@ -58,8 +58,8 @@ class EngineDecode:
                 keys.normal_()
                 values.normal_()
         self.context = context
-        self.feeds = [_Feed(KVState(s, [0] * context), [1], {context}, None, 0) for s in range(sessions)]  # type: ignore[arg-type]
-        self._slice = _Slice
+        self.feeds = [Feed(KVState(s, [0] * context), [1], {context}, None, 0) for s in range(sessions)]  # type: ignore[arg-type]
+        self._slice = Slice
 
     def step(self, tokens: int = 1) -> float:
         """One pass feeding `tokens` tokens to every session (1 = a decode; more = an ME catch-up), written

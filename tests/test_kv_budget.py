@@ -18,8 +18,8 @@ SLOT_TOKENS = 64
 
 def test_sessions_past_the_kv_budget_wait_then_are_refused(loop: LoopThread) -> None:
     spec = ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe"))
-    length = ("--max-model-len", str(SLOT_TOKENS))
-    probe = spawn_worker(spec, threads=1, extra_args=length)
+    length = {"max_model_len": SLOT_TOKENS}
+    probe = spawn_worker(spec, threads=1, options=length)
     try:
         tokens, held, info = loop.run(_hold_one(probe.address))
     finally:
@@ -27,8 +27,8 @@ def test_sessions_past_the_kv_budget_wait_then_are_refused(loop: LoopThread) -> 
     per_token = held // tokens  # what one cached token takes in the storage
     assert per_token * tokens == held and info.context_length == SLOT_TOKENS and info.kv_slots == 64
     budget_mib = 1.5 * SLOT_TOKENS * per_token / 2**20  # room for one slot, not two
-    args = (*length, "--kv-budget-mib", repr(budget_mib), "--kv-wait", "1.0")
-    worker = spawn_worker(spec, threads=1, extra_args=args)
+    options = {**length, "kv_budget_mib": budget_mib, "kv_wait": 1.0}
+    worker = spawn_worker(spec, threads=1, options=options)
     try:
         loop.run(_second_session_waits_then_is_refused(worker.address))
     finally:

@@ -43,8 +43,8 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _spawn(model: Path, *args: str) -> WorkerProcess:
-    return spawn_worker(ModelSpec(name="endless", path=str(model)), threads=1, timeout=180, extra_args=args)
+def _spawn(model: Path, **options: float) -> WorkerProcess:
+    return spawn_worker(ModelSpec(name="endless", path=str(model)), threads=1, timeout=180, options=options)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ class CoordinatorProcess:
 
 def test_a_worker_process_reclaims_sessions_idle_past_the_ttl(loop: LoopThread, long_model: Path) -> None:
     ttl = 1.0  # the reaper runs every ttl / 4 s
-    w = _spawn(long_model, "--session-ttl", str(ttl))
+    w = _spawn(long_model, session_ttl=ttl)
     transport = Transport(top_k=5, half=False)
 
     async def connect() -> WorkerClient:
@@ -245,7 +245,7 @@ def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_do
 ) -> None:
     """A draining worker lets running sessions finish within its grace period; those still running then
     end with UNAVAILABLE saying the worker is shutting down: never INTERNAL, never a silent cut."""
-    victim = _spawn(long_model, "--grace", "1")
+    victim = _spawn(long_model, grace=1.0)
     try:
         with (
             coordinator(loop, make_config([victim])) as target,

@@ -21,8 +21,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCK = ROOT / "requirements" / "lock.txt"  # base + worker + dev, CPU torch: make and CI
-COORDINATOR_LOCK = ROOT / "requirements" / "coordinator.txt"  # base: Dockerfile.coordinator
+LOCK = ROOT / "requirements" / "lock.txt"  # every extra, CPU torch: make and CI
+COORDINATOR_LOCK = ROOT / "requirements" / "coordinator.txt"  # base + coordinator: Dockerfile.coordinator
 WORKER_GPU_LOCK = ROOT / "requirements" / "worker-gpu.txt"  # base + worker, no torch: Dockerfile.worker
 LOCKS = (LOCK, COORDINATOR_LOCK, WORKER_GPU_LOCK)
 CUDA_PACKAGES = re.compile(r"^(nvidia-|cuda-|triton$)")
@@ -98,7 +98,7 @@ def assert_locked(lock: Path, groups: list[str], leave_out: set[str] = frozenset
 
 
 def test_every_dependency_of_every_extra_is_pinned_with_hashes_in_the_lock() -> None:
-    assert {"worker", "dev"} <= set(extras())
+    assert {"coordinator", "worker", "dev"} <= set(extras())
     assert_locked(LOCK, ["base", "build", *extras()])
 
 
@@ -130,7 +130,7 @@ def test_the_lock_holds_the_cpu_build_of_the_pinned_torch() -> None:
 
 
 def test_the_image_locks_hold_their_extras_at_the_versions_of_the_cpu_lock() -> None:
-    assert_locked(COORDINATOR_LOCK, ["base", "build"])
+    assert_locked(COORDINATOR_LOCK, ["base", "build", "coordinator"])
     assert_locked(WORKER_GPU_LOCK, ["base", "build", "worker"], leave_out={"torch"})
     full = parse_lock(LOCK)
     coordinator, worker = parse_lock(COORDINATOR_LOCK), parse_lock(WORKER_GPU_LOCK)

@@ -66,9 +66,9 @@ def metrics_port() -> int:
 
 def test_worker_metrics(loop: LoopThread) -> None:
     port = _free_port()
-    args = ("--max-model-len", "64", "--max-sessions", "2")  # a KV storage of 2 slots x 64 tokens
+    options = {"max_model_len": 64, "max_sessions": 2}  # a KV storage of 2 slots x 64 tokens
     spec = ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe"))
-    worker = spawn_worker(spec, threads=1, metrics_port=port, extra_args=args)
+    worker = spawn_worker(spec, threads=1, metrics_port=port, options=options)
     try:
         label = (("model_name", "arith-bpe"),)
         before = scrape(port)

@@ -36,9 +36,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mtls_worker(pki: dict[str, Path]) -> Iterator[WorkerProcess]:
     w = pki["worker"]
-    args = ("--tls-cert", str(w.with_suffix(".crt")), "--tls-key", str(w.with_suffix(".key")),
-            "--tls-ca", str(pki["ca"].with_suffix(".crt")))  # fmt: skip
-    worker = spawn_worker(ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe")), threads=1, extra_args=args)
+    tls = {"tls_cert": w.with_suffix(".crt"), "tls_key": w.with_suffix(".key"), "tls_ca": pki["ca"].with_suffix(".crt")}
+    worker = spawn_worker(ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe")), threads=1, options=tls)
     yield worker
     worker.stop()
 

@@ -208,6 +208,27 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_dir: Path) -> Non
     asyncio.run(run())
 
 
+def test_a_step_that_names_no_format_is_refused(model_dir: Path) -> None:
+    """Enum zero values mean "unspecified": a step without its distribution format is an error, not top-k."""
+
+    async def run() -> None:
+        server = WorkerServer("127.0.0.1:0")
+        await server.start()
+        await server.ready(Runtime(load_model(str(model_dir))))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            session = worker_pb2_grpc.ModelWorkerStub(channel).Session(timeout=30)
+            await session.write(worker_pb2.SessionRequest(open=worker_pb2.SessionOpen(prompt={"text": "a"})))
+            assert (await session.read()).WhichOneof("kind") == "opened"
+            await session.write(worker_pb2.SessionRequest(step=worker_pb2.SessionStep(append=b"b")))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await session.read()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "step.format" in (caught.value.details() or "")
+        await server.stop(grace=0)
+
+    asyncio.run(run())
+
+
 def test_accelerate_device_map_path_gives_the_same_distribution(model_dir: Path) -> None:
     """device 'auto' with max_memory goes through accelerate's device_map (CPU-only here)."""
     plain = Runtime(load_model(str(model_dir)))

@@ -206,7 +206,7 @@ def test_a_busy_worker_is_never_reported_as_lost(loop: LoopThread, tmp_path: Pat
     as a dead worker)."""
     model = never_ending_llama(tmp_path / "long", MODELS / "arith-sp", context=2048)
     spec = ModelSpec(name="busy", path=str(model))
-    worker = spawn_worker(spec, threads=1, timeout=180, extra_args=("--prefill-chunk", "64"))
+    worker = spawn_worker(spec, threads=1, timeout=180, options={"prefill_chunk": 64})
     try:
         config = make_config([worker], limits={"step_timeout_s": 0.05, "first_step_timeout_s": 0.2})
         prompts = [" ".join(f"{i}+{j}={i + j}" for j in range(180)) for i in range(8)]

@@ -10,17 +10,21 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 class DistributionFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    DISTRIBUTION_FORMAT_UNSPECIFIED: _ClassVar[DistributionFormat]
     TOP_K: _ClassVar[DistributionFormat]
     FULL_FP16: _ClassVar[DistributionFormat]
     FULL_FP32: _ClassVar[DistributionFormat]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+DISTRIBUTION_FORMAT_UNSPECIFIED: DistributionFormat
 TOP_K: DistributionFormat
 FULL_FP16: DistributionFormat
 FULL_FP32: DistributionFormat
+DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
 
@@ -29,14 +33,12 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "special_token_ids", "context_length", "capabilities", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes", "kv_slots", "queued_feeds")
+    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "context_length", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes", "kv_slots", "queued_feeds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -48,9 +50,7 @@ class ModelInfo(_message.Message):
     fingerprint: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    special_token_ids: _containers.RepeatedScalarFieldContainer[int]
     context_length: int
-    capabilities: _containers.RepeatedScalarFieldContainer[str]
     tokenizer_kind: str
     device: str
     dtype: str
@@ -58,7 +58,7 @@ class ModelInfo(_message.Message):
     kv_cache_bytes: int
     kv_slots: int
     queued_feeds: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_slots: _Optional[int] = ..., queued_feeds: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_slots: _Optional[int] = ..., queued_feeds: _Optional[int] = ...) -> None: ...
 
 class VocabularyRequest(_message.Message):
     __slots__ = ("chunk_size",)
@@ -161,20 +161,18 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ..., draft: _Optional[_Union[SessionDraft, _Mapping]] = ..., score: _Optional[_Union[SessionScore, _Mapping]] = ..., lookup: _Optional[_Union[SessionLookup, _Mapping]] = ...) -> None: ...
 
 class DistributionPart(_message.Message):
-    __slots__ = ("skip_bytes", "log_scale", "ids", "logprobs", "dtype", "rest_mass")
+    __slots__ = ("skip_bytes", "log_scale", "ids", "logprobs", "dtype")
     SKIP_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOG_SCALE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    REST_MASS_FIELD_NUMBER: _ClassVar[int]
     skip_bytes: int
     log_scale: float
     ids: bytes
     logprobs: bytes
     dtype: DType
-    rest_mass: float
-    def __init__(self, skip_bytes: _Optional[int] = ..., log_scale: _Optional[float] = ..., ids: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., rest_mass: _Optional[float] = ...) -> None: ...
+    def __init__(self, skip_bytes: _Optional[int] = ..., log_scale: _Optional[float] = ..., ids: _Optional[bytes] = ..., logprobs: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("parts", "tokens_fed", "forward_passes", "batch_size", "queue_ms", "compute_ms", "queue_position")

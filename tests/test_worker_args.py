@@ -1,0 +1,92 @@
+"""One definition of a worker's settings (chorus_common.worker_args.WorkerArgs): the worker's command
+line, the local cluster's spawn_worker and the Helm chart's worker flags all agree with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chorus_common.worker_args import WorkerArgs
+from coordinator.cluster import worker_args
+from coordinator.config import ModelSpec
+from tests.cluster_helpers import ROOT
+
+CHART = ROOT / "deploy" / "helm" / "chorus"
+VALUES = sorted((CHART / "ci").glob("*.yaml")) + sorted((ROOT / "deploy" / "helm" / "examples").glob("*.yaml"))
+# Worker flags the chart never renders, and why.
+NOT_IN_CHART = {
+    "--port-file": "a local supervisor (chorus up) reads the bound port from it; a pod's port is fixed",
+    "--mix-up-to": "scheduler tuning, for benchmarks: models[].extraArgs passes it",
+}
+
+
+def _non_defaults() -> WorkerArgs:
+    return WorkerArgs(
+        model="/m/model.gguf", name="m", host="0.0.0.0", port=7000, device="cuda:1", dtype="bfloat16",
+        max_memory={"0": "20GiB", "cpu": "64GiB"}, quantization="8bit", max_sessions=8, max_model_len=4096,
+        kv_budget_mib=1024.5, kv_wait=2.5, prefill_chunk=128, mix_up_to=4, session_ttl=60.0, tls_cert=Path("/t/c.crt"),
+        tls_key=Path("/t/c.key"), tls_ca=Path("/t/ca.crt"), metrics_port=9000, grace=5.0, port_file=Path("/p"),
+    )  # fmt: skip
+
+
+def test_the_command_line_gives_back_every_setting() -> None:
+    args = _non_defaults()
+    assert all(getattr(args, f.name) != f.default for f in dataclasses.fields(args) if f.name != "model")
+    assert WorkerArgs.parse(args.to_argv()) == args
+    assert WorkerArgs.parse(["--model", "x"]).to_argv() == ["--model", "x"]  # defaults are left out
+
+
+def test_bad_settings_are_refused_by_the_command_line() -> None:
+    with pytest.raises(SystemExit):
+        WorkerArgs.parse(["--model", "x", "--quantization", "2bit"])
+    with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
+        WorkerArgs.parse(["--model", "x", "--tls-cert", "c.crt"])
+
+
+def test_spawn_worker_passes_a_models_config_entry_and_options_over_it() -> None:
+    spec = ModelSpec(name="m", path="/m", device="cuda:0", dtype="float16", quantization="4bit",
+                     max_memory={0: "20GiB"}, max_model_len=2048)  # fmt: skip
+    args = worker_args(spec, port=7000, kv_wait=1.0)
+    assert WorkerArgs.parse(args.to_argv()) == args
+    assert (args.model, args.name, args.device, args.dtype, args.quantization) == (
+        "/m",
+        "m",
+        "cuda:0",
+        "float16",
+        "4bit",
+    )
+    assert (args.max_memory, args.max_model_len, args.port, args.kv_wait) == ({"0": "20GiB"}, 2048, 7000, 1.0)
+    with pytest.raises(TypeError):
+        worker_args(spec, kv_wiat=1.0)  # a misspelt option fails, it is not dropped
+
+
+def _worker_args_in_chart(values: Path) -> list[list[str]]:
+    helm = ROOT / ".tools" / "bin" / "helm"
+    subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
+    out = subprocess.run([str(helm), "template", "chorus", str(CHART), "-f", str(values)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [
+        d["spec"]["template"]["spec"]["containers"][0]["args"]
+        for d in docs
+        if d["kind"] == "Deployment" and "chorus.dev/model" in d["metadata"]["labels"]
+    ]
+
+
+def test_the_charts_worker_flags_are_the_workers_own() -> None:
+    """Every flag the chart renders parses as a WorkerArgs flag, and every WorkerArgs flag is rendered
+    by some values file or named in NOT_IN_CHART with a reason."""
+    rendered: set[str] = set()
+    for values in VALUES:
+        for args in _worker_args_in_chart(values):
+            args = [a for a in args if not a.startswith("$(")]  # environment expansions by the kubelet
+            WorkerArgs.parse(args)
+            rendered |= {a for a in args if a.startswith("--")}
+    flags = {WorkerArgs.flag(f.name) for f in dataclasses.fields(WorkerArgs)}
+    assert rendered <= flags
+    assert flags - rendered == set(NOT_IN_CHART)
