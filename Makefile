@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Exact versions and hashes of everything .[worker,dev] needs (CPU torch); `make lock` writes it.
+# Exact versions and hashes of everything every extra needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean chart-schema
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
@@ -62,6 +62,11 @@ format: $(STAMP)
 ## protos: regenerate chorus/v1 from protos/ (tests/test_protos.py fails when they drift)
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/chorus/v1/*.proto
+
+## chart-schema: regenerate the strategies' part of the chart's values.schema.json from their settings
+## (tests/test_chart_schema.py fails when they drift)
+chart-schema: $(STAMP)
+	$(PY) scripts/chart_schema.py
 
 ## models: retrain the embedded models (deterministic, about 7 minutes on 2 quiet cores)
 models: $(STAMP)

@@ -20,20 +20,24 @@ import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
+    BeforeValidator,
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
-STRATEGIES: tuple[str, ...] = ("gac", "threshold", "me", "unite", "safe", "chared")
+from coordinator.strategies import SECTIONS, STRATEGIES
+from coordinator.strategies.settings import Loc
+from coordinator.strategies.settings import Section as _Section
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 GAC_KEYS = ("NORM_TYPE_API_SERVER", "THRESHOLD_API_SERVER", "CONFIG_API_SERVER")
@@ -49,8 +53,6 @@ _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*[KMGT]i?B$", re.IGNORECASE)
 _ADDRESS_RE = re.compile(r"^(?P<host>\S+):(?P<port>\d+)$")
 _MEMORY_DEVICES = ("cpu", "disk", "mps")
-
-Loc = tuple[int | str, ...]
 
 
 class ConfigError(ValueError):
@@ -72,10 +74,6 @@ class _CrossFieldError(ValueError):
     def __init__(self, problems: list[tuple[Loc, str]]) -> None:
         self.problems = problems
         super().__init__("\n".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Transport(_Section):
@@ -140,28 +138,6 @@ class WorkerTls(_Section):
     # The name the workers' certificate is checked against (workers are dialled by pod IP, so one
     # shared certificate names the service instead); None = the address's host.
     server_name: str | None = Field(None, min_length=1)
-
-
-class UniteSettings(_Section):
-    top_k: int = Field(10, ge=1, le=1000)  # each model's top-k tokens form the union of candidates
-
-
-class SafeSettings(_Section):
-    drafter: str | None = None  # model name; default the primary model, else the first
-    draft_tokens: int = Field(5, ge=1, le=64)  # tokens drafted per generate-verify cycle
-    ensemble: Literal["gac", "unite"] = "gac"  # the distribution at an ensembled position
-    sharpen: bool = False  # add the mass of extending tokens to a candidate when the top is below 0.5
-    top_k: int = Field(10, ge=1, le=1000)  # verifiers' distributions per position, for the skip rules
-
-
-class MeSettings(_Section):
-    max_run: int = Field(32, ge=1, le=4096)  # tokens one model draws per call at most
-
-
-class CharedSettings(_Section):
-    # Re-ask a model when the tokens that end at the chosen character hold at least this share of
-    # its remaining mass (0 = always exact: re-ask whenever any does).
-    requery_mass: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class Http(_Section):
@@ -274,10 +250,10 @@ class ModelSpec(_Section):
         return out
 
 
-class EnsembleConfig(_Section):
-    """The whole product configuration (immutable)."""
+class _Ensemble(_Section):
+    """EnsembleConfig without the strategies' sections (added from the registry below)."""
 
-    strategy: str = "gac"  # one of STRATEGIES; defaults to "threshold" when a primary exists
+    strategy: str = "gac"  # a name in STRATEGIES; defaults to "threshold" when a primary exists
     weights: Literal["average", "score"] = "average"  # GaC's NORM_TYPE
     threshold: float = Field(0.5, ge=0.0)  # strategy threshold; > 1 means always ensemble
     transport: Transport = Transport()
@@ -287,10 +263,6 @@ class EnsembleConfig(_Section):
     discovery: Discovery = Discovery()
     http: Http = Http()
     worker_tls: WorkerTls | None = None
-    unite: UniteSettings = UniteSettings()
-    safe: SafeSettings = SafeSettings()
-    me: MeSettings = MeSettings()
-    chared: CharedSettings = CharedSettings()
     models: tuple[ModelSpec, ...] = Field(strict=False)
 
     @model_validator(mode="before")
@@ -303,12 +275,10 @@ class EnsembleConfig(_Section):
                 return {**data, "strategy": "threshold"}
         return data
 
-    @field_validator(
-        "transport", "defaults", "limits", "server", "discovery", "http", "unite", "safe", "me", "chared", mode="before"
-    )
+    @field_validator("transport", "defaults", "limits", "server", "discovery", "http", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
-        return {} if value is None else value  # `defaults:` with every line commented out
+        return _empty_section(value)
 
     @field_validator("strategy")
     @classmethod
@@ -318,7 +288,7 @@ class EnsembleConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> EnsembleConfig:
+    def _check_consistency(self) -> Self:
         problems: list[tuple[Loc, str]] = []
         if not self.models:
             problems.append((("models",), "at least one model is required"))
@@ -342,31 +312,15 @@ class EnsembleConfig(_Section):
                 primaries.append(i)
             if self.weights == "score" and model.score is None:
                 problems.append((("models", i, "score"), "required when weights is 'score'"))
-        if self.safe.drafter is not None and self.safe.drafter not in seen_names:
-            msg = f"unknown model {self.safe.drafter!r}; the models are {list(seen_names)}"
-            problems.append((("safe", "drafter"), msg))
-        if self.strategy == "threshold" and not primaries:
-            msg = "'threshold' needs exactly one model with priority 'primary' (found none)"
-            problems.append((("strategy",), msg))
-        problems += self._strategy_accepts_defaults()
+        for strategy in STRATEGIES.values():  # every strategy's section: a request may ask for any strategy
+            problems += strategy.check_settings(self)
+        problems += STRATEGIES[self.strategy].check_configured(self)
         if self.defaults.max_new_tokens > self.limits.max_new_tokens:
             msg = f"{self.defaults.max_new_tokens} exceeds limits.max_new_tokens ({self.limits.max_new_tokens})"
             problems.append((("defaults", "max_new_tokens"), msg))
         if problems:
             raise _CrossFieldError(problems)
         return self
-
-    def _strategy_accepts_defaults(self) -> list[tuple[Loc, str]]:
-        from chorus_common.types import SamplingParams
-        from coordinator.strategies import STRATEGIES as MODULES  # they need no config: no cycle at run time
-
-        d = self.defaults
-        try:
-            MODULES[self.strategy].check(SamplingParams(d.temperature, d.top_p, d.top_k))
-        except ValueError as exc:
-            field, _, message = str(exc).partition(": ")
-            return [(("defaults", field), message)]
-        return []
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -376,20 +330,13 @@ class EnsembleConfig(_Section):
     def primary_index(self) -> int | None:
         return next((i for i, m in enumerate(self.models) if m.priority == "primary"), None)
 
-    @property
-    def drafter_index(self) -> int:
-        """SAFE's drafter: the configured one, else the primary model, else the first."""
-        if self.safe.drafter is not None:
-            return self.model_names.index(self.safe.drafter)
-        primary = self.primary_index
-        return 0 if primary is None else primary
-
-    def alone(self, name: str) -> EnsembleConfig:
+    def alone(self, name: str) -> Self:
         """This config with one model alone (a request for that member): strategy gac by default, the
-        whole weight, no other drafter."""
+        whole weight, no setting naming another member (e.g. no other drafter)."""
         spec = self.models[self.model_names.index(name)]
-        safe = self.safe.model_copy(update={"drafter": None})
-        return self.model_copy(update={"models": (spec,), "strategy": "gac", "weights": "average", "safe": safe})
+        sections = {section: getattr(self, section).alone() for section in SECTIONS}
+        update = {"models": (spec,), "strategy": "gac", "weights": "average", **sections}
+        return self.model_copy(update=update)
 
     @property
     def primary(self) -> ModelSpec | None:
@@ -403,6 +350,24 @@ class EnsembleConfig(_Section):
         scores = [float(m.score or 0.0) for m in self.models]
         total = sum(scores)
         return [s / total for s in scores]
+
+
+def _empty_section(value: Any) -> Any:
+    return {} if value is None else value  # `defaults:` with every line commented out
+
+
+# The whole product configuration (immutable): the fields above, and a section per strategy with
+# settings, named after it (`safe:`), from the registry: a new strategy needs no change here.
+_STRATEGY_SECTIONS: dict[str, Any] = {
+    name: (Annotated[settings, BeforeValidator(_empty_section)], settings()) for name, settings in SECTIONS.items()
+}
+EnsembleConfig = create_model(
+    "EnsembleConfig",
+    __base__=_Ensemble,
+    __module__=__name__,
+    __doc__="The whole product configuration (immutable).",
+    **_STRATEGY_SECTIONS,
+)
 
 
 # --------------------------------------------------------------------------- loading

@@ -14,7 +14,6 @@ import yaml
 from chorus_common.serving import DEFAULT_MAX_CONNECTION_AGE_S
 from coordinator.config import (
     DEFAULT_CONFIG_PATH,
-    STRATEGIES,
     ConfigError,
     EnsembleConfig,
     ModelSpec,
@@ -22,6 +21,7 @@ from coordinator.config import (
     load_config,
     parse_config,
 )
+from coordinator.strategies import SECTIONS, STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -216,9 +216,14 @@ def test_primary_implies_threshold_unless_explicit(strategy_given: str | None, e
 
 
 def test_strategies_registry() -> None:
-    from coordinator.strategies import STRATEGIES as MODULES
+    from coordinator import config as config_module
 
-    assert set(STRATEGIES) == set(MODULES) == {"gac", "threshold", "me", "unite", "safe", "chared"}
+    assert set(STRATEGIES) == {"gac", "threshold", "me", "unite", "safe", "chared"}
+    assert config_module.STRATEGIES is STRATEGIES  # the one registry, no list of its own
+    # Each strategy with settings has its section, named after it, defaulting to its Settings' defaults.
+    assert set(SECTIONS) == {"me", "unite", "safe", "chared"} <= set(EnsembleConfig.model_fields)
+    defaults = load_config({"models": two()})
+    assert all(getattr(defaults, name) == settings() for name, settings in SECTIONS.items())
     sampling = {"defaults": {"temperature": 1.0}}  # me samples; it refuses greedy defaults
     for name in STRATEGIES:
         models = two(priority="primary")

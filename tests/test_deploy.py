@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import re
@@ -27,8 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
+from chorus_common.worker_args import WorkerArgs
 from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec, parse_config
+from coordinator.strategies.safe import Safe
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import ROOT, LoopThread, make_config
 
@@ -359,8 +360,10 @@ def test_tls_exec_probes_pass_against_a_real_mutual_tls_worker(helm: str, tmp_pa
     secret = _write_secret(tmp_path / "secret", make_ca(tmp_path), "chorus-worker")  # the default serverName
     args = container["args"]
     tls_args = [a.replace("/etc/chorus-tls/workers", str(secret)) for a in args[args.index("--tls-cert") :][:6]]
+    tls = WorkerArgs.parse(["--model", "m", *tls_args])
+    options = {"tls_cert": tls.tls_cert, "tls_key": tls.tls_key, "tls_ca": tls.tls_ca}
     process = spawn_worker(
-        ModelSpec(name="arith-bpe", path=str(ROOT / "models" / "arith-bpe")), threads=1, extra_args=tuple(tls_args)
+        ModelSpec(name="arith-bpe", path=str(ROOT / "models" / "arith-bpe")), threads=1, options=options
     )
     try:
         port = process.address.rsplit(":", 1)[1]
@@ -525,7 +528,7 @@ def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
     assert config.strategy == "safe"
     assert (config.safe.drafter, config.safe.draft_tokens, config.safe.ensemble, config.safe.sharpen) == (
         "qwen-7b", 6, "unite", True)  # fmt: skip
-    assert config.drafter_index == 1 and config.unite.top_k == 12
+    assert Safe.drafter_index(config) == 1 and config.unite.top_k == 12
     bad = subprocess.run(
         [helm, "template", "chorus", str(CHART), "-f", str(CHART / "ci" / "safe-values.yaml"),
          "--set", "ensemble.strategy=mixture"], capture_output=True, text=True,
@@ -590,12 +593,8 @@ def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm:
             5.0,
             "256",
         )
-    from model_worker.main import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     for a in (llama, qwen, mistral):  # the worker's own parser takes every flag the chart renders
-        parser.parse_args([x for x in a if not x.startswith("$(")])
+        WorkerArgs.parse([x for x in a if not x.startswith("$(")])
 
 
 def test_a_headless_service_resolves_to_every_coordinator_pod_for_client_side_balancing(helm: str) -> None:

@@ -12,16 +12,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from chorus_common.types import SamplingParams
+from coordinator.strategies.settings import Problem, StrategySettings
 from coordinator.union_dist import UnionDist
 
 if TYPE_CHECKING:
-    from coordinator.config import EnsembleConfig
     from coordinator.union_vocab import UnionVocab
+
+
+class EnsembleView(Protocol):
+    """The ensemble config as strategies see it (coordinator.config.EnsembleConfig is one; strategies
+    do not import that module, which builds itself from their registry)."""
+
+    @property
+    def model_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def primary_index(self) -> int | None: ...
+
+    @property
+    def defaults(self) -> Any: ...  # the request defaults: temperature, top_p, top_k ...
+
+    def __getattr__(self, name: str) -> Any: ...  # each strategy's settings section, by its name
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ class Drafted:
 class StepContext(Protocol):
     """What a strategy may see and ask for during one step."""
 
-    config: EnsembleConfig
+    config: EnsembleView
     union: UnionVocab
     n_models: int
     weights: Sequence[float]  # normalised, per model
@@ -96,11 +112,34 @@ class Strategy(ABC):
     # It accepts tokens a model drew inside its worker (Decision.pieces), not drawn from a distribution
     # the coordinator has: such strategies cannot report logprobs.
     drafts: ClassVar[bool] = False
+    # Its section of the config file, named after it (`safe:`); None = it has no settings.
+    Settings: ClassVar[type[StrategySettings] | None] = None
 
     @classmethod
     def check(cls, sampling: SamplingParams) -> None:
         """Refuse sampling settings this strategy cannot honour (ValueError naming the field)."""
         return None
+
+    @classmethod
+    def check_settings(cls, config: EnsembleView) -> list[Problem]:
+        """Problems of its section against the rest of the config (e.g. a model it names). Checked
+        whichever strategy is configured: a request may ask for any."""
+        return []
+
+    @classmethod
+    def check_configured(cls, config: EnsembleView) -> list[Problem]:
+        """Problems with it as the configured strategy: a primary model it needs, request defaults it refuses."""
+        problems: list[Problem] = []
+        if cls.needs_primary and config.primary_index is None:
+            msg = f"{cls.name!r} needs exactly one model with priority 'primary' (found none)"
+            problems.append((("strategy",), msg))
+        d = config.defaults
+        try:
+            cls.check(SamplingParams(d.temperature, d.top_p, d.top_k))
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            problems.append((("defaults", field), message))
+        return problems
 
     @abstractmethod
     async def step(self, ctx: StepContext) -> Decision: ...

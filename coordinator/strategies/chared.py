@@ -11,16 +11,29 @@ vocabularies: only bytes meet. A character split over byte tokens is a key of it
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from coordinator.strategies.base import Decision, StepContext, Strategy
+from coordinator.strategies.settings import StrategySettings
 from coordinator.union_dist import UnionDist
 from coordinator.union_vocab import first_char
 
 Table = dict[bytes, float]  # continuation bytes -> probability (b"" = end of sequence)
 
 
+class CharedSettings(StrategySettings):
+    requery_mass: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="re-ask a model when the tokens that end at the chosen character hold at least this share "
+        "of its remaining mass (0 = always exact: re-ask whenever any does)",
+    )
+
+
 class Chared(Strategy):
     name = "chared"
+    Settings = CharedSettings
 
     def __init__(self) -> None:
         self._tables: list[Table | None] = []

@@ -13,16 +13,23 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+from pydantic import Field
 
 from chorus_common.types import SamplingParams
 from coordinator.strategies.base import Decision, StepContext, Strategy
+from coordinator.strategies.settings import StrategySettings
 
 _BLOCK = 256  # schedule entries drawn at a time
+
+
+class MeSettings(StrategySettings):
+    max_run: int = Field(32, ge=1, le=4096, description="tokens one model draws per call at most")
 
 
 class Me(Strategy):
     name = "me"
     drafts = True
+    Settings = MeSettings
 
     def __init__(self) -> None:
         self._schedule: deque[int] = deque()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from coordinator.strategies.base import Decision, Drafted, StepContext, Strategy
+from coordinator.strategies.base import Decision, Drafted, EnsembleView, StepContext, Strategy
+from coordinator.strategies.settings import NAMES_A_MODEL, Problem, StrategySettings
 from coordinator.strategies.unite import unite_step
 from coordinator.union_dist import UnionDist
 
@@ -28,9 +31,43 @@ _SHARPEN_BELOW = 0.5
 _SHARPEN_CANDIDATES = 8
 
 
+class SafeSettings(StrategySettings):
+    drafter: str | None = Field(
+        None,
+        description="the drafting model's name (unset: the primary model, else the first)",
+        json_schema_extra=NAMES_A_MODEL,
+    )
+    draft_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per generate-verify cycle")
+    ensemble: Literal["gac", "unite"] = Field("gac", description="the distribution at an ensembled position")
+    sharpen: bool = Field(
+        False, description="add the mass of extending tokens to a candidate when the top is below 0.5"
+    )
+    top_k: int = Field(10, ge=1, le=1000, description="verifiers' distributions per position, for the skip rules")
+
+    def alone(self) -> SafeSettings:
+        return self.model_copy(update={"drafter": None})  # the member alone is its own drafter
+
+
 class Safe(Strategy):
     name = "safe"
     drafts = True
+    Settings = SafeSettings
+
+    @classmethod
+    def check_settings(cls, config: EnsembleView) -> list[Problem]:
+        drafter = config.safe.drafter
+        if drafter is not None and drafter not in config.model_names:
+            msg = f"unknown model {drafter!r}; the models are {list(dict.fromkeys(config.model_names))}"
+            return [(("safe", "drafter"), msg)]
+        return []
+
+    @staticmethod
+    def drafter_index(config: EnsembleView) -> int:
+        """The drafter: the configured one, else the primary model, else the first."""
+        if config.safe.drafter is not None:
+            return config.model_names.index(config.safe.drafter)
+        primary = config.primary_index
+        return 0 if primary is None else primary
 
     def __init__(self) -> None:
         self._ensemble_next = False
@@ -43,7 +80,7 @@ class Safe(Strategy):
             self._ensemble_next = False
             return await self._ensemble(ctx)
         settings = ctx.config.safe
-        drafter = ctx.config.drafter_index
+        drafter = self.drafter_index(ctx.config)
         if not ctx.alive[drafter]:
             return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
         if ahead is None:

@@ -8,13 +8,20 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from pydantic import Field
 
 from coordinator.strategies.base import Decision, StepContext, Strategy
+from coordinator.strategies.settings import StrategySettings
 from coordinator.union_dist import UnionDist
+
+
+class UniteSettings(StrategySettings):
+    top_k: int = Field(10, ge=1, le=1000, description="each model's top-k tokens form the union of candidates")
 
 
 class Unite(Strategy):
     name = "unite"
+    Settings = UniteSettings
 
     async def step(self, ctx: StepContext) -> Decision:
         return await unite_step(ctx, ctx.config.unite.top_k)
