@@ -22,18 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from aiohttp import web
 
 from chorus.v1 import common_pb2, coordinator_pb2
 from chorus_common.security import TlsFiles, bearer_allowed, read_tokens
 from coordinator import convert
-from coordinator.admission import Admission, Draining, Overloaded
+from coordinator.admission import Admission
 from coordinator.config import EnsembleConfig
-from coordinator.ensemble import Ensemble, NotReady
-from coordinator.failures import count_http_failures
-from coordinator.generation import WorkerFailed, WorkerLost, generate_many
+from coordinator.ensemble import Ensemble
+from coordinator.failures import RETRY_AFTER_S, BadRequest, ModelNotFound, answer, count_http_failures
 from coordinator.logprobs import MAX_TOP
+from coordinator.running import run_requests
 from coordinator.types import Finished, GenerationRequest, TextPiece, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -75,16 +74,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "suffix": ("suffix (insertion) is not supported", ()),
 }
 _MESSAGE_EMPTY_OK = ("name", "tool_calls", "function_call", "refusal", "audio", "annotations")
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class ModelNotFound(LookupError):
-    """A `model` that is neither the ensemble nor one of its members: 404, as OpenAI answers."""
 
 
 @dataclass(frozen=True)
@@ -286,32 +275,12 @@ def _completion_logprobs(tokens: Iterable[TokenLogprob], offset: int, before: by
 
 def _failure(exc: BaseException) -> tuple[int, Json, int | None]:
     """(status, OpenAI error body, Retry-After) for an exception raised while serving a request."""
-    retry = None
-    param: str | None = None
-    code: str | None = None
-    if isinstance(exc, BadRequest):
-        status, kind, param = 400, "invalid_request_error", exc.param
-    elif isinstance(exc, convert.InvalidRequest):
-        status, kind, param = 400, "invalid_request_error", str(exc).split(":", 1)[0]
-    elif isinstance(exc, ModelNotFound):
-        status, kind, param, code = 404, "invalid_request_error", "model", "model_not_found"
-    elif isinstance(exc, Overloaded):
-        status, kind, retry = 429, "rate_limit_error", 1
-    elif isinstance(exc, Draining | NotReady | WorkerLost):
-        status, kind, retry = 503, "service_unavailable", 1
-    elif isinstance(exc, WorkerFailed):
-        status, kind = 500, "server_error"
-    elif isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        status, kind = 400, "invalid_request_error"
-        exc = ValueError(exc.details() or "invalid request")
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        status, kind, retry = 503, "service_unavailable", 1
-        exc = ValueError(f"a model worker failed: {exc.code().name}")
-    else:
+    failed = answer(exc)
+    if failed.status.grpc is None:  # a bug (or a client gone mid-answer)
         log.error("HTTP request failed", exc_info=exc)
-        status, kind = 500, "server_error"
-        exc = ValueError(f"internal error: {type(exc).__name__}")
-    return status, {"error": {"message": str(exc), "type": kind, "param": param, "code": code}}, retry
+    error = {"message": failed.message, "type": failed.status.kind, "param": failed.param, "code": failed.code}
+    retry = RETRY_AFTER_S if failed.status.http in (429, 503) else None
+    return failed.status.http, {"error": error}, retry
 
 
 class HttpApi:
@@ -323,7 +292,7 @@ class HttpApi:
             config.server.tokens_file) else ()  # fmt: skip
         self._tls = _tls(config)
         # count_http_failures inside _guard: it counts the exception _guard maps to a status, once per request.
-        counted = count_http_failures(config.model_names, invalid=(BadRequest, ModelNotFound))
+        counted = count_http_failures(config.model_names)
         self.app = web.Application(middlewares=[self._guard, counted])
         self.app.add_routes(
             [
@@ -514,20 +483,19 @@ class HttpApi:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{requests[0].request_id}"
         head = {"id": ident, "created": int(time.time()), "model": body.get("model") or MODEL_ID}
         kind = "chat.completion" if chat else "text_completion"
-        with self.admission.admit(len(requests)):
-            events = generate_many(self.ensemble, requests)
-            try:
-                if options.stream:
-                    return await self._stream(request, events, head, kind, chat, options)
-                finished: dict[int, Finished] = {}
-                tokens: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(requests))}
-                async for index, event in events:
-                    if isinstance(event, Finished):
-                        finished[index] = event
-                    else:
-                        tokens[index].extend(event.logprobs)
-            finally:
-                await events.aclose()
+        events = run_requests(self.ensemble, self.admission, requests)
+        try:
+            if options.stream:
+                return await self._stream(request, events, head, kind, chat, options)
+            finished: dict[int, Finished] = {}
+            tokens: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(requests))}
+            async for index, event in events:
+                if isinstance(event, Finished):
+                    finished[index] = event
+                else:
+                    tokens[index].extend(event.logprobs)
+        finally:
+            await events.aclose()
         choices = []
         for i in sorted(finished):
             done = finished[i]
@@ -661,14 +629,13 @@ class HttpApi:
         )
         requests = self._requests(proto, self._request_id(request))
         texts: dict[int, str] = {}
-        with self.admission.admit(len(requests)):
-            events = generate_many(self.ensemble, requests)
-            try:
-                async for index, event in events:
-                    if isinstance(event, Finished):
-                        texts[index] = event.text
-            finally:
-                await events.aclose()
+        events = run_requests(self.ensemble, self.admission, requests)
+        try:
+            async for index, event in events:
+                if isinstance(event, Finished):
+                    texts[index] = event.text
+        finally:
+            await events.aclose()
         return web.json_response({"response": [texts[i] for i in sorted(texts)]})
 
     async def status(self, request: web.Request) -> web.Response:

@@ -15,10 +15,10 @@ from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from chorus_common.security import TlsFiles, read_tokens
 from chorus_common.serving import GrpcServer
 from coordinator import convert
-from coordinator.admission import Admission, Draining, Overloaded
-from coordinator.ensemble import Ensemble, NotReady
-from coordinator.failures import count_failure, model_label
-from coordinator.generation import WorkerFailed, WorkerLost, generate_many
+from coordinator.admission import Admission
+from coordinator.ensemble import Ensemble
+from coordinator.failures import RETRY_AFTER_S, answer, count_failure, model_label
+from coordinator.running import run_requests
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_n
 # The wait a client should leave before retrying a refusal (at capacity, or a model with no ready
 # worker), as trailing metadata: `retry-after` in seconds (what the chorus SDK reads, as HTTP's
 # Retry-After), and gRPC's own `grpc-retry-pushback-ms` (what gRPC's retry policies read).
-RETRY_AFTER_S = 1
 RETRY_AFTER = (("retry-after", str(RETRY_AFTER_S)), ("grpc-retry-pushback-ms", str(RETRY_AFTER_S * 1000)))
 
 
@@ -90,43 +89,23 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         model = model_label(request.model, self.ensemble.config.model_names)  # failures' model_name
         if not request.request_id:
             request.request_id = uuid.uuid4().hex[:16]
+        events = None
         try:
             requests = convert.requests_from_proto(request, self.ensemble.config)
-        except convert.InvalidRequest as exc:
-            count_failure(exc, model=model)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
-        events = generate_many(self.ensemble, requests, timeout)
-        try:
-            with self.admission.admit(len(requests)):
-                async for index, event in events:
-                    yield convert.event_to_proto(index, event)
-        except Overloaded as exc:
-            count_failure(exc, model=model)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), trailing_metadata=RETRY_AFTER)
-        except NotReady as exc:
-            count_failure(exc, model=model)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=RETRY_AFTER)
-        except (Draining, WorkerLost) as exc:  # retry on another coordinator / with other workers: no wait
-            count_failure(exc, model=model)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except WorkerFailed as exc:
-            count_failure(exc, model=model)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except grpc.aio.AioRpcError as exc:
-            count_failure(exc, model=model)
-            code = exc.code()
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                await context.abort(code, exc.details() or code.name)
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                await context.abort(code, "deadline exceeded while generating")
-            log.warning("worker failed: %s %s", code, exc.details())
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"a model worker failed: {code.name}: {exc.details()}")
-        except BaseException as exc:  # the client went away or its deadline passed (cancelled), or a bug
-            count_failure(exc, context.time_remaining(), model=model)
-            raise
+            timeout = context.time_remaining()  # passed on to the workers: deadlines do not propagate
+            events = run_requests(self.ensemble, self.admission, requests, timeout)
+            async for index, event in events:
+                yield convert.event_to_proto(index, event)
+        except BaseException as exc:  # also the client going away or its deadline passing (cancelled)
+            time_remaining = context.time_remaining()
+            count_failure(exc, time_remaining, model=model)
+            failed = answer(exc, time_remaining)
+            if failed.status.grpc is None:  # the call is gone, or a bug (UNKNOWN)
+                raise
+            await context.abort(failed.status.grpc, failed.details, RETRY_AFTER if failed.status.wait else ())
         finally:
-            await events.aclose()
+            if events is not None:
+                await events.aclose()
 
 
 class CoordinatorServer:
