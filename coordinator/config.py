@@ -338,11 +338,6 @@ class _Ensemble(_Section):
         update = {"models": (spec,), "strategy": "gac", "weights": "average", **sections}
         return self.model_copy(update=update)
 
-    @property
-    def primary(self) -> ModelSpec | None:
-        index = self.primary_index
-        return None if index is None else self.models[index]
-
     def weight_vector(self) -> list[float]:
         """Normalised ensemble weights, one per model: equal, or score / sum of scores."""
         if self.weights == "average":

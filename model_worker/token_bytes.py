@@ -226,7 +226,3 @@ def token_byte_table(tokenizer: Any, vocab_size: int | None = None) -> tuple[lis
         special[i] = is_special
     return tokens, special
 
-
-def text_bytes_of_ids(table: list[bytes], ids: Iterable[int]) -> bytes:
-    """The bytes a sequence of ids spells (special tokens included as their display bytes)."""
-    return b"".join(table[i] for i in ids)

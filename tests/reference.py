@@ -9,6 +9,7 @@ plain dicts, and takes the argmax. The served cluster must produce the same text
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -90,3 +91,8 @@ def reference_generate(models: list[ReferenceModel], prompt: str, max_new_tokens
         for model, state, dist in zip(models, states, dists, strict=True):
             model.commit(state, choice, partial=dist.get(choice, 0.0) / sum(dist.values()) < 0.5 * share)
     return generated.decode("utf-8", errors="replace")
+
+
+def text_bytes_of_ids(table: list[bytes], ids: Iterable[int]) -> bytes:
+    """The bytes a sequence of ids spells (special tokens included as their display bytes)."""
+    return b"".join(table[i] for i in ids)

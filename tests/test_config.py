@@ -106,7 +106,7 @@ def test_shipped_default() -> None:
         str(REPO / "models" / "arith-bpe"),
         str(REPO / "models" / "arith-sp"),
     ]
-    assert config.primary is None
+    assert config.primary_index is None
     assert config.weight_vector() == [0.5, 0.5]
 
 
@@ -114,8 +114,7 @@ def test_shipped_threshold() -> None:
     config = load_config(CONFIGS / "threshold.yaml")
     assert config.strategy == "threshold"
     assert config.threshold == 0.6
-    assert config.primary is not None and config.primary.name == "arith-bpe"
-    assert config.primary_index == 0
+    assert config.primary_index == 0 and config.models[0].name == "arith-bpe"
     assert config.models[1].priority == "supportive"
 
 
@@ -179,7 +178,8 @@ def test_shipped_gac_files(file: str, strategy: str, weights: str, primary: str 
     config = load_config(CONFIGS / file)
     assert config.strategy == strategy
     assert config.weights == weights
-    assert (config.primary.name if config.primary else None) == primary
+    index = config.primary_index
+    assert (None if index is None else config.models[index].name) == primary
     assert config.weight_vector() == pytest.approx(vector)
     assert config.models[0].path == str(REPO / "models" / "arith-bpe")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_worker.token_bytes import text_bytes_of_ids, token_byte_table, tokenizer_kind
+from model_worker.token_bytes import token_byte_table, tokenizer_kind
 from tests.cluster_helpers import MODELS
+from tests.reference import text_bytes_of_ids
 
 # (a, b) pairs from the training split's complement are not needed: these are checked answers.
 PROMPTS = [(12, 35), (48, 27), (7, 86), (63, 19), (25, 58), (3, 4), (50, 50), (81, 11), (29, 70), (66, 6)]

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models
 from transformers import PreTrainedTokenizerFast
 
-from model_worker.token_bytes import text_bytes_of_ids, token_byte_table, tokenizer_kind
+from model_worker.token_bytes import token_byte_table, tokenizer_kind
+from tests.reference import text_bytes_of_ids
 from tests.tokenizer_factory import (
     BYTE_LEVEL_EOS,
     BYTE_LEVEL_EXTRA_SPECIALS,
