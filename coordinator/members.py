@@ -12,9 +12,10 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from chorus_common.types import DistributionPart, SamplingParams
+from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
+from coordinator import metrics
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
-from coordinator.types import GenerationRequest, ModelDraft, ModelScore, Usage
+from coordinator.types import GenerationRequest, Usage
 from coordinator.union_dist import UnionDist
 from coordinator.workers import ContextFull, ModelSession, Transport
 
@@ -145,10 +146,12 @@ class Members:
             return None
         self.slowest[i] = max(self.slowest[i], time.perf_counter() - started)
         self.count(i, step.forward_passes, step.tokens_fed)
+        if step.forward_passes:
+            metrics.member_queued(self.request.model, self.ensemble.members[i].spec.name, step.queue_ms)
         return step.parts
 
     async def draft(self, i: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int,
-                    ahead: bytes) -> ModelDraft | None:  # fmt: skip
+                    ahead: bytes) -> DraftResult | None:  # fmt: skip
         """Model i draws up to max_tokens tokens after the text and `ahead` (assumed to follow, not
         committed); None if its worker was lost, or if its context filled up with `ahead`."""
         rollback, append, foreign = self.sync(i)
@@ -171,7 +174,7 @@ class Members:
         self.held_extra[i] = ahead + b"".join(drafted.pieces)
         return drafted
 
-    async def score(self, i: int, pieces: list[bytes], top_k: int) -> ModelScore | None:
+    async def score(self, i: int, pieces: list[bytes], top_k: int) -> ScoreResult | None:
         """Model i's distributions along `pieces` after the text, in one pass; None if its worker was lost."""
         rollback, append, foreign = self.sync(i)
         call = self.sessions[i].score(append, rollback, pieces, top_k, foreign)

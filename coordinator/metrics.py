@@ -77,11 +77,21 @@ MODEL_AGREED = Counter(
     "chorus_model_agreement_total", "Steps where a model's own top choice was the chosen token.",
     ["model_name", "strategy", "member"],
 )  # fmt: skip
+MEMBER_QUEUE = Histogram(
+    "chorus_member_queue_seconds",
+    "Time a member's step waited in its worker's queue before its first forward pass (the worker's own report).",
+    ["model_name", "member"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
 
 # Series that exist from the start (0, not absent), so rate() and alerts on them work before the first event.
 REQUESTS_RUNNING.labels(MODEL_NAME)
 for _reason in FAILURE_REASONS:
     REQUEST_FAILURES.labels(MODEL_NAME, _reason)
+
+
+def member_queued(model_name: str | None, member: str, queue_ms: float) -> None:
+    """A member's step result said it waited queue_ms in its worker (behind other sessions' passes)."""
+    MEMBER_QUEUE.labels(model_name or MODEL_NAME, member).observe(queue_ms / 1000)
 
 
 def count_failure(reason: str, model_name: str = MODEL_NAME) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chorus_common.types import DistributionPart, Prompt, SamplingParams
+from chorus_common.types import Prompt, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -35,33 +35,6 @@ class WorkerInfo:
     context_length: int
     tokenizer_kind: str
     device: str
-
-
-@dataclass(frozen=True)
-class ModelStep:
-    parts: list[DistributionPart]
-    tokens_fed: int
-    forward_passes: int
-
-
-@dataclass(frozen=True)
-class ModelDraft:
-    """Tokens a worker drew itself: their bytes, and (when asked) each draw's distribution."""
-
-    pieces: list[bytes]
-    ended: bool  # an end-of-sequence token was drawn after the pieces
-    dists: list[list[DistributionPart]]
-    tokens_fed: int
-    forward_passes: int
-
-
-@dataclass(frozen=True)
-class ModelScore:
-    """A model's distributions before each scored piece and after the last (None: no token boundary)."""
-
-    positions: list[list[DistributionPart] | None]
-    tokens_fed: int
-    forward_passes: int
 
 
 @dataclass

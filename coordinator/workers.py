@@ -16,8 +16,8 @@ from tqdm import tqdm
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from chorus_common.security import TlsFiles
 from chorus_common.serving import LIVENESS, MESSAGE_OPTIONS
-from chorus_common.types import DistributionPart, Prompt, SamplingParams
-from coordinator.types import ModelDraft, ModelScore, ModelStep, WorkerInfo
+from chorus_common.types import DistributionPart, DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
+from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
 CHANNEL_OPTIONS = [
@@ -132,7 +132,7 @@ class ModelSession:
 
     # Every call that moves the text drops `rollback` bytes the worker holds, then appends `append`.
 
-    async def step(self, append: bytes, transport: Transport, rollback: int = 0, partial: bool = False) -> ModelStep:
+    async def step(self, append: bytes, transport: Transport, rollback: int = 0, partial: bool = False) -> StepResult:
         if transport.top_k:
             step = worker_pb2.SessionStep(append=append, format=worker_pb2.TOP_K, top_k=transport.top_k)
         else:
@@ -142,10 +142,14 @@ class ModelSession:
         step.partial = partial
         await self._write(worker_pb2.SessionRequest(step=step))
         result = (await self._read()).step
-        return ModelStep(
+        return StepResult(
             parts=[part_from_proto(p) for p in result.parts],
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,
+            batch_size=result.batch_size,
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+            queue_position=result.queue_position,
         )
 
     async def draft(
@@ -157,7 +161,7 @@ class ModelSession:
         seed: int,
         report_top_k: int,
         partial: bool = False,
-    ) -> ModelDraft:
+    ) -> DraftResult:
         params = worker_pb2.Sampling(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed
         )
@@ -167,7 +171,7 @@ class ModelSession:
         )  # fmt: skip
         await self._write(worker_pb2.SessionRequest(draft=draft))
         result = (await self._read()).draft
-        return ModelDraft(
+        return DraftResult(
             pieces=list(result.pieces),
             ended=result.ended,
             dists=[[part_from_proto(p) for p in d.parts] for d in result.dists],
@@ -177,11 +181,11 @@ class ModelSession:
 
     async def score(
         self, append: bytes, rollback: int, pieces: list[bytes], top_k: int, partial: bool = False
-    ) -> ModelScore:
+    ) -> ScoreResult:
         score = worker_pb2.SessionScore(append=append, rollback=rollback, pieces=pieces, top_k=top_k, partial=partial)
         await self._write(worker_pb2.SessionRequest(score=score))
         result = (await self._read()).score
-        return ModelScore(
+        return ScoreResult(
             positions=[[part_from_proto(p) for p in d.parts] if d.boundary else None for d in result.positions],
             tokens_fed=result.tokens_fed,
             forward_passes=result.forward_passes,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 
 from chorus.v1 import common_pb2, worker_pb2
-from chorus_common.types import Prompt, SamplingParams
+from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from model_worker.distribution import Format, Part
-from model_worker.runtime import DraftOutput, RequestError, Runtime, ScoreOutput, StepOutput
+from model_worker.runtime import RequestError, Runtime
 
 _FORMATS = {
     worker_pb2.FULL_FP16: np.dtype(np.float16),
@@ -44,7 +44,7 @@ def sampling_from_proto(sampling: worker_pb2.Sampling) -> SamplingParams:
     return SamplingParams(sampling.temperature, sampling.top_p or 1.0, sampling.top_k)
 
 
-def draft_to_proto(out: DraftOutput) -> worker_pb2.SessionResponse:
+def draft_to_proto(out: DraftResult) -> worker_pb2.SessionResponse:
     return worker_pb2.SessionResponse(
         draft=worker_pb2.DraftResult(
             pieces=out.pieces,
@@ -56,7 +56,7 @@ def draft_to_proto(out: DraftOutput) -> worker_pb2.SessionResponse:
     )
 
 
-def score_to_proto(out: ScoreOutput) -> worker_pb2.SessionResponse:
+def score_to_proto(out: ScoreResult) -> worker_pb2.SessionResponse:
     return worker_pb2.SessionResponse(
         score=worker_pb2.ScoreResult(
             positions=[_position(parts) for parts in out.positions],
@@ -76,7 +76,7 @@ def _position(parts: list[Part] | None) -> worker_pb2.PositionDistribution:
     return worker_pb2.PositionDistribution(boundary=True, parts=[_part_to_proto(p) for p in parts])
 
 
-def step_to_proto(out: StepOutput) -> worker_pb2.SessionResponse:
+def step_to_proto(out: StepResult) -> worker_pb2.SessionResponse:
     return worker_pb2.SessionResponse(
         step=worker_pb2.StepResult(
             parts=[_part_to_proto(p) for p in out.parts],

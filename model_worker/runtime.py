@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from chorus_common.sampling import pick
-from chorus_common.types import Prompt, SamplingParams
+from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.conditioning import Conditioner, Plan, TextState
@@ -68,33 +68,6 @@ class Session:
     @property
     def generated(self) -> bytes:
         return bytes(self.text.generated)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    parts: list[Part]
-    tokens_fed: int
-    forward_passes: int
-    batch_size: int
-    queue_ms: float
-    compute_ms: float
-    queue_position: int = 0
-
-
-@dataclass(frozen=True)
-class DraftOutput:
-    pieces: list[bytes]  # one per drawn token
-    ended: bool  # an end-of-sequence token was drawn after the pieces
-    dists: list[list[Part]]  # with report_top_k: the distribution of every draw
-    tokens_fed: int
-    forward_passes: int
-
-
-@dataclass(frozen=True)
-class ScoreOutput:
-    positions: list[list[Part] | None]  # before each piece and after the last; None = no token boundary
-    tokens_fed: int
-    forward_passes: int
 
 
 class Runtime:
@@ -223,7 +196,7 @@ class Runtime:
 
     async def step(
         self, session: Session, append: bytes, fmt: Format, rollback: int = 0, partial: bool = False
-    ) -> StepOutput:
+    ) -> StepResult:
         """Commit `append` (after dropping `rollback` bytes) and return the distribution over the next bytes.
         `partial`: the appended text may end inside a token, so the last one stays open to extension."""
         self._move(session, rollback, append, partial)
@@ -232,8 +205,8 @@ class Runtime:
         session.last_plan = plan
         parts = await self._parts(plan, session.kv.rows, fmt)
         if stats is None:
-            return StepOutput(parts, 0, 0, 0, 0.0, 0.0)
-        return StepOutput(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms,
+            return StepResult(parts, 0, 0, 0, 0.0, 0.0)
+        return StepResult(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms,
                           stats.queue_position)  # fmt: skip
 
     async def _parts(self, plan: Plan, rows: dict[int, torch.Tensor], fmt: Format) -> list[Part]:
@@ -254,7 +227,7 @@ class Runtime:
         seed: int,
         report_top_k: int = 0,
         partial: bool = False,
-    ) -> DraftOutput:
+    ) -> DraftResult:
         """Draw up to max_tokens tokens here, one step each; the session then holds them."""
         if not 1 <= max_tokens <= self.context_length:
             raise RequestError(f"draft.max_tokens: {max_tokens} is outside 1..{self.context_length}")
@@ -285,7 +258,7 @@ class Runtime:
             piece = self.tokens[token][part.skip_bytes :]
             self.conditioner.commit_draw(session.text, plan, token, part.after_last, piece)
             pieces.append(piece)
-        return DraftOutput(pieces, ended, dists, fed, passes)
+        return DraftResult(pieces, ended, dists, fed, passes)
 
     def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> tuple[int, Part] | None:
         """One token drawn from a step's parts, with the part it came from; None for end of sequence."""
@@ -306,7 +279,7 @@ class Runtime:
 
     async def score(
         self, session: Session, append: bytes, rollback: int, pieces: list[bytes], top_k: int, partial: bool = False
-    ) -> ScoreOutput:
+    ) -> ScoreResult:
         """Distributions before each piece and after the last, in one forward pass; the session keeps the pieces
         (another model's, so re-tokenized canonically). A position inside one of the model's tokens (pending
         bytes) has none."""
@@ -335,8 +308,8 @@ class Runtime:
         positions = [build_parts(p, session.kv.rows, index, fmt) if ok else None
                      for p, ok in zip(plans, usable, strict=True)]  # fmt: skip
         if stats is None:
-            return ScoreOutput(positions, 0, 0)
-        return ScoreOutput(positions, stats.tokens_fed, 1)
+            return ScoreResult(positions, 0, 0)
+        return ScoreResult(positions, stats.tokens_fed, 1)
 
     def lookup(self, session: Session, candidates: list[bytes]) -> list[float]:
         """Log-probabilities of candidate continuations under the last step's distribution."""

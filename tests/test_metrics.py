@@ -161,6 +161,9 @@ def test_coordinator_metrics(loop: LoopThread, default_workers: dict[str, Worker
         member = (("member", model), *ENSEMBLE)
         assert grew("chorus_prompt_tokens_total", member) == member_usage.prompt_tokens > 0
         assert grew("chorus_model_steps_total", (*member, ("strategy", "gac"))) == usage.steps
+        # Each step that ran a forward pass reports its worker's queue time (a cached step runs none).
+        assert 0 < grew("chorus_member_queue_seconds_count", member) <= usage.steps
+        assert grew("chorus_member_queue_seconds_sum", member) >= 0
         assert 0 <= grew("chorus_model_agreement_total", (*member, ("strategy", "gac"))) <= usage.steps
         agreed += grew("chorus_model_agreement_total", (*member, ("strategy", "gac")))
     assert agreed > 0  # on an easy sum the members mostly pick the chosen token
