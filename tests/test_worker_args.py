@@ -65,6 +65,21 @@ def test_spawn_worker_passes_a_models_config_entry_and_options_over_it() -> None
         worker_args(spec, kv_wiat=1.0)  # a misspelt option fails, it is not dropped
 
 
+def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -> None:
+    """A ModelSpec field named like a WorkerArgs field is passed on (path is --model)."""
+    shared = set(ModelSpec.model_fields) & {f.name for f in dataclasses.fields(WorkerArgs)}
+    assert shared >= {"name", "device", "dtype", "quantization", "max_memory", "max_model_len"}
+    spec = ModelSpec(name="m", path="/m", device="cuda:0", dtype="float16", quantization="4bit",
+                     max_memory={0: "20GiB"}, max_model_len=2048)  # fmt: skip
+    args = worker_args(spec)
+    for name in shared:
+        value = getattr(spec, name)
+        assert value != getattr(WorkerArgs, name), f"set {name} to a non-default in this test"
+        expected = {str(k): v for k, v in value.items()} if name == "max_memory" else value
+        assert getattr(args, name) == expected, name
+    assert args.model == spec.path
+
+
 def _worker_args_in_chart(values: Path) -> list[list[str]]:
     helm = ROOT / ".tools" / "bin" / "helm"
     subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
