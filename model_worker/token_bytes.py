@@ -225,4 +225,3 @@ def token_byte_table(tokenizer: Any, vocab_size: int | None = None) -> tuple[lis
             continue
         special[i] = is_special
     return tokens, special
-
