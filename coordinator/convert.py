@@ -1,33 +1,29 @@
-"""Protobuf <-> domain for the coordinator's public API, with request validation.
+"""Protobuf <-> domain for the coordinator's public gRPC API.
 
-Every rule a request must meet is checked here, and each failure names its field.
+A GenerateRequest is read into request_rules' Asked and prompts; the rules themselves (ranges, limits,
+roles) are request_rules', which the HTTP front ends (http_models.py) share.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 from chorus.v1 import common_pb2, coordinator_pb2
-from chorus_common.types import Prompt, SamplingParams
+from chorus_common.types import Prompt
+from coordinator import request_rules
 from coordinator.config import EnsembleConfig
 from coordinator.ensemble import Ensemble
+from coordinator.request_rules import ENSEMBLE_ID as ENSEMBLE_ID  # re-exported: its name in this API
+from coordinator.request_rules import InvalidRequest
 from coordinator.strategies import STRATEGIES
 from coordinator.types import Finished, GenerationRequest, TextPiece, Usage
-
-ROLES = ("system", "user", "assistant")
-ENSEMBLE_ID = "chorus"  # the whole ensemble, as a request's `model` (HTTP and gRPC) names it
-MAX_STOP_STRINGS = 16
-MAX_TEMPERATURE = 100.0
-
-
-class InvalidRequest(ValueError):
-    """A request that breaks a rule; the message names the field."""
 
 
 def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: EnsembleConfig) -> list[GenerationRequest]:
     """One GenerationRequest per conversation of the request."""
-    defaults, limits = config.defaults, config.limits
-    template = request.apply_chat_template if request.HasField("apply_chat_template") else defaults.apply_chat_template
+    template = (
+        request.apply_chat_template if request.HasField("apply_chat_template") else config.defaults.apply_chat_template
+    )
     kind = request.WhichOneof("input")
     if kind == "prompt":
         prompts = [Prompt(text=request.prompt)]
@@ -37,135 +33,35 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         conversations = request.batch.conversations
         if not conversations:
             raise InvalidRequest("batch.conversations: empty")
-        if len(conversations) > limits.max_conversations:
-            raise InvalidRequest(
-                f"batch.conversations: {len(conversations)} conversations, at most {limits.max_conversations}"
-            )
+        request_rules.check_conversations(len(conversations), config, "batch.conversations")
         prompts = [_conversation(c, template, f"batch.conversations[{i}]") for i, c in enumerate(conversations)]
     else:
         raise InvalidRequest("input: give prompt, messages or batch")
-    for p in prompts:
-        size = len(p.text.encode()) if p.text is not None else sum(len(c.encode()) for _, c in p.messages)
-        if p.text is not None and not p.text:
-            raise InvalidRequest("prompt: empty")
-        if size > limits.max_prompt_bytes:
-            raise InvalidRequest(f"prompt: {size} bytes, at most {limits.max_prompt_bytes}")
+    return request_rules.build_requests(prompts, _asked(request), config)
 
-    max_new = request.max_new_tokens if request.HasField("max_new_tokens") else defaults.max_new_tokens
-    if not 1 <= max_new <= limits.max_new_tokens:
-        raise InvalidRequest(f"max_new_tokens: {max_new} is outside 1..{limits.max_new_tokens}")
-    model = member_named(request.model, config)
-    scope = config if model is None else config.alone(model)  # a member alone: the config of it alone
-    strategy = request.strategy or scope.strategy
-    if strategy not in STRATEGIES:
-        raise InvalidRequest(f"strategy: unknown {strategy!r}, expected one of {sorted(STRATEGIES)}")
-    if STRATEGIES[strategy].needs_primary and scope.primary_index is None:
-        alone = f" (model {model!r} alone is not the primary)" if model is not None else ""
-        raise InvalidRequest(f"strategy: {strategy!r} needs a model with priority primary in the config{alone}")
-    sampling = SamplingParams(
-        temperature=_number(request, "temperature", defaults.temperature, 0.0, MAX_TEMPERATURE),
-        top_p=_number(request, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
-        top_k=request.top_k if request.HasField("top_k") else defaults.top_k,
+
+def _asked(request: coordinator_pb2.GenerateRequest) -> request_rules.Asked:
+    def given(field: str) -> Any:  # None: a field the request does not set
+        return getattr(request, field) if request.HasField(field) else None
+
+    return request_rules.Asked(
+        max_new_tokens=given("max_new_tokens"),
+        strategy=request.strategy,
+        temperature=given("temperature"),
+        top_p=given("top_p"),
+        top_k=given("top_k"),
+        seed=given("seed"),
+        stop=tuple(request.stop),
+        threshold=given("threshold"),
+        weights=dict(request.weights),
+        on_worker_loss=request.on_worker_loss,
+        model=request.model,
+        request_id=request.request_id,
     )
-    try:
-        STRATEGIES[strategy].check(sampling)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    threshold = _number(request, "threshold", config.threshold, 0.0, math.inf)
-    stop = tuple(request.stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"stop: {len(stop)} stop strings, at most {MAX_STOP_STRINGS}")
-    for i, s in enumerate(stop):
-        if not s:
-            raise InvalidRequest(f"stop[{i}]: empty stop string")
-    seed = request.seed if request.HasField("seed") else None
-    weights = _weights(request, scope)
-    on_loss = request.on_worker_loss or defaults.on_worker_loss
-    if on_loss not in ("fail", "degrade"):
-        raise InvalidRequest(f"on_worker_loss: {on_loss!r} is not 'fail' or 'degrade'")
-    return [
-        GenerationRequest(
-            prompt=p,
-            max_new_tokens=max_new,
-            strategy=strategy,
-            sampling=sampling,
-            # Each conversation of a batch gets its own stream of random numbers.
-            seed=None if seed is None else seed + i,
-            stop=stop,
-            threshold=threshold,
-            request_id=request.request_id,
-            on_worker_loss=on_loss,
-            weights=weights,
-            step_timeout=limits.step_timeout_s,
-            first_step_timeout=limits.first_step_timeout_s,
-            model=model,
-        )
-        for i, p in enumerate(prompts)
-    ]
-
-
-def member_named(model: str, config: EnsembleConfig) -> str | None:
-    """The member a request's `model` names; None for the whole ensemble ("" or ENSEMBLE_ID)."""
-    if model in ("", ENSEMBLE_ID):
-        return None
-    if model not in config.model_names:
-        raise InvalidRequest(
-            f"model: unknown model {model!r}; {ENSEMBLE_ID!r} is the ensemble, its models are "
-            f"{list(config.model_names)}"
-        )
-    return model
-
-
-def check_logprobs(request: GenerationRequest) -> None:
-    """Refuse logprobs for strategies that accept tokens drawn inside a worker: the coordinator has no
-    distribution those were drawn from."""
-    if request.logprobs is not None and STRATEGIES[request.strategy].drafts:
-        raise InvalidRequest(
-            f"logprobs: strategy {request.strategy!r} accepts tokens a model drew in its worker, with no "
-            f"distribution the ensemble drew them from; ask another strategy (e.g. gac) for logprobs"
-        )
-
-
-def _weights(request: coordinator_pb2.GenerateRequest, config: EnsembleConfig) -> tuple[float, ...]:
-    """Per-request weights by model name over the configured ones, normalised; () if none given."""
-    if not request.weights:
-        return ()
-    names = config.model_names
-    for name, value in request.weights.items():
-        if name not in names:
-            raise InvalidRequest(f"weights: unknown model {name!r}, the request's models are {list(names)}")
-        if not math.isfinite(value) or value <= 0:
-            raise InvalidRequest(f"weights[{name!r}]: {value} must be a finite number > 0")
-    raw = [request.weights.get(name, w) for name, w in zip(names, config.weight_vector(), strict=True)]
-    return tuple(w / sum(raw) for w in raw)
 
 
 def _conversation(conv: common_pb2.Conversation, template: bool, field: str) -> Prompt:
-    messages = tuple((m.role, m.content) for m in conv.messages)
-    if not messages:
-        raise InvalidRequest(f"{field}: no messages")
-    for i, (role, _) in enumerate(messages):
-        if role not in ROLES:
-            raise InvalidRequest(f"{field}[{i}].role: unknown role {role!r}, expected one of {ROLES}")
-    return Prompt(messages=messages, apply_chat_template=template)
-
-
-def _number(
-    request: coordinator_pb2.GenerateRequest,
-    field: str,
-    default: float,
-    low: float,
-    high: float,
-    low_open: bool = False,
-) -> float:
-    if not request.HasField(field):
-        return default
-    value = float(getattr(request, field))
-    below = value <= low if low_open else value < low
-    if not math.isfinite(value) or below or value > high:
-        bound = "(" if low_open else "["
-        raise InvalidRequest(f"{field}: {value} is outside {bound}{low}, {high}]")
-    return value
+    return request_rules.conversation([(m.role, m.content) for m in conv.messages], template, field)
 
 
 def event_to_proto(index: int, event: TextPiece | Finished) -> coordinator_pb2.GenerateResponse:

@@ -17,10 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chorus
-from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc
 from coordinator.cluster import WorkerProcess, start_coordinator
+from coordinator.config import parse_config
+from coordinator.convert import InvalidRequest, requests_from_proto
+from coordinator.failures import BadRequest, ModelNotFound, answer
+from coordinator.http_models import ChatCompletionRequest, CompletionRequest, GacRequest
 from coordinator.strategies import STRATEGIES
-from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
+from tests.cluster_helpers import MODELS, ROOT, LoopThread, make_config, worker
 from tests.tiny_models import never_ending_llama
 
 
@@ -216,6 +220,94 @@ def test_undecodable_bodies_are_400(
         urllib.request.urlopen(request, timeout=60)
     reply = json.loads(caught.value.read())
     assert caught.value.code == 400 and says in reply["error"]["message"], reply
+
+
+# --- the bodies' models, without a server: one set of rules with the gRPC API ------------------------
+
+BODY_CONFIG = parse_config({"models": [{"name": "arith-bpe", "path": "x"}, {"name": "arith-sp", "path": "y"}]}, ROOT)
+USER = {"role": "user", "content": "1+1="}
+
+
+def _conversation(*messages: tuple[str, str]) -> common_pb2.Conversation:
+    return common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+
+
+def test_http_bodies_build_the_requests_their_grpc_twins_do() -> None:
+    """An HTTP body and the GenerateRequest asking the same make the same domain requests: the same rules,
+    and the sampling numbers at the gRPC API's precision (float32), so that both draw the same samples."""
+    config = BODY_CONFIG
+    sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 7, "stop": ["\n"], "threshold": 0.3,
+                "strategy": "gac", "on_worker_loss": "degrade"}  # fmt: skip
+    weights = {"arith-sp": 0.3}
+    body = {"model": "chorus", "prompt": "1+1=", "max_tokens": 3, "weights": weights, **sampling}
+    twin = coordinator_pb2.GenerateRequest(
+        prompt="1+1=", max_new_tokens=3, weights=weights, request_id="r1", **sampling
+    )
+    assert CompletionRequest.parse(body, config).requests(config, "r1") == requests_from_proto(twin, config)
+
+    chat = {"messages": [{"role": "developer", "content": "Add."}, USER], "max_tokens": 9, "max_completion_tokens": 3,
+            "temperature": 0.7, "apply_chat_template": False}  # fmt: skip
+    twin = coordinator_pb2.GenerateRequest(messages=_conversation(("system", "Add."), ("user", "1+1=")),
+                                           max_new_tokens=3, temperature=0.7, apply_chat_template=False)  # fmt: skip
+    assert ChatCompletionRequest.parse(chat, config).requests(config, "") == requests_from_proto(twin, config)
+
+    gac = {"messages_list": [[USER], [USER, {"role": "assistant", "content": "2"}, USER]], "max_new_tokens": 8,
+           "max_length": 5, "until": "\n", "apply_chat_template": True, "ignored": 1}  # fmt: skip
+    batch = [_conversation(("user", "1+1=")), _conversation(("user", "1+1="), ("assistant", "2"), ("user", "1+1="))]
+    twin = coordinator_pb2.GenerateRequest(batch=coordinator_pb2.ConversationBatch(conversations=batch),
+                                           max_new_tokens=5, stop=["\n"], apply_chat_template=True)  # fmt: skip
+    assert GacRequest.parse(gac, config).requests(config, "") == requests_from_proto(twin, config)
+
+
+BASE_BODIES: dict[type, dict[str, Any]] = {
+    ChatCompletionRequest: {"messages": [USER]},
+    CompletionRequest: {"prompt": "1+1="},
+    GacRequest: {"messages_list": [[USER]]},
+}
+BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
+    (ChatCompletionRequest, {"temperature": True}, 400, "temperature"),  # JSON's true is no number
+    (ChatCompletionRequest, {"weights": {"arith-sp": True}}, 400, "weights"),
+    (ChatCompletionRequest, {"apply_chat_template": 1}, 400, "apply_chat_template"),
+    (ChatCompletionRequest, {"max_tokens": 2.5}, 400, "max_tokens"),
+    (ChatCompletionRequest, {"max_completion_tokens": "3"}, 400, "max_completion_tokens"),
+    (ChatCompletionRequest, {"max_tokens": 0}, 400, "max_new_tokens"),
+    (ChatCompletionRequest, {"top_k": 2**32}, 400, "top_k"),
+    (ChatCompletionRequest, {"seed": -1}, 400, "seed"),
+    (ChatCompletionRequest, {"stop": [1]}, 400, "stop"),
+    (ChatCompletionRequest, {"stream": True, "stream_options": {"include_usage": 1}}, 400,
+     "stream_options.include_usage"),
+    (ChatCompletionRequest, {"stream": True, "stream_options": {"chunk_size": 1}}, 400, "stream_options.chunk_size"),
+    (ChatCompletionRequest, {"messages": None}, 400, "messages"),
+    (ChatCompletionRequest, {"messages": [{"role": 5, "content": "1"}]}, 400, "messages[0]"),
+    (ChatCompletionRequest, {"messages": [USER, {"role": "user", "content": [{"text": 5}]}]}, 400, "messages[1]"),
+    (ChatCompletionRequest, {"model": "gpt-4", "n": 0, "tools": None}, 404, "model"),  # before the other problems
+    (ChatCompletionRequest, {"metadata": {"team": 1}}, 400, "metadata"),
+    (CompletionRequest, {"prompt": None}, 400, "prompt"),
+    (CompletionRequest, {"prompt": ["1", ""]}, 400, "prompt"),
+    (CompletionRequest, {"strategy": 5}, 400, "strategy"),
+    (CompletionRequest, {"on_worker_loss": "retry"}, 400, "on_worker_loss"),
+    (CompletionRequest, {"metadata": {}}, 400, "metadata"),  # a chat field
+    (GacRequest, {"messages_list": None}, 400, "messages_list"),
+    (GacRequest, {"messages_list": [[]]}, 400, "messages_list[0]"),
+    (GacRequest, {"messages_list": [[USER], "hi"]}, 400, "messages_list[1]"),
+    (GacRequest, {"messages_list": [[USER, {"role": "tool", "content": "1"}]]}, 400, "messages_list[0][1].role"),
+    (GacRequest, {"messages_list": [[USER]] * 65}, 400, "messages_list"),
+    (GacRequest, {"until": 5}, 400, "until"),
+    (GacRequest, {"apply_chat_template": "yes"}, 400, "apply_chat_template"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "fields", "status", "param"), BODY_REFUSALS)
+def test_bodies_are_refused_naming_the_field_before_generating(
+    model: type[ChatCompletionRequest | CompletionRequest | GacRequest], fields: dict[str, Any], status: int, param: str
+) -> None:
+    base = BASE_BODIES[model]
+    with pytest.raises((BadRequest, InvalidRequest, ModelNotFound)) as caught:
+        model.parse({**base, **fields}, BODY_CONFIG).requests(BODY_CONFIG, "r")
+    failed = answer(caught.value)
+    assert (failed.status.http, failed.param) == (status, param), failed
+    assert status == 404 or failed.message.startswith(f"{param}: "), failed
+    assert model.parse(base, BODY_CONFIG).requests(BODY_CONFIG, "r")  # the body without them is fine
 
 
 # --- fuzzing: whatever JSON a client sends, the answer is 2xx or 4xx, never 5xx -----------------
