@@ -63,6 +63,10 @@ class AttentionPattern:
         return AttentionPattern(types, int(window) if window else None, takes_mapping, boolean)
 
 
+def uninitialized(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class SlotStorage:
     """Keys and values of every layer, preallocated by slot; slots are handed out lowest first, so the
     sessions of a pass sit close together and the view over them has few dummy rows."""
@@ -77,9 +81,23 @@ class SlotStorage:
         self.values: list[torch.Tensor | None] = []
         self._free = list(range(slots))
         heapq.heapify(self._free)
+        # Slots ever handed out: zeroed once in every layer. A pass reads a slot's cells past its
+        # session's length too (masked); uninitialised memory there may hold NaN, and a masked NaN
+        # still poisons the row (NaN + mask is NaN; 0 x NaN is NaN). Stale cells of an earlier session
+        # are finite, so a reused slot needs no zeroing.
+        self._used: set[int] = set()
 
     def acquire(self) -> int | None:
-        return heapq.heappop(self._free) if self._free else None
+        if not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        if slot not in self._used:
+            self._used.add(slot)
+            with torch.inference_mode():  # the layers were allocated in a forward pass
+                for t in (*self.keys, *self.values):
+                    if t is not None:
+                        t[slot].zero_()
+        return slot
 
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
@@ -98,9 +116,12 @@ class SlotStorage:
             self.values.append(None)
         if self.keys[index] is None:
             shape = (self.slots, like.shape[1], self.slot_tokens, like.shape[3])
-            # empty, not zeros: untouched pages cost no memory on CPU, and every read position is written first.
-            self.keys[index] = torch.empty(shape, dtype=like.dtype, device=self.device)
-            self.values[index] = torch.empty(shape, dtype=like.dtype, device=self.device)
+            # Uninitialised, not zeros: slots never handed out cost no memory on CPU; those in use are zeroed.
+            self.keys[index] = uninitialized(shape, like.dtype, self.device)
+            self.values[index] = uninitialized(shape, like.dtype, self.device)
+            for t in (self.keys[index], self.values[index]):
+                for slot in self._used:
+                    t[slot].zero_()
         return self.keys[index], self.values[index]  # type: ignore[return-value]
 
 

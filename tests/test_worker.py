@@ -10,10 +10,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
+from model_worker import kv_cache
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
 from model_worker.runtime import AtCapacity, Runtime, SessionExpired
@@ -159,6 +161,39 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
     for a, b in zip(alone, together, strict=True):
         _assert_close(a, b)
     assert not runtime.sessions and runtime.storage.free == runtime.storage.slots
+
+
+def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage is allocated uninitialised; a pass reads (masked) cells past each session's length.
+    With that memory full of NaN, sessions batched together still give what each gives alone."""
+
+    def nan_filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kv_cache, "uninitialized", nan_filled)
+    prompts = ["a", "hello world, a longer prompt", "12+35="]
+
+    async def steps(runtime: Runtime, concurrent: bool) -> list[dict[bytes | None, float]]:
+        runtime.engine.start()
+        sessions = [await runtime.open(Prompt(text=p)) for p in prompts]
+        results = []
+        for append in (b"", b"x", b" y"):
+            if concurrent:
+                outs = await asyncio.gather(*(runtime.step(s, append, FULL) for s in sessions))
+            else:
+                outs = [await runtime.step(s, append, FULL) for s in sessions]
+            results += [_as_dict(runtime, o.parts) for o in outs]
+        await runtime.engine.stop()
+        return results
+
+    loaded = load_model(str(model_dir))
+    alone = asyncio.run(steps(Runtime(loaded, max_sessions=4), concurrent=False))
+    together = asyncio.run(steps(Runtime(loaded, max_sessions=4), concurrent=True))
+    for a, b in zip(alone, together, strict=True):
+        assert all(math.isfinite(v) for v in (*a.values(), *b.values()))
+        _assert_close(a, b)
 
 
 def test_prefills_run_in_chunks_and_decodes_pass_between_them(model_dir: Path) -> None:
