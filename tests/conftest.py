@@ -6,6 +6,7 @@ import pytest
 
 from coordinator.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, LoopThread, worker
+from tests.helm import fetch_helm
 
 pytest_plugins = ["tests.real_models"]  # the real models' fixtures: real, workers
 
@@ -24,3 +25,9 @@ def default_workers() -> Iterator[dict[str, WorkerProcess]]:
     yield workers
     for w in workers.values():
         w.stop()
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The real helm binary (tests/helm.py renders the chart with it)."""
+    return fetch_helm()

@@ -19,9 +19,9 @@ import yaml
 from coordinator.config import ConfigError, load_config
 from coordinator.strategies import SECTIONS, STRATEGIES
 from coordinator.strategies.settings import NAMES_A_MODEL
+from tests.helm import CHART
 
 ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "deploy" / "helm" / "chorus"
 SCRIPT = ROOT / "scripts" / "chart_schema.py"
 MODELS = [{"name": "a", "path": "org/a"}, {"name": "b", "path": "org/b"}]
 # ensemble's keys the configmap template renders by hand; every other one is a strategy's section.
@@ -113,13 +113,6 @@ def test_the_chart_schema_accepts_exactly_what_the_config_accepts(name: str) -> 
     assert not jsonschema.Draft7Validator(section).is_valid({"nope": 1})  # both are closed
     with pytest.raises(ConfigError, match=rf"{name}\.nope: unknown key"):
         load_config({"models": MODELS, name: {"nope": 1}})
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    """The real helm binary, fetched by the project's own script (as tests/test_deploy.py does)."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
-    return str(ROOT / ".tools" / "bin" / "helm")
 
 
 def test_the_chart_renders_each_strategy_section_as_given(helm: str) -> None:

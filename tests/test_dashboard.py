@@ -24,8 +24,8 @@ import chorus
 from coordinator.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import MODELS, ROOT
+from tests.helm import CHART, render
 
-CHART = ROOT / "deploy" / "helm" / "chorus"
 DASHBOARD = CHART / "dashboards" / "chorus-dashboard.json"
 # Labels Prometheus adds to every scraped series (the chart's ServiceMonitor and PodMonitor).
 TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "instance", "job"}
@@ -244,21 +244,6 @@ def test_coordinator_panels_select_the_ensemble_and_worker_panels_the_workers_mo
 # --------------------------------------------------------------------------- the chart's autoscaler queries
 
 
-@pytest.fixture(scope="module")
-def helm() -> str:
-    """The real helm binary, fetched by the project's own script (as tests/test_deploy.py does)."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
-    return str(ROOT / ".tools" / "bin" / "helm")
-
-
-def _render(helm: str, *args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [helm, "template", "chorus", str(CHART), "--namespace", "ml", *args], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 def _autoscaler_queries(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(object, query) for each KEDA prometheus trigger and each HPA metric that is not a resource (CPU,
     memory): those name a metric an adapter serves from Prometheus."""
@@ -280,8 +265,8 @@ def _autoscaler_queries(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def test_the_charts_autoscaler_queries_name_exposed_metrics(helm: str, exposed: dict[str, Exposed]) -> None:
     worker = exposed["worker"]
-    docs = _render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the workers' queue depth
-    docs += _render(helm, "--set", "worker.autoscaling.enabled=true", "--set", "coordinator.autoscaling.enabled=true")
+    docs = render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the workers' queue depth
+    docs += render(helm, "--set", "worker.autoscaling.enabled=true", "--set", "coordinator.autoscaling.enabled=true")
     queries = _autoscaler_queries(docs)
     keda = [(name, q) for name, q in queries if name.startswith("ScaledObject/")]
     assert len(keda) == 2, queries  # one per model of gpu-values.yaml

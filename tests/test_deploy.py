@@ -32,27 +32,12 @@ from coordinator.config import ModelSpec, parse_config
 from coordinator.strategies.safe import Safe
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import ROOT, LoopThread, make_config
+from tests.helm import CHART, render
 
-CHART = ROOT / "deploy" / "helm" / "chorus"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml")) + sorted((ROOT / "deploy" / "helm" / "examples").glob("*.yaml"))
 # Custom resources of the Prometheus Operator, KEDA and the Gateway API: no Kubernetes schema
 # exists for them (the HTTPRoute's fields are asserted one by one below).
 CRD_GROUPS = ("monitoring.coreos.com/", "keda.sh/", "gateway.networking.k8s.io/")
-
-
-@pytest.fixture(scope="session")
-def helm() -> str:
-    """The real helm binary, fetched by the project's own script (never by hand)."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
-    return str(ROOT / ".tools" / "bin" / "helm")
-
-
-def _render(helm: str, *args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [helm, "template", "chorus", str(CHART), "--namespace", "ml", *args], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def _values(path: Path) -> tuple[str, ...]:
@@ -75,7 +60,7 @@ def test_dockerfiles_are_hadolint_clean_and_run_as_non_root(dockerfile: str) -> 
 def test_chart_lints_and_renders_valid_manifests(helm: str, values: Path) -> None:
     lint = subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(values)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    docs = _render(helm, *_values(values))
+    docs = render(helm, *_values(values))
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap", "Role", "RoleBinding", "Pod"} <= kinds
     for doc in docs:
@@ -86,7 +71,7 @@ def test_chart_lints_and_renders_valid_manifests(helm: str, values: Path) -> Non
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])
 def test_rendered_config_is_a_valid_ensemble_config(helm: str, values: Path) -> None:
-    docs = _render(helm, *_values(values))
+    docs = render(helm, *_values(values))
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     expected = [m["name"] for m in yaml.safe_load(values.read_text())["models"]]
@@ -108,7 +93,7 @@ def test_rendered_config_is_a_valid_ensemble_config(helm: str, values: Path) -> 
 
 
 def test_probes_and_drain_are_consistent(helm: str) -> None:
-    docs = _render(helm, *_values(CHART / "ci" / "three-models-values.yaml"))
+    docs = render(helm, *_values(CHART / "ci" / "three-models-values.yaml"))
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         spec = deployment["spec"]["template"]["spec"]
         (container,) = spec["containers"]
@@ -124,7 +109,7 @@ def test_probes_and_drain_are_consistent(helm: str) -> None:
 
 
 def test_rbac_network_policy_disruption_budgets_and_autoscaling(helm: str) -> None:
-    docs = _render(helm, *_values(CHART / "ci" / "three-models-values.yaml"))
+    docs = render(helm, *_values(CHART / "ci" / "three-models-values.yaml"))
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], []).append(doc)
@@ -235,7 +220,7 @@ def _mounts(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[
 
 
 def test_tls_values_mount_the_secrets_where_config_and_args_point(helm: str) -> None:
-    docs = _render(helm, *_values(TLS_VALUES))
+    docs = render(helm, *_values(TLS_VALUES))
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
@@ -296,7 +281,7 @@ def test_http_with_tls_and_auth_renders_and_serves_the_same_tls_and_tokens(helm:
     (client certificates required as for gRPC) and require the same tokens."""
     from coordinator.http_api import _tls
 
-    docs = _render(helm, *_values(TLS_VALUES), "--set", "http.enabled=true")
+    docs = render(helm, *_values(TLS_VALUES), "--set", "http.enabled=true")
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     assert config.http.enabled and config.server.tokens_file == "/etc/chorus-auth/tokens"
@@ -311,7 +296,7 @@ def test_http_with_tls_and_auth_renders_and_serves_the_same_tls_and_tokens(helm:
     ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert "http" in [p["name"] for p in ports]
     # Without tls.clients the port is plain HTTP, still behind the tokens.
-    docs = _render(helm, *_ONE, "--set", "http.enabled=true", "--set", "auth.tokensSecret=tokens")
+    docs = render(helm, *_ONE, "--set", "http.enabled=true", "--set", "auth.tokensSecret=tokens")
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     assert config.http.enabled and config.server.tokens_file == "/etc/chorus-auth/tokens" and _tls(config) is None
@@ -354,7 +339,7 @@ def _issue_for(ca: Path, dns_name: str) -> Path:
 
 def test_tls_exec_probes_pass_against_a_real_mutual_tls_worker(helm: str, tmp_path: Path) -> None:
     """The rendered worker args and exec probes, run here against a worker with the Secret's files."""
-    docs = _render(helm, *_values(TLS_VALUES))
+    docs = render(helm, *_values(TLS_VALUES))
     (worker,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-arith-bpe"]
     (container,) = worker["spec"]["template"]["spec"]["containers"]
     secret = _write_secret(tmp_path / "secret", make_ca(tmp_path), "chorus-worker")  # the default serverName
@@ -474,7 +459,7 @@ def test_helm_test_pod_command_generates_against_a_live_coordinator(
     helm: str, loop: LoopThread, default_workers: dict[str, WorkerProcess]
 ) -> None:
     """Default values: the pod's command answers through a real coordinator, and fails otherwise."""
-    (pod,) = [d for d in _render(helm) if d["kind"] == "Pod"]
+    (pod,) = [d for d in render(helm) if d["kind"] == "Pod"]
     assert "volumeMounts" not in pod["spec"]["containers"][0]  # plain gRPC: nothing to mount
     config = make_config(list(default_workers.values()))
     running = loop.run(start_coordinator(config, [w.address for w in default_workers.values()], port=0))
@@ -495,7 +480,7 @@ def test_helm_test_pod_command_generates_over_tls_with_client_cert_and_token(
     helm: str, loop: LoopThread, default_workers: dict[str, WorkerProcess], tmp_path: Path
 ) -> None:
     """TLS values: the coordinator serves with the rendered server section, the pod uses its mounts."""
-    docs = _render(helm, *_values(TLS_VALUES))
+    docs = render(helm, *_values(TLS_VALUES))
     (pod,) = [d for d in docs if d["kind"] == "Pod"]
     (coordinator,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "chorus-coordinator"]
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
@@ -522,7 +507,7 @@ def test_helm_test_pod_command_generates_over_tls_with_client_cert_and_token(
 
 
 def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
-    docs = _render(helm, "-f", str(CHART / "ci" / "safe-values.yaml"))
+    docs = render(helm, "-f", str(CHART / "ci" / "safe-values.yaml"))
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     assert config.strategy == "safe"
@@ -565,9 +550,9 @@ def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def test_worker_strategy_is_recreate_or_a_rolling_update_that_needs_no_spare_gpu(helm: str) -> None:
-    (default,) = _workers(_render(helm, *_values(ONE_MODEL))).values()
+    (default,) = _workers(render(helm, *_values(ONE_MODEL))).values()
     assert default["spec"]["strategy"] == {"type": "Recreate"}
-    strategies = {name: d["spec"]["strategy"] for name, d in _workers(_render(helm, *_values(FLEET_VALUES))).items()}
+    strategies = {name: d["spec"]["strategy"] for name, d in _workers(render(helm, *_values(FLEET_VALUES))).items()}
     assert strategies == {
         "llama-8b": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},  # the default
         "qwen-7b": {"type": "Recreate"},  # models[i].strategy over worker.strategy
@@ -581,7 +566,7 @@ def _arg(args: list[str], flag: str) -> str | None:
 
 def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm: str) -> None:
     """Each is passed to the worker, which applies it (or refuses quantization it cannot apply), or left out."""
-    workers = _workers(_render(helm, *_values(FLEET_VALUES)))
+    workers = _workers(render(helm, *_values(FLEET_VALUES)))
     args = {name: d["spec"]["template"]["spec"]["containers"][0]["args"] for name, d in workers.items()}
     llama, qwen, mistral = args["llama-8b"], args["qwen-7b"], args["mistral-7b"]
     assert (_arg(llama, "--max-model-len"), _arg(llama, "--kv-budget-mib"), _arg(llama, "--quantization")) == (
@@ -598,7 +583,7 @@ def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm:
 
 
 def test_a_headless_service_resolves_to_every_coordinator_pod_for_client_side_balancing(helm: str) -> None:
-    services = {d["metadata"]["name"]: d for d in _of_kind(_render(helm, *_values(ONE_MODEL)), "Service")}
+    services = {d["metadata"]["name"]: d for d in _of_kind(render(helm, *_values(ONE_MODEL)), "Service")}
     headless, plain = services["chorus-coordinator-headless"], services["chorus-coordinator"]
     assert headless["spec"]["clusterIP"] == "None" and "clusterIP" not in plain["spec"]
     assert headless["spec"]["selector"] == plain["spec"]["selector"]
@@ -606,27 +591,27 @@ def test_a_headless_service_resolves_to_every_coordinator_pod_for_client_side_ba
 
 
 def test_replicas_are_left_to_an_autoscaler_and_zero_is_rendered_as_zero(helm: str) -> None:
-    fleet = _render(helm, *_values(FLEET_VALUES))
+    fleet = render(helm, *_values(FLEET_VALUES))
     replicas = {name: d["spec"]["replicas"] for name, d in _workers(fleet).items()}
     assert replicas == {"llama-8b": 2, "qwen-7b": 0, "mistral-7b": 1}  # 0 parks a model; unset is 1
     assert type(replicas["qwen-7b"]) is int
     assert not _of_kind(fleet, "HorizontalPodAutoscaler")[1:]  # the coordinator's only
 
-    hpa = _render(helm, *_values(FLEET_VALUES), "--set", "worker.autoscaling.enabled=true")
+    hpa = render(helm, *_values(FLEET_VALUES), "--set", "worker.autoscaling.enabled=true")
     for name, deployment in _workers(hpa).items():
         assert "replicas" not in deployment["spec"], name  # an upgrade never resets the HPA's count
     targets = sorted(h["spec"]["scaleTargetRef"]["name"] for h in _of_kind(hpa, "HorizontalPodAutoscaler"))
     assert targets == ["chorus-coordinator", "chorus-llama-8b", "chorus-mistral-7b", "chorus-qwen-7b"]
     assert "replicas" not in _coordinator(hpa)["spec"]
 
-    keda = _render(helm, *_values(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the queue depth
+    keda = render(helm, *_values(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the queue depth
     assert {name: "replicas" in d["spec"] for name, d in _workers(keda).items()} == {
         "llama-70b": False, "qwen-72b": False}  # fmt: skip
     assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in _of_kind(keda, "ScaledObject")) == [
         "chorus-llama-70b", "chorus-qwen-72b"]  # fmt: skip
     assert [h["metadata"]["name"] for h in _of_kind(keda, "HorizontalPodAutoscaler")] == ["chorus-coordinator"]
 
-    cpu = _render(helm, *_values(CHART / "ci" / "cpu-values.yaml"))  # worker HPAs, a fixed coordinator
+    cpu = render(helm, *_values(CHART / "ci" / "cpu-values.yaml"))  # worker HPAs, a fixed coordinator
     assert all("replicas" not in d["spec"] for d in _workers(cpu).values())
     assert _coordinator(cpu)["spec"]["replicas"] == 1
 
@@ -644,12 +629,12 @@ def test_cpu_hpa_and_keda_together_are_refused(helm: str) -> None:
 def test_gpu_resource_name_is_configurable_per_chart_and_per_model(helm: str) -> None:
     limits = {
         name: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-        for name, d in _workers(_render(helm, *_values(FLEET_VALUES))).items()
+        for name, d in _workers(render(helm, *_values(FLEET_VALUES))).items()
     }
     assert limits == {"llama-8b": {"nvidia.com/gpu": 1, "memory": "48Gi"},  # added to the model's own limits
                       "qwen-7b": {"nvidia.com/mig-3g.40gb": 1, "memory": "48Gi"},
                       "mistral-7b": {"nvidia.com/gpu": 1, "memory": "48Gi"}}  # fmt: skip
-    (amd,) = _workers(_render(helm, *_values(ONE_MODEL), "--set", "worker.gpuResource=amd.com/gpu")).values()
+    (amd,) = _workers(render(helm, *_values(ONE_MODEL), "--set", "worker.gpuResource=amd.com/gpu")).values()
     assert amd["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": 1}
 
 
@@ -658,7 +643,7 @@ CHART_WORKER_VOLUMES = ["models", "cache", "tmp"]
 
 
 def test_worker_and_coordinator_pod_settings(helm: str) -> None:
-    docs = _render(helm, *_values(FLEET_VALUES))
+    docs = render(helm, *_values(FLEET_VALUES))
     pods = {name: d["spec"]["template"] for name, d in _workers(docs).items()}
     spec = {name: pod["spec"] for name, pod in pods.items()}
     assert {n: s.get("runtimeClassName") for n, s in spec.items()} == {
@@ -694,7 +679,7 @@ def test_worker_and_coordinator_pod_settings(helm: str) -> None:
     assert c_container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 
     # Off by default: nothing of it is rendered.
-    plain = _render(helm, *_values(ONE_MODEL))
+    plain = render(helm, *_values(ONE_MODEL))
     (pod,) = [d["spec"]["template"] for d in _workers(plain).values()]
     assert "annotations" not in pod["metadata"]
     assert not {"runtimeClassName", "priorityClassName"} & set(pod["spec"])
@@ -714,7 +699,7 @@ def _hf_home() -> str:
 
 
 def test_weights_cache_is_a_claim_per_hub_model_mounted_on_hf_home(helm: str) -> None:
-    docs = _render(helm, *_values(FLEET_VALUES))
+    docs = render(helm, *_values(FLEET_VALUES))
     (claim,) = _of_kind(docs, "PersistentVolumeClaim")  # qwen names an existingClaim; mistral reads a pvc
     assert claim["metadata"]["name"] == "chorus-llama-8b-weights"
     assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
@@ -734,26 +719,26 @@ def test_weights_cache_is_a_claim_per_hub_model_mounted_on_hf_home(helm: str) ->
     assert claims == {"llama-8b": "chorus-llama-8b-weights", "qwen-7b": "hf-cache-shared", "mistral-7b": None}
 
     # A model's own `enabled: false` wins over the chart-wide true (no merge drops a false).
-    off = _render(helm, *_values(FLEET_VALUES), "--set", "models[0].weightsCache.enabled=false")
+    off = render(helm, *_values(FLEET_VALUES), "--set", "models[0].weightsCache.enabled=false")
     assert not _of_kind(off, "PersistentVolumeClaim")
     assert all(v["name"] != "weights-cache" for v in _workers(off)["llama-8b"]["spec"]["template"]["spec"]["volumes"])
     # storageClass "-": no class at all; keep false: `helm uninstall` removes it.
     (bare,) = _of_kind(
-        _render(helm, *_values(FLEET_VALUES), "--set", "worker.weightsCache.storageClass=-",
+        render(helm, *_values(FLEET_VALUES), "--set", "worker.weightsCache.storageClass=-",
                 "--set", "worker.weightsCache.keep=false", "--set", "worker.weightsCache.accessModes[0]=ReadWriteOnce"),
         "PersistentVolumeClaim",
     )  # fmt: skip
     assert bare["spec"]["storageClassName"] == "" and "annotations" not in bare["metadata"]
     assert bare["spec"]["accessModes"] == ["ReadWriteOnce"]
     # Off by default: the hub download goes to the cache emptyDir.
-    plain = _render(helm, *_values(ONE_MODEL))
+    plain = render(helm, *_values(ONE_MODEL))
     assert not _of_kind(plain, "PersistentVolumeClaim")
     (pod,) = [d["spec"]["template"]["spec"] for d in _workers(plain).values()]
     assert {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}} in pod["volumes"]
 
 
 def test_ingress_and_http_route_reach_the_coordinator_http_port(helm: str) -> None:
-    docs = _render(helm, *_values(FLEET_VALUES))
+    docs = render(helm, *_values(FLEET_VALUES))
     (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "chorus-coordinator"]
     (http_port,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
     assert http_port["port"] == 8000
@@ -777,10 +762,10 @@ def test_ingress_and_http_route_reach_the_coordinator_http_port(helm: str) -> No
     }  # fmt: skip
 
     # No hosts: one rule for every host, no TLS, the cluster's default class.
-    (any_host,) = _of_kind(_render(helm, "--set", "http.ingress.enabled=true"), "Ingress")
+    (any_host,) = _of_kind(render(helm, "--set", "http.ingress.enabled=true"), "Ingress")
     assert any_host["spec"] == {"rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
         "service": {"name": "chorus-coordinator", "port": {"name": "http"}}}}]}}]}  # fmt: skip
-    plain = _render(helm, *_values(ONE_MODEL))
+    plain = render(helm, *_values(ONE_MODEL))
     assert not _of_kind(plain, "Ingress") and not _of_kind(plain, "HTTPRoute")
 
 

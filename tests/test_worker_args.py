@@ -4,19 +4,16 @@ line, the local cluster's spawn_worker and the Helm chart's worker flags all agr
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from chorus_common.worker_args import WorkerArgs
 from coordinator.cluster import worker_args
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import ROOT
+from tests.helm import CHART, render
 
-CHART = ROOT / "deploy" / "helm" / "chorus"
 VALUES = sorted((CHART / "ci").glob("*.yaml")) + sorted((ROOT / "deploy" / "helm" / "examples").glob("*.yaml"))
 # Worker flags the chart never renders, and why.
 NOT_IN_CHART = {
@@ -80,25 +77,20 @@ def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -
     assert args.model == spec.path
 
 
-def _worker_args_in_chart(values: Path) -> list[list[str]]:
-    helm = ROOT / ".tools" / "bin" / "helm"
-    subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
-    out = subprocess.run([str(helm), "template", "chorus", str(CHART), "-f", str(values)], capture_output=True,
-                         text=True, check=True)  # fmt: skip
-    docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(out.stdout) if d]
+def _worker_args_in_chart(helm: str, values: Path) -> list[list[str]]:
     return [
         d["spec"]["template"]["spec"]["containers"][0]["args"]
-        for d in docs
+        for d in render(helm, "-f", str(values))
         if d["kind"] == "Deployment" and "chorus.dev/model" in d["metadata"]["labels"]
     ]
 
 
-def test_the_charts_worker_flags_are_the_workers_own() -> None:
+def test_the_charts_worker_flags_are_the_workers_own(helm: str) -> None:
     """Every flag the chart renders parses as a WorkerArgs flag, and every WorkerArgs flag is rendered
     by some values file or named in NOT_IN_CHART with a reason."""
     rendered: set[str] = set()
     for values in VALUES:
-        for args in _worker_args_in_chart(values):
+        for args in _worker_args_in_chart(helm, values):
             args = [a for a in args if not a.startswith("$(")]  # environment expansions by the kubelet
             WorkerArgs.parse(args)
             rendered |= {a for a in args if a.startswith("--")}
