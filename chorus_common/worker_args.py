@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _arg(help: str, **extra: Any) -> dict[str, Any]:
     return {"help": help, **extra}
 
@@ -35,19 +43,30 @@ class WorkerArgs:
     quantization: Literal["none", "8bit", "4bit"] = field(
         default="none", metadata=_arg("load the weights quantized with bitsandbytes (needs CUDA); GGUF is another way")
     )
-    max_sessions: int = field(
-        default=64, metadata=_arg("sessions held at once: KV-cache slots (new ones wait past it)")
-    )
+    max_sessions: int = field(default=64, metadata=_arg("sessions held at once (new ones wait past it)"))
     max_model_len: int = field(default=0, metadata=_arg("tokens a session may hold, prompt included (0 = the model's)"))
-    kv_budget_mib: float = field(default=0.0, metadata=_arg("KV-cache memory budget: caps the slots (0 = no cap)"))
+    kv_budget_mib: float = field(
+        default=0.0,
+        metadata=_arg(
+            "KV-cache memory: the block pool's size (0 = auto: on CUDA 90%% of the memory free after loading, "
+            "elsewhere 1 GiB; never more than max-sessions full contexts)"
+        ),
+    )
     kv_wait: float = field(
-        default=5.0, metadata=_arg("seconds a new session waits for a slot before RESOURCE_EXHAUSTED")
+        default=5.0, metadata=_arg("seconds a session waits for free KV blocks before RESOURCE_EXHAUSTED")
     )
-    prefill_chunk: int = field(
-        default=256, metadata=_arg("prompt tokens per forward pass (decodes run between chunks)")
+    block_size: int = field(default=16, metadata=_arg("positions per KV block (the unit sessions hold and share)"))
+    prefix_caching: bool = field(
+        default=True,
+        metadata=_arg("share the KV blocks of identical token prefixes, keep released ones cached (LRU)", parse=_bool),
     )
-    mix_up_to: int = field(
-        default=8, metadata=_arg("feeds of at most this many tokens ride in the decode pass; longer ones are prefilled")
+    max_batched_tokens: int = field(
+        default=512, metadata=_arg("tokens per forward pass: every decode, then prompt chunks of several sessions")
+    )
+    prefill_chunk: int = field(default=256, metadata=_arg("most prompt tokens of one session per forward pass"))
+    cuda_graphs: bool = field(
+        default=True,
+        metadata=_arg("on CUDA, run decode-only passes as captured CUDA graphs (bucketed batch sizes)", parse=_bool),
     )
     session_ttl: float = field(default=600.0, metadata=_arg("reclaim sessions idle this many seconds"))
     tls_cert: Path | None = field(default=None, metadata=_arg("serve TLS with this PEM certificate (and --tls-key)"))

@@ -114,8 +114,12 @@ def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
         dtype=str(loaded.dtype).removeprefix("torch."),
         active_sessions=len(runtime.sessions),
         kv_cache_bytes=runtime.kv_cache_bytes(),
-        kv_slots=runtime.storage.slots,
         queued_feeds=runtime.engine.queued,
+        max_sessions=runtime.max_sessions,
+        kv_block_size=runtime.kv.block_size,
+        kv_blocks=runtime.kv.pools[0].blocks - 1,
+        kv_blocks_free=runtime.kv.pools[0].available,
+        prefix_cache_hit_tokens=runtime.kv.hits * runtime.kv.block_size,
     )
 
 

@@ -3,7 +3,7 @@ metrics do."""
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 STEP_LATENCY = Histogram(
     "chorus_worker_forward_seconds", "Duration of one (batched) forward pass.", ["model_name"],
@@ -14,13 +14,23 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("chorus_worker_queue_depth", "Steps waiting for the next forward pass.", ["model_name"])
 SESSIONS = Gauge("chorus_worker_sessions", "Open sessions (each holds a KV cache).", ["model_name"])
-KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory the sessions' cached tokens fill.", ["model_name"])
+KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory of the KV blocks the sessions hold.", ["model_name"])
 # vLLM's vllm:kv_cache_usage_perc (also a fraction, 0-1, despite its name).
 KV_USAGE = Gauge(
-    "chorus_worker_kv_usage_ratio", "Cached tokens as a fraction of the KV storage (slots x context length).",
+    "chorus_worker_kv_usage_ratio", "KV blocks held by sessions as a fraction of the pool (the fullest group).",
     ["model_name"],
 )  # fmt: skip
 TOKENS_FED = Histogram(
     "chorus_worker_tokens_fed", "Tokens fed per session step (1 = plain decode).", ["model_name"],
     buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096),
 )  # fmt: skip
+# vLLM's prefix_cache_queries / prefix_cache_hits (in tokens).
+PREFIX_CACHE_QUERIES = Counter(
+    "chorus_worker_prefix_cache_queries", "Tokens of new feeds looked up in the prefix cache.", ["model_name"]
+)
+PREFIX_CACHE_HITS = Counter(
+    "chorus_worker_prefix_cache_hits", "Tokens taken from the prefix cache instead of computed.", ["model_name"]
+)
+PREFIX_CACHE_EVICTIONS = Counter(
+    "chorus_worker_prefix_cache_evictions", "Cached KV blocks whose space was reused.", ["model_name"]
+)

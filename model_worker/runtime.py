@@ -10,7 +10,6 @@ import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +20,17 @@ from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
-from model_worker.engine import Engine, PassStats
-from model_worker.kv_cache import SlotStorage
-from model_worker.kv_state import KVState, common_prefix
+from model_worker.engine import Engine
+from model_worker.kv_layout import KVLayout
+from model_worker.kv_manager import KVManager, SessionKV
 from model_worker.loading import LoadedModel
+from model_worker.scheduler import PassStats
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
 log = logging.getLogger(__name__)
 
+# The KV pool on CPU when no budget is given.
+CPU_KV_BUDGET = 1 << 30
 # Vocabularies at least this large have their distributions built off the event loop.
 OFF_LOOP_VOCAB = 65536
 
@@ -56,7 +58,7 @@ class Session:
     id: int
     request_id: str
     text: TextState
-    kv: KVState
+    kv: SessionKV
     last_used: float = field(default_factory=time.monotonic)
     expired: bool = False
     last_plan: Plan | None = None  # the plan of the last step, whose output rows are still kept
@@ -78,23 +80,22 @@ class Runtime:
         kv_budget_bytes: int = 0,
         kv_wait_s: float = WorkerArgs.kv_wait,
         prefill_chunk: int = WorkerArgs.prefill_chunk,
-        mix_up_to: int = WorkerArgs.mix_up_to,
+        max_batched_tokens: int = WorkerArgs.max_batched_tokens,
+        block_size: int = WorkerArgs.block_size,
+        prefix_caching: bool = WorkerArgs.prefix_caching,
+        cuda_graphs: bool = WorkerArgs.cuda_graphs,
     ) -> None:
         self.loaded = loaded
-        self.context_length = loaded.context_length  # the slot's size: a session's tokens, prompt included
-        # KV storage: one slot of context_length tokens per session. A budget caps the slots; past them,
-        # new sessions wait kv_wait_s for one to free, then get RESOURCE_EXHAUSTED.
-        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model, loaded.dtype, required=bool(kv_budget_bytes))
-        slots = max_sessions
-        if kv_budget_bytes:
-            per_slot = self.kv_bytes_per_token * self.context_length
-            slots = min(max_sessions, kv_budget_bytes // per_slot)
-            if slots < 1:
-                raise ValueError(
-                    f"--kv-budget-mib: {kv_budget_bytes / 2**20:.1f} MiB do not hold one session of "
-                    f"{self.context_length} tokens ({per_slot / 2**20:.1f} MiB); raise it or lower --max-model-len"
-                )
-        self.max_sessions = slots
+        self.context_length = loaded.context_length  # a session's tokens, prompt included
+        layout = KVLayout.of(loaded.model.config, loaded.dtype)
+        self.kv_bytes_per_token = layout.bytes_per_token
+        budget = kv_budget_bytes or auto_kv_budget(loaded.device, layout, max_sessions, self.context_length)
+        # KV storage: a pool of blocks; sessions hold the blocks their tokens fill. Past max_sessions, or when
+        # the blocks free cannot hold a new prompt, new sessions wait kv_wait_s, then get RESOURCE_EXHAUSTED.
+        self.kv = KVManager(
+            layout, budget, max_sessions, self.context_length, block_size, loaded.device, prefix_caching
+        )
+        self.max_sessions = max_sessions
         self.kv_wait_s = kv_wait_s
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
@@ -102,30 +103,27 @@ class Runtime:
         self.eos_ids = _eos_ids(loaded)
         self._eos = frozenset(self.eos_ids)
         # Specials other than EOS, and empty tokens, are not text: never drawn (as in the union).
-        self._not_text = np.array([i not in self._eos and (sp or not b) for i, (b, sp) in
-                                   enumerate(zip(self.tokens, self.special, strict=True))])  # fmt: skip
+        self._not_text = np.array(
+            [
+                i not in self._eos and (sp or not b)
+                for i, (b, sp) in enumerate(zip(self.tokens, self.special, strict=True))
+            ]
+        )
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
-        self.storage = SlotStorage(slots, self.context_length, loaded.device)
-        self.engine = Engine(loaded.model, loaded.device, self.storage, loaded.name, prefill_chunk, mix_up_to)
+        self.engine = Engine(
+            loaded.model, loaded.device, self.kv, loaded.name, max_batched_tokens, prefill_chunk, kv_wait_s, cuda_graphs
+        )
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._parts_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distribution")
-        self._slot_freed = asyncio.Event()
         # Read at scrape time: nothing on the step path.
         metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
         metrics.KV_CACHE_BYTES.labels(loaded.name).set_function(self.kv_cache_bytes)
-        metrics.KV_USAGE.labels(loaded.name).set_function(self.kv_usage)
-
-    def kv_cached_tokens(self) -> int:
-        return sum(len(s.kv.ids) for s in list(self.sessions.values()))
+        metrics.KV_USAGE.labels(loaded.name).set_function(self.kv.usage)
 
     def kv_cache_bytes(self) -> int:
-        """Memory the sessions' cached tokens fill in the storage."""
-        return self.kv_cached_tokens() * self.kv_bytes_per_token
-
-    def kv_usage(self) -> float:
-        """Cached tokens as a fraction of the storage (every slot's tokens)."""
-        return self.kv_cached_tokens() / (self.storage.slots * self.storage.slot_tokens)
+        """Memory of the KV blocks the sessions hold."""
+        return self.kv.held_bytes()
 
     def render(self, prompt: Prompt) -> tuple[str, bool]:
         """The prompt as text, and whether the tokenizer should add its special tokens."""
@@ -153,26 +151,41 @@ class Runtime:
                 f"prompt: {len(state.fixed)} tokens do not fit {self.loaded.name}'s context of "
                 f"{self.context_length} tokens"
             )
-        slot = await self._acquire_slot()
-        session = Session(next(self._ids), request_id, state, KVState(slot))
+        kv = await self._admit(state.fixed)
+        session = Session(next(self._ids), request_id, state, kv)
         self.sessions[session.id] = session
-        log.debug("session %d opened for request %s (%d prompt tokens)", session.id, request_id, len(state.fixed),
-                  extra={"request_id": request_id})  # fmt: skip
+        log.debug(
+            "session %d opened for request %s (%d prompt tokens)",
+            session.id,
+            request_id,
+            len(state.fixed),
+            extra={"request_id": request_id},
+        )
         return session
 
-    async def _acquire_slot(self) -> int:
+    async def _admit(self, prompt: list[int]) -> SessionKV:
+        """A new session's cache: the prefix cache's blocks for the prompt's first tokens (all but the last,
+        whose output row the first step needs), and the blocks for the rest reserved. Waits kv_wait_s for a
+        session to end or for blocks to free, then AtCapacity."""
         deadline = time.monotonic() + self.kv_wait_s
-        while (slot := self.storage.acquire()) is None:
+        kv = SessionKV()
+        self.engine.take_cached_prefix(kv, prompt, len(prompt) - 1)
+        prompt_tokens = len(prompt)
+        while len(self.sessions) >= self.max_sessions or not self.kv.can_hold(kv, prompt_tokens):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AtCapacity(
-                    f"{self.loaded.name}: all {self.storage.slots} KV-cache slots are held by running sessions "
-                    f"(waited {self.kv_wait_s:.1f} s); retry later"
+                held = len(self.sessions) >= self.max_sessions
+                why = (
+                    f"all {self.max_sessions} sessions are held"
+                    if held
+                    else (f"the KV blocks free do not hold a prompt of {prompt_tokens} tokens")
                 )
-            self._slot_freed.clear()
+                raise AtCapacity(f"{self.loaded.name}: {why} (waited {self.kv_wait_s:.1f} s); retry later")
+            self.engine.blocks_freed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), remaining)
-        return slot
+                await asyncio.wait_for(self.engine.blocks_freed.wait(), remaining)
+        self.kv.reserve(kv, prompt_tokens)
+        return kv
 
     def reap(self, ttl: float) -> int:
         """Close sessions idle for more than ttl seconds (a client that holds a stream but never steps)."""
@@ -188,11 +201,10 @@ class Runtime:
     def close(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
-        log.debug("session %d of request %s closed", session.id, session.request_id,
-                  extra={"request_id": session.request_id})  # fmt: skip
-        session.kv.truncate(0)
-        self.storage.release(session.kv.slot)
-        self._slot_freed.set()
+        log.debug(
+            "session %d of request %s closed", session.id, session.request_id, extra={"request_id": session.request_id}
+        )
+        self.engine.release(session.kv)
 
     async def step(
         self, session: Session, append: bytes, fmt: Format, rollback: int = 0, partial: bool = False
@@ -206,8 +218,9 @@ class Runtime:
         parts = await self._parts(plan, session.kv.rows, fmt)
         if stats is None:
             return StepResult(parts, 0, 0, 0, 0.0, 0.0)
-        return StepResult(parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms,
-                          stats.queue_position)  # fmt: skip
+        return StepResult(
+            parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms, stats.queue_position
+        )
 
     async def _parts(self, plan: Plan, rows: dict[int, torch.Tensor], fmt: Format) -> list[Part]:
         """The step's distribution parts; over a large vocabulary in a thread of their own (a softmax and a
@@ -248,8 +261,9 @@ class Runtime:
             plan = session.last_plan
             assert plan is not None
             if report_top_k:
-                dists.append(build_parts(plan, session.kv.rows, self.conditioner.index,
-                                         Format(report_top_k, FULL.dtype)))  # fmt: skip
+                dists.append(
+                    build_parts(plan, session.kv.rows, self.conditioner.index, Format(report_top_k, FULL.dtype))
+                )
             drawn = self._draw(out.parts, sampling, rng)
             if drawn is None:
                 ended = True
@@ -305,8 +319,9 @@ class Runtime:
         session.last_plan = None
         fmt = Format(top_k, FULL.dtype)
         index = self.conditioner.index
-        positions = [build_parts(p, session.kv.rows, index, fmt) if ok else None
-                     for p, ok in zip(plans, usable, strict=True)]  # fmt: skip
+        positions = [
+            build_parts(p, session.kv.rows, index, fmt) if ok else None for p, ok in zip(plans, usable, strict=True)
+        ]
         if stats is None:
             return ScoreResult(positions, 0, 0)
         return ScoreResult(positions, stats.tokens_fed, 1)
@@ -338,15 +353,17 @@ class Runtime:
             raise ContextFull(f"text: {len(plan)} tokens reach {self.loaded.name}'s context length")
         return plan
 
-    async def _ensure_rows(self, kv: KVState, text: TextState, plan: Plan, needed: Collection[int]) -> PassStats | None:
+    async def _ensure_rows(
+        self, kv: SessionKV, text: TextState, plan: Plan, needed: Collection[int]
+    ) -> PassStats | None:
         """Make the cache hold the plan's tokens with the output rows at the `needed` positions: one feed at
         most, over the tokens that changed (and back to the earliest missing row). Only tokens after the
         text's low-water mark are compared: the cost does not grow with the text."""
         stable = min(text.low_water, len(kv.ids), len(plan))
-        kv.truncate(stable + common_prefix(kv.ids[stable:], plan.suffix(stable)))
+        self.engine.truncate(kv, stable + common_prefix(kv.ids[stable:], plan.suffix(stable)))
         missing = [p for p in needed if p not in kv.rows]
         if missing:
-            kv.truncate(min(min(missing), len(kv.ids)))
+            self.engine.truncate(kv, min(min(missing), len(kv.ids)))
         new = plan.suffix(len(kv.ids))
         stats = await self.engine.forward(kv, new, needed) if new else None
         kv.keep_rows(set(needed))
@@ -357,20 +374,24 @@ class Runtime:
         return stats
 
 
-def kv_bytes_per_token(model: Any, dtype: torch.dtype, required: bool = True) -> int:
-    """Keys and values of one token over every layer, from the model's config (0 if it cannot tell and
-    nothing requires it)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    try:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        layers = config.num_hidden_layers
-    except AttributeError as exc:
-        if not required:
-            return 0
-        raise ValueError(f"--kv-budget-mib: cannot size this model's KV cache from its config ({exc})") from exc
-    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+def auto_kv_budget(device: torch.device, layout: KVLayout, sessions: int, context: int) -> int:
+    """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading, elsewhere
+    1 GiB (vLLM's CPU backend takes a fixed space too); at least one full context, at most `sessions`."""
+    most = sessions * context * layout.bytes_per_token
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.9)
+    else:
+        budget = CPU_KV_BUDGET
+    return max(min(budget, most), context * layout.bytes_per_token + 2**20)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:

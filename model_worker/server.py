@@ -14,6 +14,7 @@ from chorus_common.security import TlsFiles
 from chorus_common.serving import GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
+from model_worker.kv_manager import OutOfBlocks
 from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                 yield response
         except _ShuttingDown:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down; retry on another replica")
-        except AtCapacity as exc:
+        except (AtCapacity, OutOfBlocks) as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SessionExpired as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

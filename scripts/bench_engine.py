@@ -41,29 +41,36 @@ def _sync(device: torch.device) -> None:
 
 
 class EngineDecode:
-    """S sessions of L cached tokens in an Engine's slots (random keys and values), one decode step each."""
+    """S sessions of L cached tokens in the engine's paged KV cache (random keys and values), one decode
+    step each, through the engine's model runner (ragged form, or the static decode form)."""
 
-    def __init__(self, model: Any, sessions: int, context: int, device: torch.device) -> None:
-        from model_worker.engine import Engine, Feed, Slice
-        from model_worker.kv_cache import SlotStorage
-        from model_worker.kv_state import KVState
+    def __init__(self, model: Any, sessions: int, context: int, device: torch.device, static: bool = False) -> None:
+        from model_worker.engine import Engine
+        from model_worker.kv_layout import KVLayout
+        from model_worker.kv_manager import KVManager, SessionKV
+        from model_worker.scheduler import Feed, Slice
 
         self.device = device
-        storage = SlotStorage(sessions, context + 1, device)
-        self.engine = Engine(model, device, storage, "bench")
-        self.engine.warm_up()  # allocates every layer's storage
+        layout = KVLayout.of(model.config, next(model.parameters()).dtype)
+        kv = KVManager(layout, 0, sessions, context + 1, 16, device, prefix_caching=False)
+        self.engine = Engine(model, device, kv, "bench", cuda_graphs=static and device.type == "cuda")
+        self.engine.runner.static.enabled = static
+        self.engine.warm_up()
         with torch.inference_mode():
-            for keys, values in zip(storage.keys, storage.values, strict=True):
-                assert keys is not None and values is not None
-                keys.normal_()
-                values.normal_()
+            for store in (*kv.keys.values(), *kv.values.values()):
+                store.normal_()
         self.context = context
-        self.feeds = [Feed(KVState(s, [0] * context), [1], {context}, None, 0) for s in range(sessions)]  # type: ignore[arg-type]
+        self.sessions = []
+        for _ in range(sessions):
+            session = SessionKV(ids=[0] * context)
+            kv.reserve(session, context + 1)
+            self.sessions.append(session)
+        self.feeds = [Feed(s, [1], {context}, None, 0) for s in self.sessions]  # type: ignore[arg-type]
         self._slice = Slice
 
     def step(self, tokens: int = 1) -> float:
         """One pass feeding `tokens` tokens to every session (1 = a decode; more = an ME catch-up), written
-        at the same cells each time, keeping the last output row."""
+        at the same positions each time, keeping the last output row."""
         start = self.context - tokens + 1
         slices = [self._slice(f, [1] * tokens, start, [self.context]) for f in self.feeds]
         started = time.perf_counter()

@@ -66,7 +66,7 @@ def metrics_port() -> int:
 
 def test_worker_metrics(loop: LoopThread) -> None:
     port = _free_port()
-    options = {"max_model_len": 64, "max_sessions": 2}  # a KV storage of 2 slots x 64 tokens
+    options = {"max_model_len": 64, "max_sessions": 2}  # a KV pool of 2 sessions x 64 tokens (8 blocks)
     spec = ModelSpec(name="arith-bpe", path=str(MODELS / "arith-bpe"))
     worker = spawn_worker(spec, threads=1, metrics_port=port, options=options)
     try:
@@ -75,11 +75,12 @@ def test_worker_metrics(loop: LoopThread) -> None:
         assert before[("chorus_worker_sessions", label)] == 0
         assert before[("chorus_worker_kv_usage_ratio", label)] == 0
 
-        # A session held open: the KV gauges show its cached tokens, as a fraction of the storage.
+        # A session held open: the KV gauges show the blocks it holds, as a fraction of the pool.
         fed, info, during = loop.run(_with_a_session_open(worker.address, lambda: scrape(port)))
-        assert (info.kv_slots, info.context_length) == (2, 64) and fed > 1
+        assert (info.max_sessions, info.context_length, info.kv_blocks) == (2, 64, 8) and fed > 1
         assert during[("chorus_worker_sessions", label)] == 1
-        assert during[("chorus_worker_kv_usage_ratio", label)] == pytest.approx(fed / (2 * 64))
+        held = -(-fed // info.kv_block_size)
+        assert during[("chorus_worker_kv_usage_ratio", label)] == pytest.approx(held / info.kv_blocks)
         assert during[("chorus_worker_kv_cache_bytes", label)] == info.kv_cache_bytes > 0
         _wait_for(lambda: scrape(port)[("chorus_worker_kv_usage_ratio", label)] == 0, "the session's KV was not freed")
 

@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
-from model_worker import kv_cache
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
 from model_worker.runtime import AtCapacity, Runtime, SessionExpired
@@ -95,7 +94,6 @@ def test_split_characters_match_the_reference(model_dir: Path) -> None:
 
 def test_a_model_alone_reproduces_generate(model_dir: Path) -> None:
     """Greedy steps whose chosen token is committed back give transformers' generate, token for token."""
-    import torch
 
     loaded = load_model(str(model_dir))
     runtime = Runtime(loaded)
@@ -121,8 +119,13 @@ def test_a_model_alone_reproduces_generate(model_dir: Path) -> None:
             mine = await run(prompt, 12)
             inputs = loaded.tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
-                ref = loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=runtime.eos_ids,
-                                            pad_token_id=runtime.eos_ids[0])  # fmt: skip
+                ref = loaded.model.generate(
+                    **inputs,
+                    max_new_tokens=12,
+                    do_sample=False,
+                    eos_token_id=runtime.eos_ids,
+                    pad_token_id=runtime.eos_ids[0],
+                )
             assert mine == ref[0, inputs.input_ids.shape[1] :].tolist()[: len(mine)], prompt
         await runtime.engine.stop()
 
@@ -153,26 +156,28 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
         return results, biggest
 
     alone, alone_batch = asyncio.run(steps(concurrent=False))
-    runtime.engine = type(runtime.engine)(runtime.loaded.model, runtime.loaded.device, runtime.storage)
+    runtime.engine = type(runtime.engine)(runtime.loaded.model, runtime.loaded.device, runtime.kv)
     together, together_batch = asyncio.run(steps(concurrent=True))
     assert alone_batch == 1
     # Every step of the six sessions shares one pass, though they feed different numbers of tokens.
     assert together_batch == len(prompts)
     for a, b in zip(alone, together, strict=True):
         _assert_close(a, b)
-    assert not runtime.sessions and runtime.storage.free == runtime.storage.slots
+    assert not runtime.sessions and runtime.kv.held_bytes() == 0
 
 
-def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The storage is allocated uninitialised; a pass reads (masked) cells past each session's length.
-    With that memory full of NaN, sessions batched together still give what each gives alone."""
+@pytest.mark.parametrize("static_decode", [False, True], ids=["ragged", "static"])
+def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(model_dir: Path, static_decode: bool) -> None:
+    """The storage is allocated uninitialised; the gathered and static decode forms read (masked) cells past
+    each session's length. With that memory full of NaN, sessions batched together still give what each
+    gives alone."""
 
-    def nan_filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def nan_filled(runtime: Runtime) -> Runtime:
+        for store in (*runtime.kv.keys.values(), *runtime.kv.values.values()):
+            store.fill_(float("nan"))
+        runtime.engine.runner.static.enabled = static_decode
+        return runtime
 
-    monkeypatch.setattr(kv_cache, "uninitialized", nan_filled)
     prompts = ["a", "hello world, a longer prompt", "12+35="]
 
     async def steps(runtime: Runtime, concurrent: bool) -> list[dict[bytes | None, float]]:
@@ -189,8 +194,8 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
         return results
 
     loaded = load_model(str(model_dir))
-    alone = asyncio.run(steps(Runtime(loaded, max_sessions=4), concurrent=False))
-    together = asyncio.run(steps(Runtime(loaded, max_sessions=4), concurrent=True))
+    alone = asyncio.run(steps(nan_filled(Runtime(loaded, max_sessions=4)), concurrent=False))
+    together = asyncio.run(steps(nan_filled(Runtime(loaded, max_sessions=4)), concurrent=True))
     for a, b in zip(alone, together, strict=True):
         assert all(math.isfinite(v) for v in (*a.values(), *b.values()))
         _assert_close(a, b)
@@ -284,12 +289,12 @@ def test_a_full_worker_makes_new_sessions_wait_then_refuses_them(model_dir: Path
 
     async def run() -> None:
         first, _ = await runtime.open(Prompt(text="a")), await runtime.open(Prompt(text="b"))
-        with pytest.raises(AtCapacity, match="slots"):
+        with pytest.raises(AtCapacity, match="sessions are held"):
             await runtime.open(Prompt(text="c"))
         waiting = asyncio.ensure_future(runtime.open(Prompt(text="c")))
         await asyncio.sleep(0.05)
         assert not waiting.done()
-        runtime.close(first)  # a slot frees while it waits: it gets it
+        runtime.close(first)  # a session ends while it waits: it gets in
         runtime.close(await waiting)
 
     asyncio.run(run())
@@ -306,7 +311,7 @@ def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
         idle.last_used -= 120  # two minutes without a step
         assert runtime.reap(ttl=60) == 1
         assert list(runtime.sessions.values()) == [busy] and not idle.kv.ids
-        assert runtime.storage.free == runtime.storage.slots - 1
+        assert runtime.kv.held_bytes() == runtime.kv.block_size * runtime.kv_bytes_per_token  # busy's block
         with pytest.raises(SessionExpired):
             await runtime.step(idle, b"x", FULL)
         await runtime.step(busy, b"x", FULL)  # the active one is untouched

@@ -33,7 +33,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "context_length", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes", "kv_slots", "queued_feeds")
+    __slots__ = ("name", "fingerprint", "vocab_size", "eos_token_ids", "context_length", "tokenizer_kind", "device", "dtype", "active_sessions", "kv_cache_bytes", "queued_feeds", "max_sessions", "kv_block_size", "kv_blocks", "kv_blocks_free", "prefix_cache_hit_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -44,8 +44,12 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FEEDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     vocab_size: int
@@ -56,9 +60,13 @@ class ModelInfo(_message.Message):
     dtype: str
     active_sessions: int
     kv_cache_bytes: int
-    kv_slots: int
     queued_feeds: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_slots: _Optional[int] = ..., queued_feeds: _Optional[int] = ...) -> None: ...
+    max_sessions: int
+    kv_block_size: int
+    kv_blocks: int
+    kv_blocks_free: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., tokenizer_kind: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., queued_feeds: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class VocabularyRequest(_message.Message):
     __slots__ = ("chunk_size",)

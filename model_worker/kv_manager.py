@@ -1,0 +1,259 @@
+"""The worker's KV cache: paged storage, each session's block tables, prefix sharing and sliding windows.
+
+Layers are grouped by how they attend (kv_layout.py): full-attention layers keep every position, and
+sliding-window layers keep only their window (their blocks before it are released as the text grows).
+Each group has its own pool of blocks and storage; a session holds one block table per group. A block
+holds `block_size` consecutive positions of every layer of its group.
+
+Prefix caching (models whose layers all attend fully): a session's full blocks are registered under a
+content hash; a session whose tokens begin the same way holds those blocks instead of computing them.
+A block that is shared or registered is never written again: a session that truncates into it first
+copies the positions it keeps into a block of its own (copy on write).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from model_worker.kv_blocks import BlockPool, block_hash
+from model_worker.kv_layout import KVGroup, KVLayout
+
+log = logging.getLogger(__name__)
+
+# Positions a sliding-window group keeps past its window, so that a rollback of a few tokens (re-tokenized
+# tails, rejected drafts) does not need the positions already released; a longer one recomputes.
+WINDOW_MARGIN = 64
+
+
+@dataclass
+class SessionKV:
+    """One session's cache: the tokens whose keys and values are stored, where, and the output rows kept."""
+
+    ids: list[int] = field(default_factory=list)  # tokens cached, in order
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> output logits after it
+    tables: list[list[int | None]] = field(default_factory=list)  # per group: block of each logical block
+    keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)
+
+    def keep_rows(self, positions: set[int]) -> None:
+        self.rows = {p: r for p, r in self.rows.items() if p in positions}
+
+
+class OutOfBlocks(Exception):
+    """The pool has fewer free blocks than a feed needs."""
+
+
+class KVManager:
+    def __init__(
+        self,
+        layout: KVLayout,
+        budget: int,
+        sessions: int,
+        context: int,
+        block_size: int,
+        device: torch.device,
+        prefix_caching: bool = True,
+    ) -> None:
+        """`budget`: bytes for keys and values (0: room for `sessions` sessions of `context` tokens)."""
+        self.layout = layout
+        self.block_size = block_size
+        self.device = device
+        blocks = layout.pool_blocks(budget, sessions, context, block_size, WINDOW_MARGIN)
+        # One more block per pool: block 0, never handed out, is the scratch space that padding rows of a
+        # static decode pass write to.
+        self.pools = [BlockPool(n + 1, block_size) for n in blocks]
+        for pool in self.pools:
+            assert pool.allocate(1) == [0]
+        # Keys and values per layer: [kv_heads, blocks * block_size, head_dim], so the blocks of a session that
+        # lie next to each other are one strided view (attention reads them without a copy).
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for group, pool in zip(layout.groups, self.pools, strict=True):
+            shape = (layout.kv_heads, pool.blocks * block_size, layout.head_dim)
+            for layer in group.layers:
+                # Uninitialised: on CPU, pages never written cost no memory; blocks are zeroed when handed out.
+                self.keys[layer] = torch.empty(shape, dtype=layout.dtype, device=device)
+                self.values[layer] = torch.empty(shape, dtype=layout.dtype, device=device)
+        for group in layout.groups:
+            self._zero(group, [0])
+        self.prefix_caching = prefix_caching and layout.prefix_cacheable
+        if prefix_caching and not self.prefix_caching:
+            log.info("prefix caching is off for this model: %s", layout.why_not_prefix_cacheable)
+
+    # ------------------------------------------------------------------ capacity
+
+    def blocks_needed(self, kv: SessionKV, length: int) -> list[int]:
+        """Blocks each group must still allocate for the session to hold `length` positions."""
+        need = []
+        for group, table in zip(self.layout.groups, self._tables(kv), strict=True):
+            total = -(-length // self.block_size)
+            first = self._first_kept_block(group, length)
+            present = len(table)
+            need.append(max(0, total - max(present, first)))
+        return need
+
+    def can_hold(self, kv: SessionKV, length: int) -> bool:
+        return all(n <= pool.available for n, pool in zip(self.blocks_needed(kv, length), self.pools, strict=True))
+
+    def reserve(self, kv: SessionKV, length: int) -> None:
+        """Allocate the blocks for positions up to `length` (all or nothing: OutOfBlocks)."""
+        if not self.can_hold(kv, length):
+            raise OutOfBlocks(f"{length} positions need more KV blocks than are free")
+        for group, pool, table in zip(self.layout.groups, self.pools, self._tables(kv), strict=True):
+            total = -(-length // self.block_size)
+            first = self._first_kept_block(group, length)
+            while len(table) < min(first, total):  # positions already out of the window: never stored
+                table.append(None)
+            n = total - len(table)
+            if n > 0:
+                last = next((b for b in reversed(table) if b is not None), None)
+                blocks = pool.allocate(n, after=last)
+                assert blocks is not None  # checked above
+                self._zero(group, blocks)
+                table.extend(blocks)
+
+    def _zero(self, group: KVGroup, blocks: list[int]) -> None:
+        """Blocks handed out hold zeros: the gathered decode form reads a block's positions past the session's
+        length (masked), and whatever memory held before (NaN too) must not reach a product."""
+        bs = self.block_size
+        where = (torch.tensor(blocks, device=self.device)[:, None] * bs + torch.arange(bs, device=self.device)).view(-1)
+        with torch.inference_mode():
+            for layer in group.layers:
+                self.keys[layer].index_fill_(1, where, 0)
+                self.values[layer].index_fill_(1, where, 0)
+
+    def _tables(self, kv: SessionKV) -> list[list[int | None]]:
+        while len(kv.tables) < len(self.pools):
+            kv.tables.append([])
+        return kv.tables
+
+    def _first_kept_block(self, group: KVGroup, length: int) -> int:
+        """The first logical block a group keeps for a text of `length` positions."""
+        if group.window is None:
+            return 0
+        return max(0, length - group.window - WINDOW_MARGIN) // self.block_size
+
+    # ------------------------------------------------------------------ a session's life
+
+    def truncate(self, kv: SessionKV, n: int) -> None:
+        """Forget positions n.. (a rollback). Blocks past the new end are released; a shared or registered
+        block that keeps some positions is copied first. If a sliding group no longer holds the window the
+        positions before n need, the session restarts from nothing (its next feed recomputes)."""
+        if n >= len(kv.ids):
+            kv.rows = {p: r for p, r in kv.rows.items() if p < n}
+            return
+        keep = -(-n // self.block_size)
+        for group, table in zip(self.layout.groups, self._tables(kv), strict=True):
+            if group.window is not None and n and None in table[self._window_start(group, n) : keep]:
+                self.free(kv)
+                return
+        del kv.ids[n:]
+        kv.rows = {p: r for p, r in kv.rows.items() if p < n}
+        del kv.keys[n // self.block_size :]
+        for g, (pool, table) in enumerate(zip(self.pools, self._tables(kv), strict=True)):
+            pool.release([b for b in table[keep:] if b is not None])
+            del table[keep:]
+            if n % self.block_size and table and table[-1] is not None and pool.shared(table[-1]):
+                table[-1] = self._copy_block(g, table[-1], n % self.block_size)
+
+    def _window_start(self, group: KVGroup, n: int) -> int:
+        assert group.window is not None
+        return max(0, n - group.window) // self.block_size
+
+    def _copy_block(self, g: int, block: int, positions: int) -> int:
+        pool = self.pools[g]
+        new = pool.allocate(1)
+        if new is None:
+            raise OutOfBlocks("no KV block free to copy a shared block into")
+        self._zero(self.layout.groups[g], new)
+        pool.release([block])
+        src, dst = block * self.block_size, new[0] * self.block_size
+        with torch.inference_mode():
+            for layer in self.layout.groups[g].layers:
+                for store in (self.keys[layer], self.values[layer]):
+                    store[:, dst : dst + positions] = store[:, src : src + positions]
+        return new[0]
+
+    def free(self, kv: SessionKV) -> None:
+        """Release every block of the session (registered ones stay cached for later sessions)."""
+        for pool, table in zip(self.pools, self._tables(kv), strict=True):
+            pool.release([b for b in table if b is not None])
+            table.clear()
+        kv.ids.clear()
+        kv.rows.clear()
+        kv.keys.clear()
+
+    def trim_windows(self, kv: SessionKV) -> None:
+        """Release the blocks that sliding-window groups no longer need."""
+        length = len(kv.ids)
+        for group, pool, table in zip(self.layout.groups, self.pools, self._tables(kv), strict=True):
+            if group.window is None:
+                continue
+            for i in range(min(self._first_kept_block(group, length), len(table))):
+                if table[i] is not None:
+                    pool.release([table[i]])  # type: ignore[list-item]
+                    table[i] = None
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def match_prefix(self, kv: SessionKV, tokens: list[int], before: int) -> int:
+        """Take cached blocks for the next of `tokens` (which follow kv.ids), each wholly before position
+        `before` (rows wanted from there on must be computed). Returns how many tokens were taken."""
+        if not self.prefix_caching or len(kv.ids) % self.block_size:
+            return 0
+        bs, pool, (table,) = self.block_size, self.pools[0], self._tables(kv)
+        taken = 0
+        while len(kv.ids) + bs <= before and taken + bs <= len(tokens):
+            chunk = tokens[taken : taken + bs]
+            key = block_hash(kv.keys[-1] if kv.keys else b"", chunk)
+            block = pool.lookup(key)
+            if block is None:
+                break
+            pool.hold(block)
+            pool.stats.hits += 1
+            i = len(kv.ids) // bs
+            if i < len(table):  # a block reserved for these positions, not written yet: give it back
+                reserved = table[i]
+                table[i] = block
+                pool.release([reserved])  # type: ignore[list-item]
+            else:
+                table.append(block)
+            kv.keys.append(key)
+            kv.ids.extend(chunk)
+            taken += bs
+        return taken
+
+    def register_full_blocks(self, kv: SessionKV) -> None:
+        """Register the session's blocks that became full since the last call."""
+        if not self.prefix_caching:
+            return
+        bs, pool, (table,) = self.block_size, self.pools[0], self._tables(kv)
+        while len(kv.keys) < len(kv.ids) // bs:
+            i = len(kv.keys)
+            key = block_hash(kv.keys[-1] if kv.keys else b"", kv.ids[i * bs : (i + 1) * bs])
+            kv.keys.append(key)
+            block = table[i]
+            assert block is not None
+            pool.register(block, key)
+
+    # ------------------------------------------------------------------ reports
+
+    @property
+    def hits(self) -> int:
+        return sum(p.stats.hits for p in self.pools)
+
+    @property
+    def evictions(self) -> int:
+        return sum(p.stats.evictions for p in self.pools)
+
+    def usage(self) -> float:
+        """Held blocks as a fraction of all blocks (the fullest group; the scratch block not counted)."""
+        return max((p.held - 1) / (p.blocks - 1) for p in self.pools)
+
+    def held_bytes(self) -> int:
+        return sum(
+            (p.held - 1) * self.block_size * g.bytes_per_token
+            for g, p in zip(self.layout.groups, self.pools, strict=True)
+        )

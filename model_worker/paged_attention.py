@@ -1,0 +1,192 @@
+"""Attention over the paged KV storage, plugged into transformers' attention interface.
+
+A pass packs the new tokens of several sessions into one row ([1, T]: decodes and prefill chunks side
+by side, no padding). Each layer's keys and values for those tokens are written into the sessions' blocks
+(PassCache.update); then `paged_attention` (registered as the attention implementation "chorus_paged")
+attends each session's queries to its own positions:
+- a session whose keys are a few runs of adjacent blocks reads them as strided views (no copy): scores
+  per run, one softmax over them all, weighted sums per run;
+- decodes with short contexts are attended together: their blocks are gathered into one padded batch
+  (a copy, cheap at short lengths and free of per-session overhead). The static decode path
+  (model_runner.StaticDecoder) uses only this form, with fixed shapes that CUDA graphs can capture.
+Masks are built here from positions (causal, and the window on sliding layers); a pass hands the model
+NO_MASK so that transformers builds none. Outside a pass (transformers' own generate on the same model),
+the implementation is plain SDPA with transformers' masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "chorus_paged"
+# Passed as the attention mask of a pass: transformers returns a prepared 4-D mask as it is, so it builds
+# none (paged_attention builds its own from positions).
+NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
+
+
+@dataclass
+class SeqAttention:
+    """One session's queries in a pass, and where its keys are, per KV group."""
+
+    q_start: int  # its first token in the packed row
+    q_len: int
+    runs: list[list[tuple[int, int]]]  # per group: (first position in the storage, length) in key order
+    masks: list[torch.Tensor | None]  # per group: [q_len, keys] visible, or None (every key seen)
+
+
+@dataclass
+class GatheredDecodes:
+    """Decodes attended as one padded batch: block tables [B, M] and lengths per group."""
+
+    rows: torch.Tensor  # [B] their tokens in the packed row
+    positions: list[torch.Tensor]  # per group [B * M * block_size]: storage positions of their blocks
+    bias: list[torch.Tensor]  # per group [B, M * block_size]: 0 where visible, -inf elsewhere
+
+
+@dataclass
+class PassPlan:
+    block_size: int
+    group_of: dict[int, int]  # layer -> group
+    keys: dict[int, torch.Tensor]  # layer -> [kv_heads, positions, head_dim]
+    values: dict[int, torch.Tensor]
+    write: list[torch.Tensor]  # per group: storage position of each new token [T]
+    seqs: list[SeqAttention]  # attended one by one
+    gathered: GatheredDecodes | None = None
+
+
+class _PagedLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, plan: PassPlan, layer: int) -> None:
+        super().__init__()
+        self._plan, self._layer = plan, layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, layer = self._plan, self._layer
+        where = plan.write[plan.group_of[layer]]
+        plan.keys[layer].index_copy_(1, where, key_states[0])
+        plan.values[layer].index_copy_(1, where, value_states[0])
+        return key_states, value_states  # paged_attention reads the storage
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PassCache(Cache):
+    """The cache one pass's model sees: every layer writes its new keys and values into the blocks."""
+
+    def __init__(self, plan: PassPlan, layers: int) -> None:
+        super().__init__(layers=[_PagedLayer(plan, i) for i in range(layers)])
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    chorus_pass: PassPlan | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, heads, T, head_dim] -> [1, T, heads, head_dim], each token attending its own session."""
+    plan = chorus_pass
+    if plan is None:  # the model run outside a pass (say, transformers' own generate): plain SDPA
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs
+        )
+    layer = module.layer_idx
+    g = plan.group_of[layer]
+    keys, values = plan.keys[layer], plan.values[layer]
+    heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    out = query.new_empty(1, tokens, heads, values.shape[2])
+    for s in plan.seqs:
+        n = s.q_len
+        q = query[0, :, s.q_start : s.q_start + n].reshape(kv_heads, group * n, dim)
+        runs = s.runs[g]
+        scores = (
+            torch.cat([q @ keys[:, a : a + m].transpose(1, 2) for a, m in runs], -1)
+            if len(runs) > 1
+            else (q @ keys[:, runs[0][0] : runs[0][0] + runs[0][1]].transpose(1, 2))
+        )
+        probs = _softmax(scores, scale, softcap, s.masks[g], (kv_heads, group, n)).to(values.dtype)
+        o = None
+        offset = 0
+        for a, m in runs:
+            part = probs[..., offset : offset + m] @ values[:, a : a + m]
+            o = part if o is None else o + part
+            offset += m
+        assert o is not None
+        out[0, s.q_start : s.q_start + n] = o.view(heads, n, -1).transpose(0, 1)
+    if plan.gathered is not None:
+        gd = plan.gathered
+        out[0].index_copy_(
+            0, gd.rows, _gathered(query[0, :, gd.rows], keys, values, gd.positions[g], gd.bias[g], scale, softcap)
+        )
+    return out, None
+
+
+def _softmax(
+    scores: torch.Tensor, scale: float, softcap: float | None, mask: torch.Tensor | None, shape: tuple[int, int, int]
+) -> torch.Tensor:
+    scores = scores.float() * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        kv_heads, group, n = shape
+        scores = scores.view(kv_heads, group, n, -1).masked_fill(~mask, float("-inf")).view(kv_heads, group * n, -1)
+    return torch.softmax(scores, -1)
+
+
+def _gathered(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Decodes q [heads, B, dim] against their gathered blocks: [B, heads, dim]. Fixed shapes for fixed B, M.
+    Positions past a session's length are masked; the blocks hold zeros there (KVManager zeroes the blocks it
+    hands out), so no garbage reaches a product (0 x NaN would be NaN)."""
+    heads, batch, dim = q.shape
+    kv_heads = keys.shape[0]
+    k = keys.index_select(1, positions).view(kv_heads, batch, -1, dim)  # [kv_heads, B, L, dim]
+    v = values.index_select(1, positions).view(kv_heads, batch, -1, values.shape[2])
+    qg = q.view(kv_heads, heads // kv_heads, batch, dim).transpose(1, 2)  # [kv_heads, B, group, dim]
+    scores = (qg @ k.transpose(2, 3)).float() * scale  # [kv_heads, B, group, L]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores + bias[None, :, None, :], -1).to(v.dtype)
+    o = probs @ v  # [kv_heads, B, group, dim]
+    return o.permute(1, 0, 2, 3).reshape(batch, heads, -1)
+
+
+AttentionInterface.register(NAME, paged_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # for runs outside a pass

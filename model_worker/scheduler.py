@@ -1,0 +1,79 @@
+"""Which tokens the next forward pass runs: every waiting decode, then prefill chunks of as many sessions
+as the token budget allows (SGLang's and vLLM's chunked-prefill rule), each with its KV blocks reserved."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model_worker.kv_manager import SessionKV
+
+
+@dataclass
+class PassStats:
+    tokens_fed: int  # tokens this feed ran through the model (prefix-cache hits not counted)
+    batch_size: int  # sessions in the (last) pass this feed rode in
+    queue_ms: float  # from arrival to its first pass
+    compute_ms: float  # in its passes
+    queue_position: int  # feeds waiting ahead of it when it arrived
+    cached_tokens: int = 0  # tokens taken from the prefix cache instead of computed
+
+
+@dataclass
+class Feed:
+    """One session's tokens to append to its cache (over several passes when it is a prompt)."""
+
+    kv: SessionKV
+    ids: list[int]
+    want: set[int]  # absolute positions whose output rows are wanted
+    future: asyncio.Future[PassStats]
+    position: int
+    queued_at: float = field(default_factory=time.perf_counter)
+    done: int = 0  # tokens of ids already in the cache (run, or taken from the prefix cache)
+    cached: int = 0  # of which taken from the prefix cache
+    admitted: bool = False  # looked up in the prefix cache
+    started_at: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The part of a feed one pass runs: tokens ids[done : done + n], starting at cache position `start`."""
+
+    feed: Feed
+    tokens: list[int]
+    start: int
+    want: list[int]  # wanted positions inside this slice
+
+
+# Feeds of at most this many tokens (decodes, a few re-tokenized tokens) go first in every pass.
+SHORT = 8
+
+
+def plan_round(
+    waiting: list[Feed],
+    max_tokens: int,
+    chunk: int,
+    reserve: Callable[[Feed, int], bool],
+) -> list[Slice]:
+    """The slices of one pass: short feeds first, then longer ones in arrival order, at most `chunk` tokens
+    of each, until the pass holds `max_tokens`. `reserve(feed, n)` makes room in the KV cache for n more
+    tokens of the feed, or says it cannot (the feed then waits for a later pass)."""
+    slices: list[Slice] = []
+    budget = max_tokens
+    for feed in sorted(waiting, key=lambda f: (f.remaining > SHORT, f.queued_at)):
+        n = min(feed.remaining, chunk, budget)
+        if n <= 0 or not reserve(feed, n):
+            continue
+        start = len(feed.kv.ids)
+        tokens = feed.ids[feed.done : feed.done + n]
+        slices.append(Slice(feed, tokens, start, sorted(p for p in feed.want if start <= p < start + n)))
+        budget -= n
+    return slices
