@@ -103,6 +103,7 @@ def _part_to_proto(part: Part) -> worker_pb2.DistributionPart:
 
 def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
     loaded = runtime.loaded
+    kv = runtime.engine.report()
     return worker_pb2.ModelInfo(
         name=loaded.name,
         fingerprint=loaded.fingerprint,
@@ -113,13 +114,13 @@ def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         active_sessions=len(runtime.sessions),
-        kv_cache_bytes=runtime.kv_cache_bytes(),
+        kv_cache_bytes=kv.held_bytes,
         queued_feeds=runtime.engine.queued,
         max_sessions=runtime.max_sessions,
-        kv_block_size=runtime.kv.block_size,
-        kv_blocks=runtime.kv.pools[0].blocks - 1,
-        kv_blocks_free=runtime.kv.pools[0].available,
-        prefix_cache_hit_tokens=runtime.kv.hits * runtime.kv.block_size,
+        kv_block_size=kv.block_size,
+        kv_blocks=kv.blocks,
+        kv_blocks_free=kv.blocks_free,
+        prefix_cache_hit_tokens=kv.prefix_hit_tokens,
     )
 
 

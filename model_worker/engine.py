@@ -20,6 +20,7 @@ import torch
 
 from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
+from model_worker.backend import KVReport
 from model_worker.kv_manager import KVManager, OutOfBlocks, SessionKV
 from model_worker.model_runner import ModelRunner
 from model_worker.scheduler import Feed, PassStats, Slice, plan_round
@@ -90,6 +91,27 @@ class Engine:
         metrics.QUEUE_DEPTH.labels(self._name).set(len(self._waiting))
         self._wakeup.set()
         return await future
+
+    def new_cache(self, prompt: list[int]) -> SessionKV | None:
+        kv = SessionKV()
+        # Every prompt token but the last may come from the prefix cache: the first step needs the last's row.
+        self.take_cached_prefix(kv, prompt, len(prompt) - 1)
+        if not self.kv.can_hold(kv, len(prompt)):
+            self.kv.free(kv)
+            return None
+        self.kv.reserve(kv, len(prompt))
+        return kv
+
+    def report(self) -> KVReport:
+        kv = self.kv
+        return KVReport(
+            kv.block_size,
+            kv.pools[0].blocks - 1,
+            kv.pools[0].available,
+            kv.held_bytes(),
+            kv.usage(),
+            kv.hits * kv.block_size,
+        )
 
     def truncate(self, kv: SessionKV, n: int) -> None:
         self.kv.truncate(kv, n)

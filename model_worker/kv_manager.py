@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 WINDOW_MARGIN = 64
 
 
+def uninitialized(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @dataclass
 class SessionKV:
     """One session's cache: the tokens whose keys and values are stored, where, and the output rows kept."""
@@ -74,8 +78,8 @@ class KVManager:
             shape = (layout.kv_heads, pool.blocks * block_size, layout.head_dim)
             for layer in group.layers:
                 # Uninitialised: on CPU, pages never written cost no memory; blocks are zeroed when handed out.
-                self.keys[layer] = torch.empty(shape, dtype=layout.dtype, device=device)
-                self.values[layer] = torch.empty(shape, dtype=layout.dtype, device=device)
+                self.keys[layer] = uninitialized(shape, layout.dtype, device)
+                self.values[layer] = uninitialized(shape, layout.dtype, device)
         for group in layout.groups:
             self._zero(group, [0])
         self.prefix_caching = prefix_caching and layout.prefix_cacheable

@@ -18,11 +18,12 @@ from chorus_common.sampling import pick
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
+from model_worker.backend import Backend, SessionCache
 from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
 from model_worker.engine import Engine
 from model_worker.kv_layout import KVLayout
-from model_worker.kv_manager import KVManager, SessionKV
+from model_worker.kv_manager import KVManager
 from model_worker.loading import LoadedModel
 from model_worker.scheduler import PassStats
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
@@ -58,7 +59,7 @@ class Session:
     id: int
     request_id: str
     text: TextState
-    kv: SessionKV
+    kv: SessionCache
     last_used: float = field(default_factory=time.monotonic)
     expired: bool = False
     last_plan: Plan | None = None  # the plan of the last step, whose output rows are still kept
@@ -92,9 +93,7 @@ class Runtime:
         budget = kv_budget_bytes or auto_kv_budget(loaded.device, layout, max_sessions, self.context_length)
         # KV storage: a pool of blocks; sessions hold the blocks their tokens fill. Past max_sessions, or when
         # the blocks free cannot hold a new prompt, new sessions wait kv_wait_s, then get RESOURCE_EXHAUSTED.
-        self.kv = KVManager(
-            layout, budget, max_sessions, self.context_length, block_size, loaded.device, prefix_caching
-        )
+        kv = KVManager(layout, budget, max_sessions, self.context_length, block_size, loaded.device, prefix_caching)
         self.max_sessions = max_sessions
         self.kv_wait_s = kv_wait_s
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
@@ -110,8 +109,8 @@ class Runtime:
             ]
         )
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
-        self.engine = Engine(
-            loaded.model, loaded.device, self.kv, loaded.name, max_batched_tokens, prefill_chunk, kv_wait_s, cuda_graphs
+        self.engine: Backend = Engine(
+            loaded.model, loaded.device, kv, loaded.name, max_batched_tokens, prefill_chunk, kv_wait_s, cuda_graphs
         )
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -119,11 +118,11 @@ class Runtime:
         # Read at scrape time: nothing on the step path.
         metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
         metrics.KV_CACHE_BYTES.labels(loaded.name).set_function(self.kv_cache_bytes)
-        metrics.KV_USAGE.labels(loaded.name).set_function(self.kv.usage)
+        metrics.KV_USAGE.labels(loaded.name).set_function(lambda: self.engine.report().usage)
 
     def kv_cache_bytes(self) -> int:
         """Memory of the KV blocks the sessions hold."""
-        return self.kv.held_bytes()
+        return self.engine.report().held_bytes
 
     def render(self, prompt: Prompt) -> tuple[str, bool]:
         """The prompt as text, and whether the tokenizer should add its special tokens."""
@@ -163,29 +162,25 @@ class Runtime:
         )
         return session
 
-    async def _admit(self, prompt: list[int]) -> SessionKV:
-        """A new session's cache: the prefix cache's blocks for the prompt's first tokens (all but the last,
-        whose output row the first step needs), and the blocks for the rest reserved. Waits kv_wait_s for a
-        session to end or for blocks to free, then AtCapacity."""
+    async def _admit(self, prompt: list[int]) -> SessionCache:
+        """A new session's cache; waits kv_wait_s for a session to end or for KV memory to free, then AtCapacity."""
         deadline = time.monotonic() + self.kv_wait_s
-        kv = SessionKV()
-        self.engine.take_cached_prefix(kv, prompt, len(prompt) - 1)
-        prompt_tokens = len(prompt)
-        while len(self.sessions) >= self.max_sessions or not self.kv.can_hold(kv, prompt_tokens):
+        while True:
+            cache = self.engine.new_cache(prompt) if len(self.sessions) < self.max_sessions else None
+            if cache is not None:
+                return cache
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 held = len(self.sessions) >= self.max_sessions
                 why = (
                     f"all {self.max_sessions} sessions are held"
                     if held
-                    else (f"the KV blocks free do not hold a prompt of {prompt_tokens} tokens")
+                    else f"the KV blocks free do not hold a prompt of {len(prompt)} tokens"
                 )
                 raise AtCapacity(f"{self.loaded.name}: {why} (waited {self.kv_wait_s:.1f} s); retry later")
             self.engine.blocks_freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.blocks_freed.wait(), remaining)
-        self.kv.reserve(kv, prompt_tokens)
-        return kv
 
     def reap(self, ttl: float) -> int:
         """Close sessions idle for more than ttl seconds (a client that holds a stream but never steps)."""
@@ -354,7 +349,7 @@ class Runtime:
         return plan
 
     async def _ensure_rows(
-        self, kv: SessionKV, text: TextState, plan: Plan, needed: Collection[int]
+        self, kv: SessionCache, text: TextState, plan: Plan, needed: Collection[int]
     ) -> PassStats | None:
         """Make the cache hold the plan's tokens with the output rows at the `needed` positions: one feed at
         most, over the tokens that changed (and back to the earliest missing row). Only tokens after the

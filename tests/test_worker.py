@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
+from model_worker import kv_manager
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
 from model_worker.runtime import AtCapacity, Runtime, SessionExpired
@@ -156,25 +157,30 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
         return results, biggest
 
     alone, alone_batch = asyncio.run(steps(concurrent=False))
-    runtime.engine = type(runtime.engine)(runtime.loaded.model, runtime.loaded.device, runtime.kv)
+    runtime.engine = type(runtime.engine)(runtime.loaded.model, runtime.loaded.device, runtime.engine.kv)
     together, together_batch = asyncio.run(steps(concurrent=True))
     assert alone_batch == 1
     # Every step of the six sessions shares one pass, though they feed different numbers of tokens.
     assert together_batch == len(prompts)
     for a, b in zip(alone, together, strict=True):
         _assert_close(a, b)
-    assert not runtime.sessions and runtime.kv.held_bytes() == 0
+    assert not runtime.sessions and runtime.kv_cache_bytes() == 0
 
 
 @pytest.mark.parametrize("static_decode", [False, True], ids=["ragged", "static"])
-def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(model_dir: Path, static_decode: bool) -> None:
+def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
+    model_dir: Path, static_decode: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The storage is allocated uninitialised; the gathered and static decode forms read (masked) cells past
     each session's length. With that memory full of NaN, sessions batched together still give what each
     gives alone."""
 
-    def nan_filled(runtime: Runtime) -> Runtime:
-        for store in (*runtime.kv.keys.values(), *runtime.kv.values.values()):
-            store.fill_(float("nan"))
+    def nan_filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kv_manager, "uninitialized", nan_filled)
+
+    def static(runtime: Runtime) -> Runtime:
         runtime.engine.runner.static.enabled = static_decode
         return runtime
 
@@ -194,8 +200,8 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(model_dir
         return results
 
     loaded = load_model(str(model_dir))
-    alone = asyncio.run(steps(nan_filled(Runtime(loaded, max_sessions=4)), concurrent=False))
-    together = asyncio.run(steps(nan_filled(Runtime(loaded, max_sessions=4)), concurrent=True))
+    alone = asyncio.run(steps(static(Runtime(loaded, max_sessions=4)), concurrent=False))
+    together = asyncio.run(steps(static(Runtime(loaded, max_sessions=4)), concurrent=True))
     for a, b in zip(alone, together, strict=True):
         assert all(math.isfinite(v) for v in (*a.values(), *b.values()))
         _assert_close(a, b)
@@ -311,7 +317,7 @@ def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
         idle.last_used -= 120  # two minutes without a step
         assert runtime.reap(ttl=60) == 1
         assert list(runtime.sessions.values()) == [busy] and not idle.kv.ids
-        assert runtime.kv.held_bytes() == runtime.kv.block_size * runtime.kv_bytes_per_token  # busy's block
+        assert runtime.kv_cache_bytes() == runtime.engine.report().block_size * runtime.kv_bytes_per_token  # busy's
         with pytest.raises(SessionExpired):
             await runtime.step(idle, b"x", FULL)
         await runtime.step(busy, b"x", FULL)  # the active one is untouched
