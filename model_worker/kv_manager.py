@@ -93,7 +93,7 @@ class KVManager:
         need = []
         for group, table in zip(self.layout.groups, self._tables(kv), strict=True):
             total = -(-length // self.block_size)
-            first = self._first_kept_block(group, length)
+            first = self._first_kept_block(group, length, len(kv.ids))
             present = len(table)
             need.append(max(0, total - max(present, first)))
         return need
@@ -107,7 +107,7 @@ class KVManager:
             raise OutOfBlocks(f"{length} positions need more KV blocks than are free")
         for group, pool, table in zip(self.layout.groups, self.pools, self._tables(kv), strict=True):
             total = -(-length // self.block_size)
-            first = self._first_kept_block(group, length)
+            first = self._first_kept_block(group, length, len(kv.ids))
             while len(table) < min(first, total):  # positions already out of the window: never stored
                 table.append(None)
             n = total - len(table)
@@ -133,11 +133,13 @@ class KVManager:
             kv.tables.append([])
         return kv.tables
 
-    def _first_kept_block(self, group: KVGroup, length: int) -> int:
-        """The first logical block a group keeps for a text of `length` positions."""
+    def _first_kept_block(self, group: KVGroup, length: int, written_from: int | None = None) -> int:
+        """The first logical block a group keeps for a text of `length` positions (and, while a pass writes
+        positions from `written_from` on, for those too: the pass's own queries attend to them)."""
         if group.window is None:
             return 0
-        return max(0, length - group.window - WINDOW_MARGIN) // self.block_size
+        first = max(0, length - group.window - WINDOW_MARGIN) // self.block_size
+        return first if written_from is None else min(first, written_from // self.block_size)
 
     # ------------------------------------------------------------------ a session's life
 

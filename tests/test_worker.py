@@ -357,3 +357,44 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -
         _assert_close(_as_dict(runtime, parts), reference.next_bytes(state))
         checked += 1
     assert checked >= 3
+
+
+def test_long_prompts_in_chunks_and_shared_prefixes_match_the_reference(model_dir: Path) -> None:
+    """Prompts far past Gemma 3's window (8 tokens here) prefilled in small chunks of several sessions per
+    pass, sessions that share a prompt's blocks (prefix caching) and roll back into them: every step equals
+    the brute-force reference, with prefix caching on and off."""
+    loaded = load_model(str(model_dir))
+    reference = ReferenceModel(model_dir)
+    history = "the history of the city is long; its people built walls and bridges. " * 3
+
+    async def run(prefix_caching: bool) -> tuple[list[dict[bytes | None, float]], int]:
+        runtime = Runtime(loaded, prefill_chunk=16, max_batched_tokens=40, block_size=4, prefix_caching=prefix_caching)
+        runtime.engine.start()
+        results = []
+        first = await runtime.open(Prompt(text=history + "first"))
+        second_open = runtime.open(Prompt(text=history + "second"))
+        second = await second_open
+        outs = await asyncio.gather(runtime.step(first, b"", FULL), runtime.step(second, b"", FULL))
+        results += [_as_dict(runtime, o.parts) for o in outs]
+        third = await runtime.open(Prompt(text=history + "first"))  # all of first's prompt but its last block
+        for piece, rollback in ((b" a", 0), (b"b", 2), (b" c", 0)):
+            outs = [await runtime.step(s, piece, FULL, rollback) for s in (first, third)]
+            results += [_as_dict(runtime, o.parts) for o in outs]
+        hits = runtime.engine.report().prefix_hit_tokens
+        for s in (first, second, third):
+            runtime.close(s)
+        await runtime.engine.stop()
+        return results, hits
+
+    cached, hits = asyncio.run(run(True))
+    plain, no_hits = asyncio.run(run(False))
+    assert no_hits == 0 and (hits > 0) == ("gemma3" not in model_dir.name)  # sliding-window models: off
+    for a, b in zip(cached, plain, strict=True):
+        _assert_close(a, b)
+    # Against the reference, the steps that append (a rolled-back step re-tokenizes by another rule there).
+    expected = [reference.next_bytes(reference.start(history + p)) for p in ("first", "second")]
+    state = reference.start(history + "first")
+    reference.commit(state, b" a")
+    expected += [reference.next_bytes(state)] * 2
+    for got, want in zip(cached[:4], expected, strict=True):
+        _assert_close(got, want)
