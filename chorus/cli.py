@@ -280,6 +280,25 @@ async def _demo_async(
     print()
     for label, right, ms in summary:
         print(f"{label:<12} {right}/{len(questions)} right   {ms:.1f} ms/token")
+    saved = await _prefix_cache_hits(names, addresses)
+    print(
+        "prefix cache: "
+        + ", ".join(f"{n} took {t} prompt tokens from it instead of computing them" for n, t in saved.items())
+    )
+
+
+async def _prefix_cache_hits(names: list[str], addresses: list[str]) -> dict[str, int]:
+    """Each worker's prompt tokens served from its prefix cache so far (0 where it is off)."""
+    import grpc
+
+    from chorus.v1 import worker_pb2, worker_pb2_grpc
+
+    out = {}
+    for name, address in zip(names, addresses, strict=True):
+        async with grpc.aio.insecure_channel(address) as channel:
+            info = await worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=30)
+            out[name] = info.prefix_cache_hit_tokens
+    return out
 
 
 def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:

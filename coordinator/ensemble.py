@@ -1,8 +1,9 @@
 """The ensemble a coordinator serves: its models, their worker replicas, and the union vocabulary.
 
 Workers join and leave at run time (Kubernetes discovery, or fixed addresses). A model may have
-many replicas; each request is placed on the least-loaded replica of every model and stays there
-for its lifetime, since its KV cache lives there.
+many replicas; each request is placed on one replica of every model (the one likely to hold its
+prompt's prefix, else the least loaded: placement.py) and stays there for its lifetime, since its KV
+cache lives there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from chorus_common.security import TlsFiles
+from coordinator import placement
 from coordinator.config import EnsembleConfig, ModelSpec
 from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab, UnionVocab
@@ -44,12 +46,13 @@ class Member:
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # model id -> union id
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    def acquire(self) -> Replica:
-        """The least-loaded replica, reserved for one request."""
-        live = [r for r in self.replicas.values() if not r.retired]
+    def acquire(self, key: bytes | None = None) -> Replica:
+        """A replica reserved for one request: the one likely to hold its prefix `key` in its KV cache
+        (placement.py), or the least loaded when there is no key or that one is busy."""
+        live = [(a, r) for a, r in self.replicas.items() if not r.retired]
         if not live:
             raise NotReady(f"model {self.spec.name!r} has no ready worker")
-        replica = min(live, key=lambda r: r.active)
+        replica = live[placement.choose(live, key)][1]
         replica.active += 1
         return replica
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
-from coordinator import metrics
+from coordinator import metrics, placement
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.types import GenerationRequest, Usage
 from coordinator.union_dist import UnionDist
@@ -77,9 +77,10 @@ class Members:
         """One replica of each member, and a session stream on each (timeout: the streams' deadline);
         NotReady, with nothing held, if a member has no ready replica."""
         placed: list[tuple[Member, Replica]] = []
+        key = placement.prefix_key(request.prompt)
         try:
             for m in ensemble.members:
-                placed.append((m, m.acquire()))
+                placed.append((m, m.acquire(key)))
         except NotReady:
             for m, replica in placed:
                 await m.release(replica)

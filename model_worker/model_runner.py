@@ -262,10 +262,14 @@ class StaticDecoder:
     def run(self, slices: list[Slice]) -> list[dict[int, torch.Tensor]]:
         batch, width = self.shapes(slices)
         tensors = self.inputs(slices, batch, width)
-        if self.cuda_graphs:
-            captured = self._graphs.get((batch, width))
-            if captured is None:
+        captured = self._graphs.get((batch, width)) if self.cuda_graphs else None
+        if self.cuda_graphs and captured is None:
+            try:
                 captured = self._graphs[(batch, width)] = _Captured.capture(self, tensors)
+            except Exception:  # a model whose forward cannot be captured still serves, without graphs
+                log.exception("capturing a CUDA graph failed: decode-only passes run eagerly from now on")
+                self.cuda_graphs = False
+        if captured is not None:
             logits = captured.replay(tensors)
         else:
             logits = self.runner.forward(tensors[0], tensors[1], self._plan(tensors), 0)[0]

@@ -11,6 +11,7 @@ Models are built from configs with random weights (the weights do not change the
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Any
@@ -155,3 +156,136 @@ def conditioning_cpu(tokenizer: Any, other: Any, lengths: tuple[int, int] = (100
                 times.append(time.process_time() - started)
             result[kind][length] = statistics.median(times) * 1e6
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine on the real SmolLM2, in process (a Runtime: sessions, conditioning, the engine), one thread.
+
+
+def _prompts(tokenizer: Any, count: int, length: int) -> list[str]:
+    """`count` prompts of `length` tokens, each a different window of a long text (no shared prefix)."""
+    from scripts.real_tasks import load_items
+
+    text = " ".join(i.prompt + " " + i.answer for i in load_items(400))
+    ids = tokenizer(text)["input_ids"]
+    return [tokenizer.decode(ids[1 + i * 211 : 1 + i * 211 + length - 1]) for i in range(count)]
+
+
+async def _greedy(runtime: Any, session: Any, tokens: int, arrivals: list[float]) -> None:
+    """Greedy steps, each committing the model's top token; the time each piece arrives."""
+    import numpy as np
+
+    from model_worker.distribution import Format
+
+    append = b""
+    for _ in range(tokens):
+        out = await runtime.step(session, append, Format(1, np.dtype(np.float32)))
+        arrivals.append(time.perf_counter())
+        part = out.parts[0]
+        append = runtime.tokens[int(part.ids[0])][part.skip_bytes :] or b" "
+
+
+def burst(runtime: Any, prompt_tokens: int, streams: int = 16, tokens: int = 24) -> dict[str, float]:
+    """`streams` sessions whose prompts arrive together: median gap between pieces over their first 12
+    tokens (the burst) and over the rest (steady state), against one bare decode forward of `streams`
+    sessions at that context (a StaticCache forward of the same model, measured in the same run)."""
+    import asyncio
+
+    from chorus_common.types import Prompt
+
+    prompts = _prompts(runtime.loaded.tokenizer, streams, prompt_tokens)
+
+    async def run() -> list[list[float]]:
+        runtime.engine.start()
+        sessions = await asyncio.gather(*(runtime.open(Prompt(text=p)) for p in prompts))
+        arrivals: list[list[float]] = [[] for _ in sessions]
+        await asyncio.gather(*(_greedy(runtime, s, tokens, a) for s, a in zip(sessions, arrivals, strict=True)))
+        for s in sessions:
+            runtime.close(s)
+        await runtime.engine.stop()
+        return arrivals
+
+    arrivals = asyncio.run(run())
+    first = [b - a for times in arrivals for a, b in itertools.pairwise(times[:12])]
+    steady = [b - a for times in arrivals for a, b in itertools.pairwise(times[12:])]
+    static = StaticDecode(runtime.loaded.model, streams, prompt_tokens + 12, runtime.loaded.device)
+    static.step()
+    bare = statistics.median(static.step() for _ in range(5))
+    return {
+        "prompt_tokens": prompt_tokens,
+        "burst_gap_ms": statistics.median(first) * 1e3,
+        "steady_gap_ms": statistics.median(steady) * 1e3,
+        "bare_forward_ms": bare * 1e3,
+        "burst_ratio": statistics.median(first) / bare,
+        "steady_ratio": statistics.median(steady) / bare,
+    }
+
+
+def reuse(runtime: Any, history_tokens: int = 1500) -> dict[str, float]:
+    """Time to first token of a chat's second turn after a `history_tokens` history (its blocks cached from
+    the first turn) against a cold conversation of the same length; interleaved, medians of 3."""
+    import asyncio
+
+    from chorus_common.types import Prompt
+
+    histories = _prompts(runtime.loaded.tokenizer, 7, history_tokens)
+
+    async def ttft(messages: tuple[tuple[str, str], ...]) -> float:
+        started = time.perf_counter()
+        session = await runtime.open(Prompt(messages=messages, apply_chat_template=True))
+        arrivals: list[float] = []
+        await _greedy(runtime, session, 1, arrivals)
+        runtime.close(session)
+        return arrivals[0] - started
+
+    async def run() -> tuple[list[float], list[float]]:
+        runtime.engine.start()
+        cold, warm = [], []
+        for i in range(3):
+            first = (("user", histories[2 * i]),)
+            await ttft(first)  # the first turn: its blocks stay cached
+            second = (*first, ("assistant", "I see."), ("user", "Summarise it in one line."))
+            warm.append(await ttft(second))
+            cold.append(await ttft((("user", histories[2 * i + 1]), *second[1:])))
+        await runtime.engine.stop()
+        return cold, warm
+
+    cold, warm = asyncio.run(run())
+    return {
+        "history_tokens": history_tokens,
+        "cold_ttft_ms": statistics.median(cold) * 1e3,
+        "warm_ttft_ms": statistics.median(warm) * 1e3,
+        "speedup": statistics.median(cold) / statistics.median(warm),
+    }
+
+
+def capacity(runtime_for_budget: Any, sessions: int = 32, prompt_tokens: int = 200, tokens: int = 16) -> dict:
+    """`sessions` concurrent sessions of `prompt_tokens`-token prompts, `tokens` greedy tokens each, on a
+    worker whose KV budget holds 4 sessions of 4,096 tokens: how many failed."""
+    import asyncio
+
+    from chorus_common.types import Prompt
+
+    runtime = runtime_for_budget
+    prompts = _prompts(runtime.loaded.tokenizer, sessions, prompt_tokens)
+
+    async def one(prompt: str) -> str | None:
+        try:
+            session = await runtime.open(Prompt(text=prompt))
+            try:
+                await _greedy(runtime, session, tokens, [])
+            finally:
+                runtime.close(session)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def run() -> list[str | None]:
+        runtime.engine.start()
+        out = await asyncio.gather(*(one(p) for p in prompts))
+        await runtime.engine.stop()
+        return out
+
+    errors = [e for e in asyncio.run(run()) if e]
+    report = runtime.engine.report()
+    return {"sessions": sessions, "failed": len(errors), "errors": errors[:3], "kv_blocks": report.blocks}

@@ -7,7 +7,8 @@ GPU (no download: the weights do not change the cost). `--tiny` (the default wit
 figures with tiny shapes on the CPU, to check the script (tests/test_bench_gpu.py). Figures, each measured
 side by side in one run (medians):
 
-1. each member's decode tokens/s at batch 1, 8 and 32 (context 512) through the engine, against
+1. each member's decode tokens/s at batch 1, 8 and 32 (context 512) through the engine, its ragged form
+   and its static decode form (CUDA graphs on CUDA), against
    transformers' `generate` with a static cache (same model, same batch; its per-token time from a
    64-token and a 1-token generate), and against the memory-bandwidth limit: (weights + the KV bytes a
    step reads) / 4.3 TB/s (H200);
@@ -89,10 +90,15 @@ def member_figures(name: str, config: dict[str, Any], model: Any, device: torch.
         engine = bench_engine.EngineDecode(model, batch, context, device)
         ours = _median_time(engine.step, rounds)
         del engine
+        # The static decode form: bucketed shapes, captured as CUDA graphs on CUDA (eager elsewhere).
+        engine = bench_engine.EngineDecode(model, batch, context, device, static=True)
+        graphs = _median_time(engine.step, rounds)
+        del engine
         theirs = _generate_per_token(model, batch, context, device, max(1, rounds // 3), 64 if rounds > 3 else 8)
         step_bytes = weights + batch * context * _kv_bytes_per_token(config, dtype)
         bound = batch / (step_bytes / H200_BANDWIDTH)
         rows.append({"model": name, "batch": batch, "context": context, "engine_tok_s": batch / ours,
+                     "engine_graphs_tok_s": batch / graphs, "graphs_vs_eager": ours / graphs,
                      "generate_static_tok_s": batch / theirs, "bandwidth_bound_tok_s": bound,
                      "engine_vs_generate": theirs / ours, "engine_vs_bound": (batch / ours) / bound})  # fmt: skip
     return rows
@@ -150,6 +156,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["members"]:
         lines.append(
             f"| {r['model']} decode, batch {r['batch']} (context {r['context']}) | {r['engine_tok_s']:.0f} tok/s; "
+            f"static form (CUDA graphs on CUDA) {r['engine_graphs_tok_s']:.0f} ({r['graphs_vs_eager']:.2f}x); "
             f"generate+static {r['generate_static_tok_s']:.0f} ({r['engine_vs_generate']:.2f}x); "
             f"bandwidth limit {r['bandwidth_bound_tok_s']:.0f} ({100 * r['engine_vs_bound']:.0f}%) |"
         )
