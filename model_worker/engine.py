@@ -25,6 +25,9 @@ from model_worker.kv_manager import KVManager, OutOfBlocks, SessionKV
 from model_worker.model_runner import ModelRunner
 from model_worker.scheduler import Feed, PassStats, Slice, plan_round
 
+# The longest a round waits for the sessions of the last pass to send their next feeds.
+RETURN_WINDOW_S = 0.02
+
 
 class Engine:
     def __init__(
@@ -51,6 +54,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task[None] | None = None
         self._evictions = 0
+        self._returning: set[int] = set()  # sessions whose feeds the last pass finished: their next ones are expected
+        self._last_pass_s = 0.0
 
     @property
     def queued(self) -> int:
@@ -155,6 +160,7 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._gather_returning(loop)
             for feed in self._waiting:
                 self._admit(feed)
                 if feed.remaining == 0:
@@ -180,7 +186,20 @@ class Engine:
             metrics.BATCH_SIZE.labels(self._name).observe(len(slices))
             for s, got in zip(slices, rows, strict=True):
                 self._record(s, got, compute_ms, len(slices))
+            self._returning = {id(s.feed.kv) for s in slices if s.feed.future.done()}
+            self._last_pass_s = compute_ms / 1e3
             metrics.QUEUE_DEPTH.labels(self._name).set(sum(not f.future.done() for f in self._waiting))
+
+    async def _gather_returning(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sessions whose feeds the last pass finished usually send their next one at once (after their
+        distribution is built and the coordinator decides): wait for them a little (a tenth of a pass, at
+        most RETURN_WINDOW_S), so they ride in the next pass together instead of splitting it in two."""
+        returning, self._returning = self._returning, set()
+        deadline = loop.time() + min(RETURN_WINDOW_S, 0.1 * self._last_pass_s)
+        while returning - {id(f.kv) for f in self._waiting} and (left := deadline - loop.time()) > 0:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), left)
 
     async def _wait_for_blocks(self, waiting: list[Feed]) -> None:
         """No feed could get blocks: wait for some to free; feeds that waited past kv_wait fail."""

@@ -31,7 +31,7 @@ from model_worker.token_bytes import token_byte_table, tokenizer_kind
 log = logging.getLogger(__name__)
 
 # The KV pool on CPU when no budget is given.
-CPU_KV_BUDGET = 1 << 30
+CPU_KV_BUDGET = 4 << 30
 # Vocabularies at least this large have their distributions built off the event loop.
 OFF_LOOP_VOCAB = 65536
 
@@ -371,7 +371,8 @@ class Runtime:
 
 def auto_kv_budget(device: torch.device, layout: KVLayout, sessions: int, context: int) -> int:
     """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading, elsewhere
-    1 GiB (vLLM's CPU backend takes a fixed space too); at least one full context, at most `sessions`."""
+    4 GiB (vLLM's CPU backend's default KV space), touched only as blocks are used; at least one full
+    context, at most `sessions` of them."""
     most = sessions * context * layout.bytes_per_token
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

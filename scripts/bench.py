@@ -18,8 +18,12 @@ measured in-process. Figures:
             SAFE / its drafter; every other strategy's single-stream ms/token / GaC.
 6. engine   the worker engine: one decode step of 16 sessions at 64 / 512 / 1,536 tokens of context /
             transformers' forward with a StaticCache written in place (same SmolLM2-shaped model, same
-            shapes, one thread); the worker's per-step CPU outside the forward (commit, re-tokenize the
-            open tail, plan) at 2,000 / at 100 tokens of text (scripts/bench_engine.py).
+            shapes, one thread); on the real SmolLM2 in process (one thread): 16 streams whose 64- and
+            1,536-token prompts arrive together, median gap over their first 12 tokens and in steady
+            state / a bare batch-16 forward; a chat's second turn after a 1,500-token history, cold /
+            warm time to first token (prefix cache); 32 concurrent 200-token sessions at a KV budget of
+            4 x 4,096 tokens, failures; the worker's per-step CPU outside the forward (commit,
+            re-tokenize the open tail, plan) at 2,000 / at 100 tokens of text (scripts/bench_engine.py).
 7. long_streams  16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread, a
             1 s step timeout): failures (target 0), time to first token and inter-token latency.
 
@@ -733,6 +737,7 @@ def figure_engine(quick: bool) -> list[Figure]:
         for r in rows
     ]  # fmt: skip
     del model
+    figures += _real_engine_figures(quick)
     smol, gemma = (
         AutoTokenizer.from_pretrained(catalog.prepare(n, log=False)) for n in ("smollm2-135m-instruct", "gemma3-270m")
     )
@@ -744,6 +749,41 @@ def figure_engine(quick: bool) -> list[Figure]:
                    long / short, "x", "<=", 1.2, {"us_at_100": short, "us_at_2000": long},
                    note=f"{short:.0f} us at 100 tokens, {long:.0f} us at 2,000")
         )  # fmt: skip
+    return figures
+
+
+def _real_engine_figures(quick: bool) -> list[Figure]:
+    """The engine on the real SmolLM2 in process (one thread): bursts, prefix reuse, capacity by blocks."""
+    import bench_engine
+
+    from model_worker import catalog
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
+
+    loaded = load_model(str(catalog.prepare("smollm2-135m-instruct", log=False)), max_model_len=4096)
+    figures = []
+    streams = 8 if quick else 16
+    for length in (64, 512) if quick else (64, 1536):
+        r = bench_engine.burst(Runtime(loaded), length, streams=streams)
+        note = f"{r['burst_gap_ms']:.0f} / {r['steady_gap_ms']:.0f} ms vs {r['bare_forward_ms']:.0f} ms"
+        figures += [
+            Figure(f"engine_burst_{length}", f"{streams} streams, {length}-token prompts arriving together: "
+                   "median gap, first 12 tokens / bare forward", r["burst_ratio"], "x", "<=", 1.3, r, note=note),
+            Figure(f"engine_steady_{length}", "  the same, steady state (tokens 13-24) / bare forward",
+                   r["steady_ratio"], "x", "<=", 1.15, r),
+        ]  # fmt: skip
+    r = bench_engine.reuse(Runtime(loaded), history_tokens=500 if quick else 1500)
+    figures.append(
+        Figure("engine_reuse", f"second turn after a {r['history_tokens']}-token history: cold / warm time to "
+               "first token (prefix cache)", r["speedup"], "x", ">=", 5.0, r,
+               note=f"{r['cold_ttft_ms']:.0f} vs {r['warm_ttft_ms']:.0f} ms")
+    )  # fmt: skip
+    budget = 4 * 4096 * Runtime(loaded).kv_bytes_per_token  # 4 full 4,096-token sessions
+    r = bench_engine.capacity(Runtime(loaded, kv_budget_bytes=budget), sessions=16 if quick else 32)
+    figures.append(
+        Figure("engine_capacity", f"{r['sessions']} concurrent 200-token sessions at a KV budget of 4 x 4,096 "
+               "tokens: failed", float(r["failed"]), "", "<=", 0.0, r, note="; ".join(r["errors"])[:120])
+    )  # fmt: skip
     return figures
 
 

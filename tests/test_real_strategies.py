@@ -5,9 +5,12 @@ score and lookup included). See tests/real_models.py for the models.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from coordinator.cluster import WorkerProcess
+from coordinator.cluster import WorkerProcess, spawn_worker
+from coordinator.config import ModelSpec
 from tests.cluster_helpers import LoopThread
 from tests.real_models import CONTEXT, GEMMA, SMOL, STRATEGIES, Real, document, serve
 
@@ -66,3 +69,31 @@ def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strat
     assert long.finish_reason in ("length", "stop") and long.usage.completion_tokens >= 1
     assert at_limit.finish_reason == "length" and 1 <= at_limit.usage.completion_tokens <= 8
     assert at_limit.usage.models[1].prompt_tokens > 512 or at_limit.usage.models[0].prompt_tokens > 512
+
+
+# --------------------------------------------------------------------------- prefix caching changes nothing
+
+
+@pytest.fixture(scope="module")
+def smol_without_prefix_cache(real: dict[str, Real]) -> Iterator[WorkerProcess]:
+    spec = ModelSpec(name=SMOL, path=str(real[SMOL].path), max_model_len=CONTEXT)
+    worker = spawn_worker(spec, timeout=300, threads=1, options={"prefix_caching": False})
+    yield worker
+    worker.stop()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_prefix_caching_changes_no_output_under_any_strategy(
+    loop: LoopThread, workers: dict[str, WorkerProcess], smol_without_prefix_cache: WorkerProcess, strategy: str
+) -> None:
+    """Prompts sharing a document past Gemma's window: SmolLM2 serves the second (and, across strategies,
+    every later one) from its prefix cache; the texts are those of a worker without one."""
+    text = document()
+    prompts = [text + " The first word", text + " In short,"]
+    config = {"strategy": strategy, **STRATEGIES[strategy]}
+    options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
+    cached = serve(loop, [workers[SMOL], workers[GEMMA]], prompts, max_new_tokens=8, config=config, **options)
+    plain = serve(loop, [smol_without_prefix_cache, workers[GEMMA]], prompts, max_new_tokens=8, config=config,
+                  **options)  # fmt: skip
+    assert [r.text for r in cached] == [r.text for r in plain]
+    assert all(r.usage.completion_tokens >= 1 for r in cached)
