@@ -44,9 +44,9 @@ class Member:
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # model id -> union id
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    def acquire(self) -> Replica:
-        """The least-loaded replica, reserved for one request."""
-        live = [r for r in self.replicas.values() if not r.retired]
+    def acquire(self, avoid: frozenset[str] = frozenset()) -> Replica:
+        """The least-loaded replica (not at an address in `avoid`), reserved for one request."""
+        live = [r for r in self.replicas.values() if not r.retired and not (avoid and r.client.address in avoid)]
         if not live:
             raise NotReady(f"model {self.spec.name!r} has no ready worker")
         replica = min(live, key=lambda r: r.active)
