@@ -202,7 +202,7 @@ class Node:
         """Remove what an earlier run left, then every Deployment's replicas."""
         stale = docker("ps", "-aq", "--filter", f"label={LABEL}")
         if stale:
-            docker("rm", "-f", *stale.split())
+            docker("rm", "-fv", *stale.split())
         self._events.start()
         for name, deployment in self.deployments.items():
             for _ in range(int(deployment["spec"].get("replicas", 1))):
@@ -386,7 +386,7 @@ class Node:
         def finish() -> None:
             grace = int(pod.spec.get("terminationGracePeriodSeconds", 30))
             docker("stop", "-t", str(grace), pod.name, check=False, timeout=grace + 30)
-            docker("rm", "-f", pod.name, check=False)
+            docker("rm", "-fv", pod.name, check=False)
             pod.gone.set()
             deleted.wait()
             self.api.patch_namespaced_pod(pod.name, self.namespace, {"metadata": {"finalizers": []}})
@@ -448,7 +448,7 @@ class Node:
             self._event_stream.terminate()
         names = docker("ps", "-aq", "--filter", f"label={LABEL}", check=False)
         if names:
-            docker("rm", "-f", *names.split(), check=False)
+            docker("rm", "-fv", *names.split(), check=False)
         self._api_client.close()
         self._api_loop.run(self._stack.aclose())
         self._api_loop.close()
