@@ -36,7 +36,7 @@ def run_worker(model: Path, prefix: list[str] | None = None) -> subprocess.Compl
            "CHORUS_LOG_FORMAT": "text", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
     chorus = str(Path(sys.executable).parent / "chorus")  # the container's entrypoint: `chorus worker`
     command = [*(prefix or []), chorus, "worker", "--model", str(model), "--port", "0", "--grace", "1"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=model.parent)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=model.parent)
 
 
 def after_loading(stderr: str) -> list[str]:
