@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything every extra needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean chart-schema
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean chart-schema images e2e
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
@@ -50,6 +50,28 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+## images: build the worker and coordinator images as chorus-worker:$$IMAGE_TAG and chorus-coordinator:$$IMAGE_TAG
+## (WORKER_BASE / COORDINATOR_BASE: other base images; default the Dockerfiles' own, from Docker Hub)
+IMAGE_TAG ?= dev
+DOCKER ?= docker
+WORKER_BASE ?=
+COORDINATOR_BASE ?=
+images:
+	$(DOCKER) build --network host $(if $(WORKER_BASE),--build-arg BASE_IMAGE=$(WORKER_BASE)) \
+		-f Dockerfile.worker -t chorus-worker:$(IMAGE_TAG) .
+	$(DOCKER) build --network host $(if $(COORDINATOR_BASE),--build-arg BASE_IMAGE=$(COORDINATOR_BASE)) \
+		-f Dockerfile.coordinator -t chorus-coordinator:$(IMAGE_TAG) .
+
+## e2e: the images built (on local stand-in bases: no registry needed) and run as the chart's pods, the
+## cluster driven through them (README "End-to-end test"); installs and starts dockerd if none runs (root)
+E2E_WORKER_BASE := chorus-stand-in/torch:2.13.0-cpu
+E2E_COORDINATOR_BASE := chorus-stand-in/python:3.11-bookworm
+e2e: $(STAMP)
+	bash scripts/docker_host.sh
+	bash scripts/make_base_images.sh
+	$(MAKE) --no-print-directory images IMAGE_TAG=e2e WORKER_BASE=$(E2E_WORKER_BASE) COORDINATOR_BASE=$(E2E_COORDINATOR_BASE)
+	$(PY) scripts/e2e.py --image-tag e2e
 
 ## checkov: checkov on the rendered Helm chart (own venv in .tools/checkov; skips: deploy/helm/chorus/.checkov.yaml)
 checkov:

@@ -147,9 +147,9 @@ async def _serve(
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from model_worker.main import run
+    from model_worker.main import serve
 
-    asyncio.run(run(WorkerArgs.from_namespace(args)))
+    serve(WorkerArgs.from_namespace(args))
     return 0
 
 

@@ -95,6 +95,8 @@ def spawn_worker(
 
 def worker_args(spec: ModelSpec, **options: Any) -> WorkerArgs:
     """The worker settings a model's config entry gives, with options (WorkerArgs fields) over them."""
+    if spec.path is None:
+        raise ValueError(f"model {spec.name!r}: no path to start a worker from (the config gives none)")
     max_memory = {str(k): v for k, v in spec.max_memory.items()} if spec.max_memory else None
     given = {"model": spec.path, "name": spec.name, "device": spec.device, "dtype": spec.dtype,
              "quantization": spec.quantization, "max_memory": max_memory,

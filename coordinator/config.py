@@ -177,11 +177,12 @@ class ModelSpec(_Section):
 
     ``path`` is a local Hugging Face directory or a hub id. When loaded through
     :func:`parse_config`, local paths are made absolute (see :func:`_resolve_model_path`);
-    constructing a ``ModelSpec`` directly keeps ``path`` verbatim.
+    constructing a ``ModelSpec`` directly keeps ``path`` verbatim. A model served by a running worker
+    (an ``address``, or pods found by Kubernetes discovery) needs no path: the coordinator never loads it.
     """
 
     name: str = Field(min_length=1)  # defaults to the last component of path
-    path: str = Field(min_length=1)
+    path: str | None = Field(None, min_length=1)  # required where `chorus up` starts the worker
     address: str | None = None  # host:port of a running worker; None = spawned by `chorus up`
     score: float | None = Field(None, gt=0)  # required when weights == "score"
     priority: Literal["primary", "supportive"] = "supportive"
@@ -198,6 +199,8 @@ class ModelSpec(_Section):
         if isinstance(data, Mapping) and "name" not in data:
             path = data.get("path")
             if not isinstance(path, str):
+                if path is None and "address" in data:
+                    return data  # no path to name it after: name is required (reported as missing)
                 return {**data, "name": "?"}  # path is reported; don't also report name
             name = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
             return {**data, "name": name or path}
@@ -205,7 +208,9 @@ class ModelSpec(_Section):
 
     @field_validator("path")
     @classmethod
-    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+    def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
         base_dir = info.context.get("base_dir") if isinstance(info.context, dict) else None
         return _resolve_model_path(value, base_dir) if base_dir is not None else value
 
@@ -300,6 +305,9 @@ class _Ensemble(_Section):
                 msg = f"duplicate name {model.name!r} (model {seen_names[model.name]} has it)"
                 problems.append((("models", i, "name"), msg))
             seen_names.setdefault(model.name, i)
+            if model.path is None and model.address is None and self.discovery.mode == "static":
+                msg = "missing: required for a model without an address (the worker `chorus up` starts loads it)"
+                problems.append((("models", i, "path"), msg))
             if model.address is not None:
                 if model.address in seen_addresses:
                     msg = f"same address as model {seen_addresses[model.address]}"

@@ -46,10 +46,11 @@ class Member:
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # model id -> union id
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    def acquire(self, key: bytes | None = None) -> Replica:
-        """A replica reserved for one request: the one likely to hold its prefix `key` in its KV cache
-        (placement.py), or the least loaded when there is no key or that one is busy."""
-        live = [(a, r) for a, r in self.replicas.items() if not r.retired]
+    def acquire(self, key: bytes | None = None, avoid: frozenset[str] = frozenset()) -> Replica:
+        """A replica reserved for one request (not one at an address in `avoid`): the one likely to hold its
+        prefix `key` in its KV cache (placement.py), or the least loaded when there is no key or that one is
+        busy."""
+        live = [(a, r) for a, r in self.replicas.items() if not r.retired and a not in avoid]
         if not live:
             raise NotReady(f"model {self.spec.name!r} has no ready worker")
         replica = live[placement.choose(live, key)][1]

@@ -56,6 +56,7 @@ class Members:
         self.request = request
         self.placed = placed
         self.clients = [replica.client for _, replica in placed]
+        self.timeout = timeout
         self.sessions: list[ModelSession] = [client.session(timeout) for client in self.clients]
         self.usage = usage
         self.text = bytearray()  # committed so far
@@ -99,14 +100,42 @@ class Members:
     async def open(self) -> list[int]:
         """Open every session on the request's prompt; each model's prompt tokens (0 for one lost)."""
         request = self.request
-        opens = [self.guarded(i, s.open(request.prompt, request.request_id), request.first_step_timeout)
-                 for i, s in enumerate(self.sessions)]  # fmt: skip
+        opens = [self.guarded(i, self._open_on_a_live_replica(i), request.first_step_timeout)
+                 for i in range(len(self.sessions))]  # fmt: skip
         prompt_tokens = [n or 0 for n in await asyncio.gather(*opens)]
         if not any(self.alive):
             raise WorkerLost("no model's worker could open the session")
         for usage, n in zip(self.usage.models, prompt_tokens, strict=True):
             usage.prompt_tokens = n
         return prompt_tokens
+
+    async def _open_on_a_live_replica(self, i: int) -> int:
+        """Open model i's session. A replica that is gone before it opened (shutting down in a rolling
+        restart, killed, not yet known to have left) hands the session to another ready replica of the
+        model: nothing ran there yet. With no other replica, its error stands."""
+        member = self.placed[i][0]
+        tried: set[str] = set()
+        while True:
+            gone = self.clients[i].address
+            try:
+                return await self.sessions[i].open(self.request.prompt, self.request.request_id)
+            except grpc.aio.AioRpcError as exc:
+                if not _lost(exc):
+                    raise
+                tried.add(gone)
+                try:
+                    replica = member.acquire(placement.prefix_key(self.request.prompt), frozenset(tried))
+                except NotReady:
+                    raise exc from None
+                why = f"{exc.code().name}: {exc.details()}"
+            self.sessions[i].cancel()
+            await member.release(self.placed[i][1])
+            self.placed[i] = (member, replica)
+            self.clients[i] = replica.client
+            self.sessions[i] = replica.client.session(self.timeout)
+            log.info("request %s: replica %s of %s could not open the session (%s); trying %s",
+                     self.request.request_id, gone, member.spec.name, why, replica.client.address,
+                     extra={"request_id": self.request.request_id})  # fmt: skip
 
     def commit(self, piece: bytes) -> None:
         self.text += piece
@@ -240,7 +269,7 @@ class Members:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FAILED_CODES and exc.details() != _TRANSPORT_INTERNAL:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
-            if exc.code() not in _LOST_CODES and exc.details() != _TRANSPORT_INTERNAL:
+            if not _lost(exc):
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
         finally:
@@ -255,6 +284,11 @@ class Members:
         self.alive[i] = False
         self.usage.lost_models.append(name)
         return None
+
+
+def _lost(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a call's error says the worker itself is gone, not that the request failed there."""
+    return exc.code() in _LOST_CODES or exc.details() == _TRANSPORT_INTERNAL
 
 
 def _share(dist: UnionDist, uid: int) -> float:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,36 @@ def gguf_file(path: Path) -> Path | None:
         if found:
             return found[0]
     return None
+
+
+class WeightsUnreadable(PermissionError):
+    """A model file or folder this process may not read (transformers would call the file missing)."""
+
+
+def check_readable(path: Path) -> None:
+    """Every folder and file of a local model is readable by this process's user, else WeightsUnreadable
+    naming the first that is not, the uid reading it and the fix."""
+    if path.is_file():
+        _check_access(path, path)
+        return
+    _check_access(path, path)
+    for folder, dirs, files in os.walk(path):
+        for name in sorted(dirs) + sorted(files):
+            _check_access(Path(folder, name), path)
+
+
+def _check_access(item: Path, root: Path) -> None:
+    wanted = os.R_OK | (os.X_OK if item.is_dir() else 0)
+    if os.access(item, wanted):
+        return
+    info = item.stat()
+    what = "folder" if item.is_dir() else "file"
+    raise WeightsUnreadable(
+        f"cannot read the model {what} {item} as uid {os.getuid()} (gid {os.getgid()}): it is "
+        f"{stat.filemode(info.st_mode)}, owned by uid {info.st_uid} gid {info.st_gid}. Make the weights "
+        f"readable by the worker's user (e.g. chmod -R a+rX {root}), or run the worker as their owner "
+        "(in Kubernetes: the pod's securityContext runAsUser / fsGroup)"
+    )
 
 
 def _bitsandbytes(quantization: str, device: str) -> Any:
@@ -117,6 +149,8 @@ def load_model(
             kwargs["max_memory"] = max_memory
     path = catalog.resolve(path)
     local = Path(path)
+    if local.exists():
+        check_readable(local)
     source, gguf = path, gguf_file(local)
     if gguf is not None:  # dequantized by transformers to the dtype asked for
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name

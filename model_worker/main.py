@@ -13,6 +13,19 @@ from chorus_common.worker_args import WorkerArgs
 log = logging.getLogger(__name__)
 
 
+class LoadFailed(Exception):
+    """The model did not load: the worker exits with this one line (the traceback at debug level)."""
+
+    def __init__(self, model: str, cause: BaseException) -> None:
+        if isinstance(cause, PermissionError) and cause.filename is None:
+            why = str(cause)  # our own (WeightsUnreadable): it names the file, the uid and the fix
+        elif isinstance(cause, OSError) and cause.filename is not None:
+            why = f"{type(cause).__name__}: {cause.strerror or cause}: {cause.filename}"
+        else:
+            why = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"cannot load model {model}: {why}")
+
+
 async def run(args: WorkerArgs) -> None:
     from model_worker.loading import load_model  # torch only where a model runs
     from model_worker.runtime import Runtime
@@ -24,16 +37,22 @@ async def run(args: WorkerArgs) -> None:
     if args.metrics_port is not None:
         log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))
     log.info("loading %s (port %d)", args.model, server.port)
-    loaded = await asyncio.to_thread(
-        load_model,
-        args.model,
-        name=args.name,
-        device=args.device,
-        dtype=args.dtype,
-        max_memory=args.max_memory,
-        max_model_len=args.max_model_len,
-        quantization=args.quantization,
-    )
+    try:
+        loaded = await asyncio.to_thread(
+            load_model,
+            args.model,
+            name=args.name,
+            device=args.device,
+            dtype=args.dtype,
+            max_memory=args.max_memory,
+            max_model_len=args.max_model_len,
+            quantization=args.quantization,
+        )
+    except Exception as exc:
+        # The server stops on the event loop that runs it (left to the garbage collector after the
+        # loop closed, it printed "Event loop is closed" and "never awaited" after the real error).
+        await server.stop(grace=0)
+        raise LoadFailed(args.model, exc) from exc
     budget = int(args.kv_budget_mib * 2**20)
     runtime = Runtime(
         loaded,
@@ -56,7 +75,17 @@ async def run(args: WorkerArgs) -> None:
     await server.stop(grace=args.grace)
 
 
+def serve(args: WorkerArgs) -> None:
+    """Run the worker until SIGTERM; a model that fails to load ends it with one line and exit status 1."""
+    try:
+        asyncio.run(run(args))
+    except LoadFailed as exc:
+        log.debug("model load traceback", exc_info=exc.__cause__)
+        log.critical("%s", exc)
+        raise SystemExit(1) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = WorkerArgs.parse(argv)
     logs.configure()
-    asyncio.run(run(args))
+    serve(args)

@@ -264,6 +264,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("models not a list", {"models": "a"}, ["models: expected a list (got 'a')"]),
     ("model not a mapping", {"models": [3]}, ["models[0]: expected a mapping (got 3)"]),
     ("missing path", {"models": [{"name": "a"}]}, ["models[0].path: missing"]),
+    ("address without a name", {"models": [{"address": "h:1"}]}, ["models[0].name: missing"]),
     (
         "duplicate names",
         {"models": [{"path": "x/a"}, {"path": "y/a"}]},
@@ -461,6 +462,17 @@ def test_mistakes_are_reported(data: dict[str, Any], expected: list[str]) -> Non
     for fragment in expected:
         assert fragment in message, message
     assert message.count("\n") + 1 == len(info.value.problems)
+
+
+def test_models_by_name_and_address_need_no_path() -> None:
+    """The coordinator never loads a model: a running worker's address (or a pod found by Kubernetes
+    discovery) names it enough; only a worker `chorus up` starts needs a path."""
+    config = load_config({"models": [{"name": "a", "address": "worker-a:50061"}, {"name": "b", "address": "b:1"}]})
+    assert [(m.name, m.path, m.address) for m in config.models] == [("a", None, "worker-a:50061"), ("b", None, "b:1")]
+    found = load_config({"discovery": {"mode": "kubernetes"}, "models": [{"name": "a"}, {"name": "b"}]})
+    assert [m.path for m in found.models] == [None, None]
+    with pytest.raises(ConfigError, match=r"models\[1\]\.path: missing: required for a model without an address"):
+        load_config({"models": [{"name": "a", "address": "h:1"}, {"name": "b"}]})
 
 
 def test_server_connection_age() -> None:

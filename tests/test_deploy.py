@@ -77,8 +77,8 @@ def test_rendered_config_is_a_valid_ensemble_config(helm: str, values: Path) -> 
     expected = [m["name"] for m in yaml.safe_load(values.read_text())["models"]]
     assert list(config.model_names) == expected
     assert config.discovery.mode == "kubernetes"
-    assert config.http.enabled == yaml.safe_load(values.read_text()).get("http", {}).get("enabled", True)
-    assert config.http.port == 8000
+    http = yaml.safe_load(values.read_text()).get("http", {})
+    assert (config.http.enabled, config.http.port) == (http.get("enabled", True), http.get("port", 8000))
     assert config.discovery.namespace == "ml"
     workers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"].get("chorus.dev/model")]
     assert sorted(d["metadata"]["labels"]["chorus.dev/model"] for d in workers) == sorted(expected)

@@ -161,3 +161,39 @@ def test_requests_go_to_the_least_loaded_replica_and_stay() -> None:
     assert placed[0] is member.replicas["a"] and placed[1] is member.replicas["b"]
     member.replicas["a"].retired = True  # left discovery: gets no new requests
     assert member.acquire() is member.replicas["b"]
+
+
+def test_a_replica_gone_before_the_session_opened_hands_it_to_another(
+    loop: LoopThread, kube: client.CoreV1Api, default_workers: dict[str, WorkerProcess]
+) -> None:
+    """A replica that died (or is shutting down in a rolling restart) while discovery still lists it: the
+    requests placed on it open their session on the model's other replica instead, and none fails."""
+    bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
+    doomed = worker(MODELS / "arith-bpe", "arith-bpe")
+    config = parse_config(
+        {
+            "models": [{"name": "arith-bpe"}, {"name": "arith-sp"}],
+            "server": {"port": 0},
+            "discovery": {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"},
+        },
+        ROOT,
+    )
+    # The doomed replica joins first: placement ties go to it (the test would pass without a retry otherwise).
+    kube.create_namespaced_pod(NAMESPACE, _pod("bpe-doomed", "arith-bpe", doomed.address, ready=True))
+    kube.create_namespaced_pod(NAMESPACE, _pod("sp-0", "arith-sp", sp.address, ready=True))
+    running = loop.run(start_coordinator(config, port=0, api_client=kube.api_client))
+    target = f"127.0.0.1:{running.port}"
+    try:
+        with chorus.Client(target, timeout=30) as sdk:
+            _eventually(lambda: _serving(target), "the coordinator serves")
+            kube.create_namespaced_pod(NAMESPACE, _pod("bpe-0", "arith-bpe", bpe.address, ready=True))
+            both = tuple(sorted([bpe.address, doomed.address]))
+            _eventually(lambda: sdk.models().models[0].addresses == both, "the second replica joined")
+            doomed.process.kill()
+            doomed.process.wait()
+            assert sdk.models().models[0].addresses == both  # discovery has not seen it go
+            answers = [sdk.generate(prompt="48+27=", max_new_tokens=4).text for _ in range(3)]
+            assert answers == ["75"] * 3
+    finally:
+        loop.run(running.stop(grace=0))
+        doomed.stop()
