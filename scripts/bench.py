@@ -599,7 +599,7 @@ async def figure_memory(first: int, total: int, concurrency: int = 16) -> list[F
 
 async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
     """Thresholded tokens/s (single stream, primary = the first worker) against the fraction of steps ensembled."""
-    thresholds = (0.0, 0.5, 0.9, 1.1)
+    thresholds = (0.0, 0.5, 0.9, 1.0)
     prompt = BENCH_PROMPTS[1]
     tps: dict[str, list[float]] = {"gac": [], **{str(t): [] for t in thresholds}}
     frac: dict[str, list[float]] = {str(t): [] for t in thresholds}

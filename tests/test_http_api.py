@@ -274,6 +274,8 @@ BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
     (ChatCompletionRequest, {"top_k": 2**32}, 400, "top_k"),
     (ChatCompletionRequest, {"seed": -1}, 400, "seed"),
     (ChatCompletionRequest, {"stop": [1]}, 400, "stop"),
+    (ChatCompletionRequest, {"stop": ["\n", "x" * 257]}, 400, "stop[1]"),
+    (CompletionRequest, {"threshold": 5}, 400, "threshold"),
     (ChatCompletionRequest, {"stream": True, "stream_options": {"include_usage": 1}}, 400,
      "stream_options.include_usage"),
     (ChatCompletionRequest, {"stream": True, "stream_options": {"chunk_size": 1}}, 400, "stream_options.chunk_size"),
@@ -295,6 +297,15 @@ BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
     (GacRequest, {"until": 5}, 400, "until"),
     (GacRequest, {"apply_chat_template": "yes"}, 400, "apply_chat_template"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("request_id", ["r" * 129, "a\r\nb"])
+def test_x_request_id_is_bounded_as_grpc_request_id(request_id: str) -> None:
+    body = CompletionRequest.parse(BASE_BODIES[CompletionRequest], BODY_CONFIG)
+    with pytest.raises(InvalidRequest) as caught:
+        body.requests(BODY_CONFIG, request_id)  # the X-Request-Id header's value
+    failed = answer(caught.value)
+    assert (failed.status.http, failed.param) == (400, "request_id"), failed
 
 
 @pytest.mark.parametrize(("model", "fields", "status", "param"), BODY_REFUSALS)

@@ -81,6 +81,12 @@ BAD_REQUESTS = [
     ({"prompt": "1+1=", "strategy": "threshold"}, "primary"),
     ({"prompt": "1+1=", "stop": [""]}, "stop"),
     ({"prompt": "1+1=", "threshold": -0.5}, "threshold"),
+    # Bounded whatever the config: a probability; stop strings matched at every step; an id in every log line.
+    ({"prompt": "1+1=", "threshold": 5.0}, "threshold: 5.0 is outside [0.0, 1.0]"),
+    ({"prompt": "1+1=", "stop": ["\n", "x" * 1_000_000]}, "stop[1]: 1000000 bytes, at most 256"),
+    ({"prompt": "1+1=", "request_id": "r" * 1_000_000}, "request_id: 1000000 bytes, at most 128"),
+    ({"prompt": "1+1=", "request_id": "a\nfake log line"}, "request_id: 'a\\nfake log line' has a character"),
+    ({"prompt": "1+1=", "strategy": "s" * 1_000_000}, "strategy: unknown 'ssss"),
     ({"prompt": "1+1=" * 100}, "context"),
     ({"prompt": "1+1=", "weights": {"no-such-model": 1.0}}, "weights"),
     ({"prompt": "1+1=", "weights": {"arith-bpe": -1.0}}, "weights"),
@@ -122,6 +128,7 @@ def test_bad_requests_get_invalid_argument(
                     client.generate(**kwargs)  # type: ignore[arg-type]
             details = caught.value.details
         assert field in details
+        assert len(details) < 1000, "an error quotes a bounded part of what was sent"
         assert client.generate(prompt="48+27=", max_new_tokens=4).text == "75"  # still serving
 
 
