@@ -31,6 +31,10 @@ KEEPALIVE_OPTIONS = [
 DEFAULT_MAX_CONNECTION_AGE_S = 300.0
 _FOREVER_MS = 2**31 - 1  # gRPC's "infinite" for these options
 LIVENESS = "liveness"  # SERVING while the process runs: what Kubernetes liveness probes ask
+# Trailing metadata of a worker's UNAVAILABLE when it refuses or ends a session because it drains (shuts
+# down): the coordinator tells that from a worker that was lost by this key, not by the status's words.
+DRAINING_KEY = "chorus-draining"
+DRAINING_METADATA = ((DRAINING_KEY, "1"),)
 
 
 class GrpcServer:

@@ -12,6 +12,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from chorus_common.serving import DRAINING_KEY
 from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
 from coordinator import metrics
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
@@ -31,6 +32,11 @@ class ContextExhausted(Exception):
 
 class WorkerLost(Exception):
     """A member's worker died, hung or shut down, and the request's policy is 'fail' (or no model is left)."""
+
+
+class WorkerDraining(WorkerLost):
+    """A member's worker is shutting down (draining): it refused or ended the request's session. Not lost:
+    a new request goes to the model's ready replicas (the draining one's health says NOT_SERVING)."""
 
 
 class WorkerFailed(Exception):
@@ -223,6 +229,7 @@ class Members:
         name = self.ensemble.members[i].spec.name
         task = asyncio.ensure_future(call)
         waited = 0.0
+        draining = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=budget)
@@ -242,18 +249,33 @@ class Members:
             if exc.code() not in _LOST_CODES and exc.details() != _TRANSPORT_INTERNAL:
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
+            draining = _draining(exc)
         finally:
             if not task.done():
                 task.cancel()
         self.sessions[i].cancel()
+        if draining:
+            failure = f"is shutting down (draining) and refused or ended this request's session ({reason})"
+            return self.left_out(i, WorkerDraining(f"the worker of model {name!r} {failure}"), failure)
+        return self.left_out(i, WorkerLost(f"the worker of model {name!r} was lost ({reason})"), f"was lost ({reason})")
+
+    def left_out(self, i: int, failure: WorkerLost, why: str) -> None:
+        """Model i's worker is gone for this request (why: what its worker did): fail the request (policy
+        fail), or go on without the model."""
         if self.request.on_worker_loss != "degrade":
-            raise WorkerLost(f"the worker of model {name!r} was lost ({reason})")
+            raise failure
+        name = self.ensemble.members[i].spec.name
         request_id = self.request.request_id
-        log.warning("request %s goes on without %s: its worker was lost (%s)", request_id, name, reason,
+        log.warning("request %s goes on without %s: its worker %s", request_id, name, why,
                     extra={"request_id": request_id, "lost_model": name})  # fmt: skip
         self.alive[i] = False
         self.usage.lost_models.append(name)
         return None
+
+
+def _draining(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a worker's status says it is shutting down (its trailing metadata, chorus_common.serving)."""
+    return any(key == DRAINING_KEY for key, _ in exc.trailing_metadata() or ())
 
 
 def _share(dist: UnionDist, uid: int) -> float:

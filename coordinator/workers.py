@@ -208,8 +208,8 @@ class ModelSession:
             if code == grpc.StatusCode.OK or (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code):
                 raise
             details = await self._call.details()
-            metadata = grpc.aio.Metadata()
-            raise grpc.aio.AioRpcError(code, metadata, metadata, details) from exc
+            initial, trailing = await self._call.initial_metadata(), await self._call.trailing_metadata()
+            raise grpc.aio.AioRpcError(code, initial, trailing, details) from exc
 
     async def _read(self) -> worker_pb2.SessionResponse:
         response = await self._call.read()

@@ -11,7 +11,7 @@ import grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.security import TlsFiles
-from chorus_common.serving import GrpcServer
+from chorus_common.serving import DRAINING_METADATA, GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
 from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
@@ -114,7 +114,11 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     response = worker_pb2.SessionResponse(context_full=worker_pb2.ContextFull(details=str(exc)))
                 yield response
         except _ShuttingDown:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down; retry on another replica")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the worker is shutting down; retry on another replica",
+                trailing_metadata=DRAINING_METADATA,
+            )
         except AtCapacity as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SessionExpired as exc:

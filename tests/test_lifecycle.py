@@ -226,8 +226,9 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
             # Probes get answers: readiness NOT_SERVING (no new traffic), liveness still SERVING.
             _wait_until(lambda: _health(victim.address) == NOT_SERVING, "health says NOT_SERVING", timeout=5)
             assert _health(victim.address, LIVENESS) == SERVING
-            with pytest.raises(chorus.Unavailable, match="shutting down"):
+            with pytest.raises(chorus.Unavailable, match="shutting down") as refused:
                 client.generate(prompt="hello", max_new_tokens=4)  # a new session is refused
+            _says_draining_not_lost(refused.value, victim)
             assert not in_flight.done(), "the request ended before the drain was checked: make LONG longer"
             result = in_flight.result(60)
             finished = time.monotonic()
@@ -238,6 +239,12 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
         assert time.monotonic() - finished < 15  # not the whole grace period
     finally:
         victim.stop()
+
+
+def _says_draining_not_lost(error: chorus.ChorusError, worker: WorkerProcess) -> None:
+    """The coordinator's words for a worker that drains: shutting down, not lost."""
+    assert f"the worker of model {worker.spec.name!r} is shutting down (draining)" in error.details, error.details
+    assert "lost" not in error.details, error.details
 
 
 def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_down(
@@ -258,6 +265,7 @@ def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_do
             with pytest.raises(chorus.Unavailable, match="shutting down") as caught:
                 in_flight.result(30)
             assert "INTERNAL" not in str(caught.value)
+            _says_draining_not_lost(caught.value, victim)
         assert victim.process.wait(15) == 0
     finally:
         victim.stop()
