@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from chorus_common.errors import ContextFull
 from chorus_common.types import DistributionPart
 from coordinator.ensemble import Ensemble
 from coordinator.logprobs import token_logprob
-from coordinator.members import ContextExhausted, Members
+from coordinator.members import Members
 from coordinator.metrics import RequestMetrics
 from coordinator.stopping import Stopping
 from coordinator.strategies import STRATEGIES, Decision, Drafted
@@ -207,7 +208,7 @@ async def generate(
             step = conversation.step_view()
             try:
                 decision = await strategy.step(step)
-            except ContextExhausted:
+            except ContextFull:
                 break
             chosen, end = conversation.decide(decision, step, strategy.name)
             for piece in conversation.commit(chosen, end):

@@ -12,22 +12,19 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from chorus_common.errors import ContextFull
 from chorus_common.serving import DRAINING_KEY
 from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
 from coordinator import metrics
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.types import GenerationRequest, Usage
 from coordinator.union_dist import UnionDist
-from coordinator.workers import ContextFull, ModelSession, Transport
+from coordinator.workers import ModelSession, Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Seconds a health check of a worker that is slow to answer a step may take before it counts as lost.
 HEALTH_TIMEOUT = 2.0
-
-
-class ContextExhausted(Exception):
-    """A member's context is full: the generation ends with finish reason 'length'."""
 
 
 class WorkerLost(Exception):
@@ -166,7 +163,7 @@ class Members:
         started = time.perf_counter()
         try:
             drafted = await self.guarded(i, call, self.step_budget(i) * (1 + max_tokens))
-        except ContextExhausted:
+        except ContextFull:
             if not ahead:
                 raise
             self.held_extra[i] = ahead  # it took the text assumed to follow, then found its context full
@@ -241,8 +238,6 @@ class Members:
                     break
                 log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
                          extra={"request_id": self.request.request_id})  # fmt: skip
-        except ContextFull as exc:
-            raise ContextExhausted(str(exc)) from exc
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FAILED_CODES and exc.details() != _TRANSPORT_INTERNAL:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc

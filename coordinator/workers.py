@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
 from chorus_common.serving import LIVENESS, MESSAGE_OPTIONS
 from chorus_common.types import DistributionPart, DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
@@ -36,10 +37,6 @@ _vocab_cache: dict[str, ModelVocab] = {}
 class Transport:
     top_k: int  # 0 = full distributions
     half: bool  # full distributions as float16
-
-
-class ContextFull(Exception):
-    """The text no longer fits the model's context; the session stays open (a rollback brings it back)."""
 
 
 class WorkerClient:

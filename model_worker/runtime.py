@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chorus_common.errors import ContextFull
 from chorus_common.sampling import pick
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from chorus_common.worker_args import WorkerArgs
@@ -37,10 +38,6 @@ ROLES = ("system", "user", "assistant")
 
 class RequestError(ValueError):
     """A request this worker cannot serve; the message names the field."""
-
-
-class ContextFull(RequestError):
-    """The text no longer fits the model's context."""
 
 
 class SessionExpired(Exception):

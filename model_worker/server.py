@@ -10,11 +10,12 @@ from typing import TypeVar
 import grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
 from chorus_common.serving import DRAINING_METADATA, GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
-from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
+from model_worker.runtime import AtCapacity, RequestError, Runtime, Session, SessionExpired
 
 log = logging.getLogger(__name__)
 
