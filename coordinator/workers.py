@@ -14,10 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from chorus_common.distribution_wire import part_from_proto
 from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
 from chorus_common.serving import LIVENESS, MESSAGE_OPTIONS
-from chorus_common.types import DistributionPart, DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
+from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
@@ -27,7 +28,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-_DTYPES = {worker_pb2.FLOAT32: np.dtype("<f4"), worker_pb2.FLOAT16: np.dtype("<f2")}
 
 # Vocabularies by model fingerprint: fetched once per process, whatever the replica.
 _vocab_cache: dict[str, ModelVocab] = {}
@@ -226,15 +226,3 @@ def _prompt_to_proto(prompt: Prompt, request_id: str) -> worker_pb2.SessionOpen:
         chat = common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages])
         p = common_pb2.Prompt(chat=chat, apply_chat_template=prompt.apply_chat_template)
     return worker_pb2.SessionOpen(prompt=p, request_id=request_id)
-
-
-def part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:
-    if part.dtype not in _DTYPES:
-        raise ValueError(f"a worker sent a distribution part of dtype {part.dtype}, not FLOAT32 or FLOAT16")
-    ids = np.frombuffer(part.ids, dtype="<u4").astype(np.int64) if part.ids else None
-    return DistributionPart(
-        skip_bytes=part.skip_bytes,
-        log_scale=part.log_scale,
-        ids=ids,
-        logprobs=np.frombuffer(part.logprobs, dtype=_DTYPES[part.dtype]),
-    )
