@@ -24,7 +24,14 @@ from chorus_common.security import TlsFiles, bearer_allowed, read_tokens
 from coordinator.admission import Admission
 from coordinator.config import EnsembleConfig
 from coordinator.ensemble import Ensemble
-from coordinator.failures import RETRY_AFTER_S, BadRequest, ModelNotFound, answer, count_http_failures
+from coordinator.failures import (
+    REQUESTED_MODEL,
+    RETRY_AFTER_S,
+    BadRequest,
+    ModelNotFound,
+    answer,
+    count_http_failures,
+)
 from coordinator.http_models import ChatCompletionRequest, CompletionRequest, GacRequest, OpenAIRequest
 from coordinator.request_rules import ENSEMBLE_ID
 from coordinator.running import run_requests
@@ -121,7 +128,7 @@ class HttpApi:
         context = self._tls.ssl_server_context() if self._tls is not None else None
         site = web.TCPSite(self._runner, host, port, ssl_context=context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # (host, port, ...) of the one site's socket
         log.info("HTTP API on port %d (%s%s)", self.port, "TLS" if context else "plaintext",
                  ", bearer tokens" if self._tokens else "")  # fmt: skip
         return self.port
@@ -167,6 +174,7 @@ class HttpApi:
             raise BadRequest("body: JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("body: expected a JSON object")
+        request[REQUESTED_MODEL] = body.get("model")  # for count_http_failures, whatever happens next
         try:  # "\ud800" escapes decode to lone surrogates, which no UTF-8 text (what workers are sent) can hold
             json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
