@@ -35,6 +35,11 @@ LIVENESS = "liveness"  # SERVING while the process runs: what Kubernetes livenes
 # down): the coordinator tells that from a worker that was lost by this key, not by the status's words.
 DRAINING_KEY = "chorus-draining"
 DRAINING_METADATA = ((DRAINING_KEY, "1"),)
+# Trailing metadata of a worker's INTERNAL when it raised while serving a request (and serves on). gRPC's
+# own INTERNAL, for a connection broken under a call ("Internal error from Core"), has none: that
+# worker is gone. A status's code and metadata tell the two apart, never its words.
+FAILED_KEY = "chorus-failed"
+FAILED_METADATA = ((FAILED_KEY, "1"),)
 
 
 class GrpcServer:

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from chorus_common.errors import ContextFull
-from chorus_common.serving import DRAINING_KEY
+from chorus_common.serving import DRAINING_KEY, FAILED_KEY
 from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
 from coordinator import metrics
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
@@ -40,12 +40,10 @@ class WorkerFailed(Exception):
     """A member's worker raised on this request (INTERNAL): the request fails, the worker serves on."""
 
 
-# Codes that mean the worker itself is gone (died, restarted, shutting down), not that the request failed.
-_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-# Codes of a worker that answered with an error of its own (an exception while serving the request).
-_FAILED_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-# What gRPC itself reports, as INTERNAL, when a connection breaks under a call: the worker is gone.
-_TRANSPORT_INTERNAL = "Internal error from Core"
+# Codes that mean the worker itself is gone (died, restarted, shutting down), not that the request failed:
+# INTERNAL among them is gRPC's own, for a connection broken under a call; the worker's own INTERNAL (an
+# exception while serving the request) carries FAILED_KEY, and UNKNOWN is its handler raising.
+_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 
 
 class Members:
@@ -239,12 +237,12 @@ class Members:
                 log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
                          extra={"request_id": self.request.request_id})  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FAILED_CODES and exc.details() != _TRANSPORT_INTERNAL:
+            if _marked(exc, FAILED_KEY) or exc.code() == grpc.StatusCode.UNKNOWN:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
-            if exc.code() not in _LOST_CODES and exc.details() != _TRANSPORT_INTERNAL:
+            if exc.code() not in _LOST_CODES:
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
-            draining = _draining(exc)
+            draining = _marked(exc, DRAINING_KEY)
         finally:
             if not task.done():
                 task.cancel()
@@ -268,9 +266,9 @@ class Members:
         return None
 
 
-def _draining(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a worker's status says it is shutting down (its trailing metadata, chorus_common.serving)."""
-    return any(key == DRAINING_KEY for key, _ in exc.trailing_metadata() or ())
+def _marked(exc: grpc.aio.AioRpcError, key: str) -> bool:
+    """Whether a worker's status carries a mark of chorus_common.serving in its trailing metadata."""
+    return any(k == key for k, _ in exc.trailing_metadata() or ())
 
 
 def _share(dist: UnionDist, uid: int) -> float:

@@ -196,13 +196,13 @@ class ModelSession:
         self._call.cancel()
 
     async def _write(self, request: worker_pb2.SessionRequest) -> None:
-        """Send one message; if the worker already ended the stream, raise its status (gRPC may report a
-        write after the end as INTERNAL "Internal error from Core", hiding the worker's own answer)."""
+        """Send one message; if the worker already ended the stream, raise its status, with its metadata
+        (gRPC may report a write after the end as its own INTERNAL, hiding the worker's answer)."""
         try:
             await self._call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             code = await asyncio.wait_for(self._call.code(), 5.0)
-            if code == grpc.StatusCode.OK or (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code):
+            if code == grpc.StatusCode.OK:
                 raise
             details = await self._call.details()
             initial, trailing = await self._call.initial_metadata(), await self._call.trailing_metadata()

@@ -12,7 +12,7 @@ import grpc
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
-from chorus_common.serving import DRAINING_METADATA, GrpcServer
+from chorus_common.serving import DRAINING_METADATA, FAILED_METADATA, GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
 from model_worker.runtime import AtCapacity, RequestError, Runtime, Session, SessionExpired
@@ -128,7 +128,8 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a bug or a model error: this request fails, the worker goes on serving
             log.exception("session of request %s failed", session.request_id if session else "?")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{runtime.loaded.name}: {type(exc).__name__}: {exc}")
+            failure = f"{runtime.loaded.name}: {type(exc).__name__}: {exc}"
+            await context.abort(grpc.StatusCode.INTERNAL, failure, trailing_metadata=FAILED_METADATA)
         finally:
             self.running -= 1
             if session is not None:
