@@ -6,6 +6,7 @@ This module and convert.py are the coordinator's only protobuf code.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -29,8 +30,35 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
-# Vocabularies by model fingerprint: fetched once per process, whatever the replica.
-_vocab_cache: dict[str, ModelVocab] = {}
+# Vocabularies fetched, by model fingerprint: once per process whatever the replica. Bounded: a long-lived
+# coordinator whose discovery sees models come and go (new fingerprints) keeps the recent ones only.
+VOCAB_CACHE_SIZE = 8
+
+
+class VocabCache:
+    """The `size` vocabularies used last, by fingerprint (least recently used evicted first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, ModelVocab] = OrderedDict()
+
+    def get(self, fingerprint: str) -> ModelVocab | None:
+        vocab = self._entries.get(fingerprint)
+        if vocab is not None:
+            self._entries.move_to_end(fingerprint)
+        return vocab
+
+    def put(self, fingerprint: str, vocab: ModelVocab) -> None:
+        self._entries[fingerprint] = vocab
+        self._entries.move_to_end(fingerprint)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_vocab_cache = VocabCache(VOCAB_CACHE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -106,7 +134,7 @@ class WorkerClient:
         if len(tokens) != info.vocab_size:
             raise RuntimeError(f"{self.address}: vocabulary has {len(tokens)} tokens, info says {info.vocab_size}")
         vocab = ModelVocab(tokens=tokens, special=special, eos_ids=info.eos_ids)
-        _vocab_cache[info.fingerprint] = vocab
+        _vocab_cache.put(info.fingerprint, vocab)
         return vocab
 
     def session(self, timeout: float | None) -> ModelSession:
