@@ -1,4 +1,4 @@
-"""What a model conditions on: its own tokens, and the committed bytes after them (DESIGN.md).
+"""What a model conditions on: its own tokens, and the committed bytes after them (README.md, "How it works").
 
 The rules, in order:
 - the prompt is tokenized canonically, once; generation starts at a token boundary after it (the
@@ -67,11 +67,6 @@ class Plan:
     @property
     def last(self) -> int:
         return self.extra[-1] if self.extra else self.fixed[self.n_fixed - 1]
-
-    @property
-    def ids(self) -> list[int]:
-        """Every token (a copy: O(text), for tests and error paths)."""
-        return self.fixed[: self.n_fixed] + list(self.extra)
 
     def suffix(self, start: int) -> list[int]:
         """The tokens from position `start` on."""
