@@ -17,7 +17,7 @@ from chorus_common.lifecycle import serve_metrics, wait_for_signal
 from chorus_common.worker_args import WorkerArgs
 
 if TYPE_CHECKING:
-    from coordinator.cluster import LocalWorkers
+    from chorus_local.cluster import LocalWorkers
     from coordinator.config import EnsembleConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     config = _load(args.config)
     with cluster.supervised_workers(config) as workers:  # a worker that dies is restarted
@@ -133,7 +133,7 @@ async def _serve(
     grace: float,
     workers: LocalWorkers | None = None,
 ) -> None:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     running = await cluster.start_coordinator(config, addresses, port, workers=workers)
     if metrics_port is not None:
@@ -202,7 +202,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     config = _load(args.config)
     strategies = args.strategies.split(",") if args.strategies else [config.strategy]
@@ -245,7 +245,7 @@ async def _demo_async(
     strategies: list[str],
     workers: LocalWorkers | None = None,
 ) -> None:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     names = list(config.model_names)
     runs = [(name, _solo(config, i), [addresses[i]], None) for i, name in enumerate(names)]

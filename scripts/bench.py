@@ -60,7 +60,7 @@ import chorus  # noqa: E402
 from chorus.v1 import worker_pb2  # noqa: E402
 from chorus_common.distribution_wire import part_from_proto  # noqa: E402
 from chorus_common.types import SamplingParams  # noqa: E402
-from coordinator import cluster  # noqa: E402
+from chorus_local import cluster  # noqa: E402
 from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_config  # noqa: E402
 from coordinator.strategies import STRATEGIES  # noqa: E402
 from coordinator.union_dist import ExtraIds, choose, from_parts, mix  # noqa: E402

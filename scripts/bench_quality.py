@@ -42,7 +42,7 @@ import real_tasks
 from train_default_models import answer_text, prompt_text, split_pairs
 
 import chorus
-from coordinator import cluster
+from chorus_local import cluster
 from coordinator.config import ConfigError, EnsembleConfig, cpu_adjusted, load_config
 from coordinator.strategies import STRATEGIES
 

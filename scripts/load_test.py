@@ -45,7 +45,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chorus
-from coordinator import cluster
+from chorus_local import cluster
 from coordinator.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

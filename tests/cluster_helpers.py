@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from coordinator.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import EnsembleConfig, ModelSpec, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from chorus_common.worker_args import WorkerArgs
-from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec, parse_config
 from coordinator.strategies.safe import Safe
 from tests.certs import issue, make_ca

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import chorus
-from coordinator.cluster import WorkerProcess
+from chorus_local.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, LoopThread, coordinator, make_config, worker
 from tests.reference import ReferenceModel, reference_generate
 

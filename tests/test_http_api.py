@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import chorus
 from chorus.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from coordinator.config import parse_config
 from coordinator.convert import InvalidRequest, requests_from_proto
 from coordinator.failures import BadRequest, ModelNotFound, answer

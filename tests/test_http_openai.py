@@ -20,7 +20,7 @@ import pytest
 
 import chorus
 from chorus_common.security import bearer_allowed
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
 from tests.reference import END, ReferenceModel

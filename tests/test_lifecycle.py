@@ -22,7 +22,7 @@ import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.serving import LIVENESS
 from chorus_common.types import Prompt
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from coordinator.workers import ModelSession, Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config

@@ -33,7 +33,7 @@ def test_sdk_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import chorus, chorus.cli, coordinator.server, coordinator.cluster, coordinator.strategies\n"
+        "import chorus, chorus.cli, coordinator.server, chorus_local.cluster, coordinator.strategies\n"
         # what `chorus coordinator` (the slim image) does before serving remote workers
         "chorus.cli._load('configs/default.yaml', local_workers=False)\n"
         "print('ok')"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.cluster import WorkerProcess
+from chorus_local.cluster import WorkerProcess
 from tests.cluster_helpers import LoopThread
 from tests.real_models import CONTEXT, GEMMA, SMOL, STRATEGIES, Real, document, serve
 

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
 from tests.tiny_models import never_ending_llama
 

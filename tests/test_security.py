@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import MODELS, LoopThread, make_config

@@ -10,7 +10,7 @@ import pytest
 
 import chorus
 from chorus_common.types import Prompt
-from coordinator.cluster import WorkerProcess
+from chorus_local.cluster import WorkerProcess
 from coordinator.config import parse_config
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker

@@ -18,7 +18,7 @@ import pytest
 import chorus
 from chorus.client import build_request
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import MODELS, LoopThread, coordinator, make_config
 from tests.tiny_models import never_ending_llama

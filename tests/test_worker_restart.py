@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 import chorus
-from coordinator import cluster
-from coordinator.cluster import LocalWorkers, RestartPolicy, WorkerEvent
+from chorus_local import cluster
+from chorus_local.cluster import LocalWorkers, RestartPolicy, WorkerEvent
 from coordinator.config import parse_config
 from coordinator.server import RETRY_AFTER_S
 from tests.cluster_helpers import MODELS, ROOT, LoopThread
