@@ -56,8 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     coord.add_argument("--port", type=int)
     coord.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     coord.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on SIGTERM")
-    coord.add_argument("--worker", action="append", default=[], metavar="NAME=HOST:PORT",
-                       help="address of a model's worker (overrides the config's address)")  # fmt: skip
+    coord.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="address of a model's worker (overrides the config's address)",
+    )
 
     gen = sub.add_parser("generate", help="stream an answer from a running coordinator")
     gen.add_argument("prompt", nargs="?", help="raw text prompt")
@@ -261,8 +266,9 @@ async def _demo_async(
             await client.generate(prompt=questions[0].prompt, max_new_tokens=2, strategy=strategy)  # warm-up
             for q in questions:
                 started = time.perf_counter()
-                result = await client.generate(prompt=q.prompt, max_new_tokens=12, stop=list(q.stop) or None,
-                                               strategy=strategy)  # fmt: skip
+                result = await client.generate(
+                    prompt=q.prompt, max_new_tokens=12, stop=list(q.stop) or None, strategy=strategy
+                )
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
                 ok = q.check(result.text)

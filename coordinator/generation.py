@@ -220,11 +220,22 @@ async def generate(
         measure.finished(finish)
         log.info(
             "request %s finished (%s): %d tokens, %d/%d steps ensembled, %.0f ms",
-            request.request_id, finish, usage.completion_tokens, usage.steps_ensembled, usage.steps, usage.elapsed_ms,
-            extra={"request_id": request.request_id, "finish_reason": finish, "strategy": request.strategy,
-                   "completion_tokens": usage.completion_tokens, "steps": usage.steps,
-                   "steps_ensembled": usage.steps_ensembled, "elapsed_ms": round(usage.elapsed_ms, 1)},
-        )  # fmt: skip
+            request.request_id,
+            finish,
+            usage.completion_tokens,
+            usage.steps_ensembled,
+            usage.steps,
+            usage.elapsed_ms,
+            extra={
+                "request_id": request.request_id,
+                "finish_reason": finish,
+                "strategy": request.strategy,
+                "completion_tokens": usage.completion_tokens,
+                "steps": usage.steps,
+                "steps_ensembled": usage.steps_ensembled,
+                "elapsed_ms": round(usage.elapsed_ms, 1),
+            },
+        )
         yield Finished(finish, stopping.text, usage, request.request_id)
     finally:
         await strategy.close()

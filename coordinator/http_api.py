@@ -98,8 +98,11 @@ class HttpApi:
         self.ensemble = ensemble
         self.admission = admission
         config = ensemble.config
-        self._tokens = tuple(t.encode() for t in read_tokens(Path(config.server.tokens_file))) if (
-            config.server.tokens_file) else ()  # fmt: skip
+        self._tokens = (
+            tuple(t.encode() for t in read_tokens(Path(config.server.tokens_file)))
+            if (config.server.tokens_file)
+            else ()
+        )
         self._tls = _tls(config)
         # count_http_failures inside _guard: it counts the exception _guard maps to a status, once per request.
         counted = count_http_failures(config.model_names)
@@ -129,8 +132,12 @@ class HttpApi:
         site = web.TCPSite(self._runner, host, port, ssl_context=context)
         await site.start()
         self.port = self._runner.addresses[0][1]  # (host, port, ...) of the one site's socket
-        log.info("HTTP API on port %d (%s%s)", self.port, "TLS" if context else "plaintext",
-                 ", bearer tokens" if self._tokens else "")  # fmt: skip
+        log.info(
+            "HTTP API on port %d (%s%s)",
+            self.port,
+            "TLS" if context else "plaintext",
+            ", bearer tokens" if self._tokens else "",
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -142,8 +149,14 @@ class HttpApi:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if self._tokens and not bearer_allowed(request.headers.get("Authorization", ""), self._tokens):
-            body = {"error": {"message": "missing or unknown bearer token (send Authorization: Bearer <token>)",
-                              "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}  # fmt: skip
+            body = {
+                "error": {
+                    "message": "missing or unknown bearer token (send Authorization: Bearer <token>)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
             return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
@@ -303,15 +316,31 @@ class HttpApi:
     def _model_entries(self) -> list[Json]:
         config = self.ensemble.config
         names = list(config.model_names)
-        ensemble = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "chorus",
-                    "chorus": {"kind": "ensemble", "strategy": config.strategy, "members": names,
-                               "ready": self.ensemble.ready}}  # fmt: skip
+        ensemble = {
+            "id": MODEL_ID,
+            "object": "model",
+            "created": 0,
+            "owned_by": "chorus",
+            "chorus": {"kind": "ensemble", "strategy": config.strategy, "members": names, "ready": self.ensemble.ready},
+        }
         entries = [ensemble]
         for m in self.ensemble.members:
             ready = any(not r.retired for r in m.replicas.values())
-            entries.append({"id": m.spec.name, "object": "model", "created": 0, "owned_by": "chorus",
-                            "chorus": {"kind": "member", "ensemble": MODEL_ID, "priority": m.spec.priority,
-                                       "weight": m.weight, "ready": ready}})  # fmt: skip
+            entries.append(
+                {
+                    "id": m.spec.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "chorus",
+                    "chorus": {
+                        "kind": "member",
+                        "ensemble": MODEL_ID,
+                        "priority": m.spec.priority,
+                        "weight": m.weight,
+                        "ready": ready,
+                    },
+                }
+            )
         return entries
 
     async def models(self, request: web.Request) -> web.Response:

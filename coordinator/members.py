@@ -51,8 +51,14 @@ class Members:
     syncs it with the committed text; a worker that is lost is left out (policy degrade) or fails the
     request (WorkerLost)."""
 
-    def __init__(self, ensemble: Ensemble, request: GenerationRequest, placed: list[tuple[Member, Replica]],
-                 timeout: float | None, usage: Usage) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        request: GenerationRequest,
+        placed: list[tuple[Member, Replica]],
+        timeout: float | None,
+        usage: Usage,
+    ) -> None:
         self.ensemble = ensemble
         self.request = request
         self.placed = placed
@@ -99,8 +105,10 @@ class Members:
     async def open(self) -> list[int]:
         """Open every session on the request's prompt; each model's prompt tokens (0 for one lost)."""
         request = self.request
-        opens = [self.guarded(i, s.open(request.prompt, request.request_id), request.first_step_timeout)
-                 for i, s in enumerate(self.sessions)]  # fmt: skip
+        opens = [
+            self.guarded(i, s.open(request.prompt, request.request_id), request.first_step_timeout)
+            for i, s in enumerate(self.sessions)
+        ]
         prompt_tokens = [n or 0 for n in await asyncio.gather(*opens)]
         if not any(self.alive):
             raise WorkerLost("no model's worker could open the session")
@@ -151,13 +159,15 @@ class Members:
             metrics.member_queued(self.request.model, self.ensemble.members[i].spec.name, step.queue_ms)
         return step.parts
 
-    async def draft(self, i: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int,
-                    ahead: bytes) -> DraftResult | None:  # fmt: skip
+    async def draft(
+        self, i: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int, ahead: bytes
+    ) -> DraftResult | None:
         """Model i draws up to max_tokens tokens after the text and `ahead` (assumed to follow, not
         committed); None if its worker was lost, or if its context filled up with `ahead`."""
         rollback, append, foreign = self.sync(i)
-        call = self.sessions[i].draft(append + ahead, rollback, max_tokens, sampling, seed, report_top_k,
-                                      foreign or bool(ahead))  # fmt: skip
+        call = self.sessions[i].draft(
+            append + ahead, rollback, max_tokens, sampling, seed, report_top_k, foreign or bool(ahead)
+        )
         started = time.perf_counter()
         try:
             drafted = await self.guarded(i, call, self.step_budget(i) * (1 + max_tokens))
@@ -234,8 +244,12 @@ class Members:
                 if not await self.clients[i].alive(timeout=HEALTH_TIMEOUT):
                     reason = f"no answer within {waited:.1f} s, and none to a health check"
                     break
-                log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
-                         extra={"request_id": self.request.request_id})  # fmt: skip
+                log.info(
+                    "model %s is busy: no answer after %.1f s, but its worker is serving",
+                    name,
+                    waited,
+                    extra={"request_id": self.request.request_id},
+                )
         except grpc.aio.AioRpcError as exc:
             if _marked(exc, FAILED_KEY) or exc.code() == grpc.StatusCode.UNKNOWN:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
@@ -259,8 +273,13 @@ class Members:
             raise failure
         name = self.ensemble.members[i].spec.name
         request_id = self.request.request_id
-        log.warning("request %s goes on without %s: its worker %s", request_id, name, why,
-                    extra={"request_id": request_id, "lost_model": name})  # fmt: skip
+        log.warning(
+            "request %s goes on without %s: its worker %s",
+            request_id,
+            name,
+            why,
+            extra={"request_id": request_id, "lost_model": name},
+        )
         self.alive[i] = False
         self.usage.lost_models.append(name)
         return None

@@ -191,9 +191,13 @@ class ModelSession:
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed
         )
         draft = worker_pb2.SessionDraft(
-            append=append, rollback=rollback, max_tokens=max_tokens, sampling=params, report_top_k=report_top_k,
+            append=append,
+            rollback=rollback,
+            max_tokens=max_tokens,
+            sampling=params,
+            report_top_k=report_top_k,
             partial=partial,
-        )  # fmt: skip
+        )
         await self._write(worker_pb2.SessionRequest(draft=draft))
         result = (await self._read()).draft
         return DraftResult(

@@ -112,8 +112,14 @@ class TextState:
         return bytes(self.generated[self.settled :])
 
     def copy(self) -> TextState:
-        return TextState(list(self.fixed), self.prompt_len, bytearray(self.generated), list(self.ends),
-                         self.low_water, self._tail_cache)  # fmt: skip
+        return TextState(
+            list(self.fixed),
+            self.prompt_len,
+            bytearray(self.generated),
+            list(self.ends),
+            self.low_water,
+            self._tail_cache,
+        )
 
     def mark(self) -> None:
         """A KV cache now holds (at least) the settled tokens' prefix it overlaps."""

@@ -25,12 +25,24 @@ async def run(args: WorkerArgs) -> None:
         log.info("metrics on port %d", serve_metrics(args.host, args.metrics_port))
     log.info("loading %s (port %d)", args.model, server.port)
     loaded = await asyncio.to_thread(
-        load_model, args.model, name=args.name, device=args.device, dtype=args.dtype, max_memory=args.max_memory,
-        max_model_len=args.max_model_len, quantization=args.quantization,
-    )  # fmt: skip
+        load_model,
+        args.model,
+        name=args.name,
+        device=args.device,
+        dtype=args.dtype,
+        max_memory=args.max_memory,
+        max_model_len=args.max_model_len,
+        quantization=args.quantization,
+    )
     budget = int(args.kv_budget_mib * 2**20)
-    runtime = Runtime(loaded, max_sessions=args.max_sessions, kv_budget_bytes=budget, kv_wait_s=args.kv_wait,
-                      prefill_chunk=args.prefill_chunk, mix_up_to=args.mix_up_to)  # fmt: skip
+    runtime = Runtime(
+        loaded,
+        max_sessions=args.max_sessions,
+        kv_budget_bytes=budget,
+        kv_wait_s=args.kv_wait,
+        prefill_chunk=args.prefill_chunk,
+        mix_up_to=args.mix_up_to,
+    )
     await asyncio.to_thread(runtime.engine.warm_up)
     await server.ready(runtime)
     if args.port_file:

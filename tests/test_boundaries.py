@@ -14,8 +14,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("chorus", "chorus_common", "chorus_local", "coordinator", "model_worker")
 # What `pip install chorus-ensemble` (no extras) must be enough for.
-SERVER_ONLY = ("numpy", "yaml", "pydantic", "kubernetes", "aiohttp", "prometheus_client", "grpc_health",
-               "grpc_reflection", "tqdm", "torch", "transformers")  # fmt: skip
+SERVER_ONLY = (
+    "numpy",
+    "yaml",
+    "pydantic",
+    "kubernetes",
+    "aiohttp",
+    "prometheus_client",
+    "grpc_health",
+    "grpc_reflection",
+    "tqdm",
+    "torch",
+    "transformers",
+)
 
 
 def _sources(*dirs: str) -> list[Path]:

@@ -85,8 +85,11 @@ def test_a_piece_that_is_an_own_token_at_the_boundary_is_that_token(conditioner:
 
 def test_a_partial_piece_stays_open_to_extension(conditioner: Conditioner) -> None:
     state = conditioner.start("hello", True)
-    extendable = next(ids[0] for b, ids in sorted(conditioner.ids_by_bytes.items())
-                      if b.isascii() and conditioner.index.has_extension(b))  # fmt: skip
+    extendable = next(
+        ids[0]
+        for b, ids in sorted(conditioner.ids_by_bytes.items())
+        if b.isascii() and conditioner.index.has_extension(b)
+    )
     conditioner.commit(state, conditioner._tokens[extendable], partial=True)
     plan = conditioner.plan(state)
     assert plan.heal_prefix == conditioner._tokens[extendable] == conditioner._tokens[plan_ids(plan)[-1]]
@@ -101,8 +104,9 @@ def test_incremental_tail_tokens_equal_a_full_re_encode(conditioner: Conditioner
     text = data.draw(st.sampled_from(tokenizer_factory.CORPUS)).encode()
     cuts = sorted(data.draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=8, unique=True)))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True) if text[a:b]]
-    whole = Conditioner(conditioner._tokenizer, conditioner._tokens, conditioner._special, settle=False,
-                        anchor_tokens=10**6)  # fmt: skip
+    whole = Conditioner(
+        conditioner._tokenizer, conditioner._tokens, conditioner._special, settle=False, anchor_tokens=10**6
+    )
     prompt = "line one\n"
     fast, slow = conditioner.start(prompt, True), whole.start(prompt, True)
     for piece in pieces:

@@ -97,10 +97,25 @@ class CoordinatorProcess:
         self.log = tmp_path / "coordinator.log"
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "coordinator", "--config", str(config), "--port", "0",
-                 "--grace", str(grace), "--worker", f"{worker.spec.name}={worker.address}"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "chorus.cli",
+                    "coordinator",
+                    "--config",
+                    str(config),
+                    "--port",
+                    "0",
+                    "--grace",
+                    str(grace),
+                    "--worker",
+                    f"{worker.spec.name}={worker.address}",
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 120
         while True:
             served = [line for line in self.log.read_text().splitlines() if line.startswith("chorus serving on ")]

@@ -134,9 +134,14 @@ def test_bad_requests_get_invalid_argument(
 
 def _chorus(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "chorus.cli", *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs,
-    )  # fmt: skip
+        [sys.executable, "-m", "chorus.cli", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kwargs,
+    )
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:

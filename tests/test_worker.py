@@ -121,8 +121,13 @@ def test_a_model_alone_reproduces_generate(model_dir: Path) -> None:
             mine = await run(prompt, 12)
             inputs = loaded.tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
-                ref = loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=runtime.eos_ids,
-                                            pad_token_id=runtime.eos_ids[0])  # fmt: skip
+                ref = loaded.model.generate(
+                    **inputs,
+                    max_new_tokens=12,
+                    do_sample=False,
+                    eos_token_id=runtime.eos_ids,
+                    pad_token_id=runtime.eos_ids[0],
+                )
             assert mine == ref[0, inputs.input_ids.shape[1] :].tolist()[: len(mine)], prompt
         await runtime.engine.stop()
 

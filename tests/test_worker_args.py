@@ -24,11 +24,28 @@ NOT_IN_CHART = {
 
 def _non_defaults() -> WorkerArgs:
     return WorkerArgs(
-        model="/m/model.gguf", name="m", host="0.0.0.0", port=7000, device="cuda:1", dtype="bfloat16",
-        max_memory={"0": "20GiB", "cpu": "64GiB"}, quantization="8bit", max_sessions=8, max_model_len=4096,
-        kv_budget_mib=1024.5, kv_wait=2.5, prefill_chunk=128, mix_up_to=4, session_ttl=60.0, tls_cert=Path("/t/c.crt"),
-        tls_key=Path("/t/c.key"), tls_ca=Path("/t/ca.crt"), metrics_port=9000, grace=5.0, port_file=Path("/p"),
-    )  # fmt: skip
+        model="/m/model.gguf",
+        name="m",
+        host="0.0.0.0",
+        port=7000,
+        device="cuda:1",
+        dtype="bfloat16",
+        max_memory={"0": "20GiB", "cpu": "64GiB"},
+        quantization="8bit",
+        max_sessions=8,
+        max_model_len=4096,
+        kv_budget_mib=1024.5,
+        kv_wait=2.5,
+        prefill_chunk=128,
+        mix_up_to=4,
+        session_ttl=60.0,
+        tls_cert=Path("/t/c.crt"),
+        tls_key=Path("/t/c.key"),
+        tls_ca=Path("/t/ca.crt"),
+        metrics_port=9000,
+        grace=5.0,
+        port_file=Path("/p"),
+    )
 
 
 def test_the_command_line_gives_back_every_setting() -> None:
@@ -46,8 +63,15 @@ def test_bad_settings_are_refused_by_the_command_line() -> None:
 
 
 def test_spawn_worker_passes_a_models_config_entry_and_options_over_it() -> None:
-    spec = ModelSpec(name="m", path="/m", device="cuda:0", dtype="float16", quantization="4bit",
-                     max_memory={0: "20GiB"}, max_model_len=2048)  # fmt: skip
+    spec = ModelSpec(
+        name="m",
+        path="/m",
+        device="cuda:0",
+        dtype="float16",
+        quantization="4bit",
+        max_memory={0: "20GiB"},
+        max_model_len=2048,
+    )
     args = worker_args(spec, port=7000, kv_wait=1.0)
     assert WorkerArgs.parse(args.to_argv()) == args
     assert (args.model, args.name, args.device, args.dtype, args.quantization) == (
@@ -66,8 +90,15 @@ def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -
     """A ModelSpec field named like a WorkerArgs field is passed on (path is --model)."""
     shared = set(ModelSpec.model_fields) & {f.name for f in dataclasses.fields(WorkerArgs)}
     assert shared >= {"name", "device", "dtype", "quantization", "max_memory", "max_model_len"}
-    spec = ModelSpec(name="m", path="/m", device="cuda:0", dtype="float16", quantization="4bit",
-                     max_memory={0: "20GiB"}, max_model_len=2048)  # fmt: skip
+    spec = ModelSpec(
+        name="m",
+        path="/m",
+        device="cuda:0",
+        dtype="float16",
+        quantization="4bit",
+        max_memory={0: "20GiB"},
+        max_model_len=2048,
+    )
     args = worker_args(spec)
     for name in shared:
         value = getattr(spec, name)
