@@ -33,7 +33,8 @@ class WorkerLost(Exception):
 
 class WorkerDraining(WorkerLost):
     """A member's worker is shutting down (draining): it refused or ended the request's session. Not lost:
-    a new request goes to the model's ready replicas (the draining one's health says NOT_SERVING)."""
+    it ends on purpose, and a retry may find another replica (Kubernetes discovery drops a terminating pod
+    at once; the failure counts as worker_lost all the same)."""
 
 
 class WorkerFailed(Exception):
