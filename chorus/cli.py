@@ -17,7 +17,7 @@ from chorus_common.lifecycle import serve_metrics, wait_for_signal
 from chorus_common.worker_args import WorkerArgs
 
 if TYPE_CHECKING:
-    from coordinator.cluster import LocalWorkers
+    from chorus_local.cluster import LocalWorkers
     from coordinator.config import EnsembleConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -56,8 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     coord.add_argument("--port", type=int)
     coord.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     coord.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on SIGTERM")
-    coord.add_argument("--worker", action="append", default=[], metavar="NAME=HOST:PORT",
-                       help="address of a model's worker (overrides the config's address)")  # fmt: skip
+    coord.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="address of a model's worker (overrides the config's address)",
+    )
 
     gen = sub.add_parser("generate", help="stream an answer from a running coordinator")
     gen.add_argument("prompt", nargs="?", help="raw text prompt")
@@ -100,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     config = _load(args.config)
     with cluster.supervised_workers(config) as workers:  # a worker that dies is restarted
@@ -133,7 +138,7 @@ async def _serve(
     grace: float,
     workers: LocalWorkers | None = None,
 ) -> None:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     running = await cluster.start_coordinator(config, addresses, port, workers=workers)
     if metrics_port is not None:
@@ -202,7 +207,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     config = _load(args.config)
     strategies = args.strategies.split(",") if args.strategies else [config.strategy]
@@ -245,7 +250,7 @@ async def _demo_async(
     strategies: list[str],
     workers: LocalWorkers | None = None,
 ) -> None:
-    from coordinator import cluster
+    from chorus_local import cluster
 
     names = list(config.model_names)
     runs = [(name, _solo(config, i), [addresses[i]], None) for i, name in enumerate(names)]
@@ -261,8 +266,9 @@ async def _demo_async(
             await client.generate(prompt=questions[0].prompt, max_new_tokens=2, strategy=strategy)  # warm-up
             for q in questions:
                 started = time.perf_counter()
-                result = await client.generate(prompt=q.prompt, max_new_tokens=12, stop=list(q.stop) or None,
-                                               strategy=strategy)  # fmt: skip
+                result = await client.generate(
+                    prompt=q.prompt, max_new_tokens=12, stop=list(q.stop) or None, strategy=strategy
+                )
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
                 ok = q.check(result.text)

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from chorus.errors import from_rpc_error
+from chorus.errors import from_rpc_error, retry_hint
 from chorus.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
@@ -376,21 +376,6 @@ def _channel(module: Any, target: str, creds: grpc.ChannelCredentials | None, op
 
 def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
-
-
-def retry_hint(error: grpc.RpcError) -> float | None:
-    """The server's wait before a retry, in seconds, from the trailing metadata of a failed call:
-    `retry-after` (seconds), else gRPC's `grpc-retry-pushback-ms`; None if it sent neither."""
-    found: dict[str, float] = {}
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key in ("retry-after", "grpc-retry-pushback-ms"):
-            try:
-                seconds = float(value) / (1000 if key == "grpc-retry-pushback-ms" else 1)
-            except (TypeError, ValueError):
-                continue
-            if 0 <= seconds < float("inf"):
-                found.setdefault(key, seconds)
-    return found.get("retry-after", found.get("grpc-retry-pushback-ms"))
 
 
 class _Attempts:

@@ -51,9 +51,22 @@ _BY_CODE: dict[grpc.StatusCode, type[ChorusError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> ChorusError:
-    from chorus.client import retry_hint  # chorus.client imports this module
-
     code = error.code()  # type: ignore[attr-defined]
     details = error.details() or ""  # type: ignore[attr-defined]
     hint = retry_hint(error) if hasattr(error, "trailing_metadata") else None
     return _BY_CODE.get(code, ChorusError)(code, details, hint)
+
+
+def retry_hint(error: grpc.RpcError) -> float | None:
+    """The server's wait before a retry, in seconds, from the trailing metadata of a failed call:
+    `retry-after` (seconds), else gRPC's `grpc-retry-pushback-ms`; None if it sent neither."""
+    found: dict[str, float] = {}
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key in ("retry-after", "grpc-retry-pushback-ms"):
+            try:
+                seconds = float(value) / (1000 if key == "grpc-retry-pushback-ms" else 1)
+            except (TypeError, ValueError):
+                continue
+            if 0 <= seconds < float("inf"):
+                found.setdefault(key, seconds)
+    return found.get("retry-after", found.get("grpc-retry-pushback-ms"))

@@ -31,6 +31,15 @@ KEEPALIVE_OPTIONS = [
 DEFAULT_MAX_CONNECTION_AGE_S = 300.0
 _FOREVER_MS = 2**31 - 1  # gRPC's "infinite" for these options
 LIVENESS = "liveness"  # SERVING while the process runs: what Kubernetes liveness probes ask
+# Trailing metadata of a worker's UNAVAILABLE when it refuses or ends a session because it drains (shuts
+# down): the coordinator tells that from a worker that was lost by this key, not by the status's words.
+DRAINING_KEY = "chorus-draining"
+DRAINING_METADATA = ((DRAINING_KEY, "1"),)
+# Trailing metadata of a worker's INTERNAL when it raised while serving a request (and serves on). gRPC's
+# own INTERNAL, for a connection broken under a call ("Internal error from Core"), has none: that
+# worker is gone. A status's code and metadata tell the two apart, never its words.
+FAILED_KEY = "chorus-failed"
+FAILED_METADATA = ((FAILED_KEY, "1"),)
 
 
 class GrpcServer:

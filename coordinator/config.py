@@ -260,7 +260,7 @@ class _Ensemble(_Section):
 
     strategy: str = "gac"  # a name in STRATEGIES; defaults to "threshold" when a primary exists
     weights: Literal["average", "score"] = "average"  # GaC's NORM_TYPE
-    threshold: float = Field(0.5, ge=0.0)  # strategy threshold; > 1 means always ensemble
+    threshold: float = Field(0.5, ge=0.0, le=1.0)  # a probability; 1 means always ensemble
     transport: Transport = Transport()
     defaults: RequestDefaults = RequestDefaults()
     limits: Limits = Limits()

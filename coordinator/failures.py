@@ -13,7 +13,6 @@ label value.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,9 @@ from coordinator.members import WorkerFailed, WorkerLost
 
 log = logging.getLogger(__name__)
 
+# Where an HTTP handler notes the `model` of the JSON body it parsed, in the request's own storage, for
+# count_http_failures to label the failure with.
+REQUESTED_MODEL = "chorus.requested_model"
 # The wait a client should leave before retrying a refusal (at capacity, or a model with no ready worker).
 RETRY_AFTER_S = 1
 DEADLINE_SLACK_S = 0.05
@@ -194,12 +196,6 @@ def count_http_failures(names: Iterable[str]) -> Callable[..., Awaitable[web.Str
 
 
 def _requested_model(request: web.Request) -> object:
-    """The JSON body's `model`, from the body aiohttp already read (never read here: the client may be gone)."""
-    body = getattr(request, "_read_bytes", None)  # aiohttp's cache of request.read()
-    if not body:
-        return None
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return parsed.get("model") if isinstance(parsed, dict) else None
+    """The JSON body's `model`, as the handler that parsed the body noted it (never read here: the client
+    may be gone); None if no handler got that far."""
+    return request.get(REQUESTED_MODEL)

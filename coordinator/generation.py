@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from chorus_common.errors import ContextFull
 from chorus_common.types import DistributionPart
 from coordinator.ensemble import Ensemble
 from coordinator.logprobs import token_logprob
-from coordinator.members import ContextExhausted, Members
+from coordinator.members import Members
 from coordinator.metrics import RequestMetrics
 from coordinator.stopping import Stopping
 from coordinator.strategies import STRATEGIES, Decision, Drafted
@@ -207,7 +208,7 @@ async def generate(
             step = conversation.step_view()
             try:
                 decision = await strategy.step(step)
-            except ContextExhausted:
+            except ContextFull:
                 break
             chosen, end = conversation.decide(decision, step, strategy.name)
             for piece in conversation.commit(chosen, end):
@@ -219,11 +220,22 @@ async def generate(
         measure.finished(finish)
         log.info(
             "request %s finished (%s): %d tokens, %d/%d steps ensembled, %.0f ms",
-            request.request_id, finish, usage.completion_tokens, usage.steps_ensembled, usage.steps, usage.elapsed_ms,
-            extra={"request_id": request.request_id, "finish_reason": finish, "strategy": request.strategy,
-                   "completion_tokens": usage.completion_tokens, "steps": usage.steps,
-                   "steps_ensembled": usage.steps_ensembled, "elapsed_ms": round(usage.elapsed_ms, 1)},
-        )  # fmt: skip
+            request.request_id,
+            finish,
+            usage.completion_tokens,
+            usage.steps_ensembled,
+            usage.steps,
+            usage.elapsed_ms,
+            extra={
+                "request_id": request.request_id,
+                "finish_reason": finish,
+                "strategy": request.strategy,
+                "completion_tokens": usage.completion_tokens,
+                "steps": usage.steps,
+                "steps_ensembled": usage.steps_ensembled,
+                "elapsed_ms": round(usage.elapsed_ms, 1),
+            },
+        )
         yield Finished(finish, stopping.text, usage, request.request_id)
     finally:
         await strategy.close()

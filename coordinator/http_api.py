@@ -24,7 +24,14 @@ from chorus_common.security import TlsFiles, bearer_allowed, read_tokens
 from coordinator.admission import Admission
 from coordinator.config import EnsembleConfig
 from coordinator.ensemble import Ensemble
-from coordinator.failures import RETRY_AFTER_S, BadRequest, ModelNotFound, answer, count_http_failures
+from coordinator.failures import (
+    REQUESTED_MODEL,
+    RETRY_AFTER_S,
+    BadRequest,
+    ModelNotFound,
+    answer,
+    count_http_failures,
+)
 from coordinator.http_models import ChatCompletionRequest, CompletionRequest, GacRequest, OpenAIRequest
 from coordinator.request_rules import ENSEMBLE_ID
 from coordinator.running import run_requests
@@ -91,8 +98,11 @@ class HttpApi:
         self.ensemble = ensemble
         self.admission = admission
         config = ensemble.config
-        self._tokens = tuple(t.encode() for t in read_tokens(Path(config.server.tokens_file))) if (
-            config.server.tokens_file) else ()  # fmt: skip
+        self._tokens = (
+            tuple(t.encode() for t in read_tokens(Path(config.server.tokens_file)))
+            if (config.server.tokens_file)
+            else ()
+        )
         self._tls = _tls(config)
         # count_http_failures inside _guard: it counts the exception _guard maps to a status, once per request.
         counted = count_http_failures(config.model_names)
@@ -121,9 +131,13 @@ class HttpApi:
         context = self._tls.ssl_server_context() if self._tls is not None else None
         site = web.TCPSite(self._runner, host, port, ssl_context=context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("HTTP API on port %d (%s%s)", self.port, "TLS" if context else "plaintext",
-                 ", bearer tokens" if self._tokens else "")  # fmt: skip
+        self.port = self._runner.addresses[0][1]  # (host, port, ...) of the one site's socket
+        log.info(
+            "HTTP API on port %d (%s%s)",
+            self.port,
+            "TLS" if context else "plaintext",
+            ", bearer tokens" if self._tokens else "",
+        )
         return self.port
 
     async def stop(self) -> None:
@@ -135,8 +149,14 @@ class HttpApi:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if self._tokens and not bearer_allowed(request.headers.get("Authorization", ""), self._tokens):
-            body = {"error": {"message": "missing or unknown bearer token (send Authorization: Bearer <token>)",
-                              "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}  # fmt: skip
+            body = {
+                "error": {
+                    "message": "missing or unknown bearer token (send Authorization: Bearer <token>)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
             return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
@@ -167,6 +187,7 @@ class HttpApi:
             raise BadRequest("body: JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("body: expected a JSON object")
+        request[REQUESTED_MODEL] = body.get("model")  # for count_http_failures, whatever happens next
         try:  # "\ud800" escapes decode to lone surrogates, which no UTF-8 text (what workers are sent) can hold
             json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
@@ -295,15 +316,31 @@ class HttpApi:
     def _model_entries(self) -> list[Json]:
         config = self.ensemble.config
         names = list(config.model_names)
-        ensemble = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "chorus",
-                    "chorus": {"kind": "ensemble", "strategy": config.strategy, "members": names,
-                               "ready": self.ensemble.ready}}  # fmt: skip
+        ensemble = {
+            "id": MODEL_ID,
+            "object": "model",
+            "created": 0,
+            "owned_by": "chorus",
+            "chorus": {"kind": "ensemble", "strategy": config.strategy, "members": names, "ready": self.ensemble.ready},
+        }
         entries = [ensemble]
         for m in self.ensemble.members:
             ready = any(not r.retired for r in m.replicas.values())
-            entries.append({"id": m.spec.name, "object": "model", "created": 0, "owned_by": "chorus",
-                            "chorus": {"kind": "member", "ensemble": MODEL_ID, "priority": m.spec.priority,
-                                       "weight": m.weight, "ready": ready}})  # fmt: skip
+            entries.append(
+                {
+                    "id": m.spec.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "chorus",
+                    "chorus": {
+                        "kind": "member",
+                        "ensemble": MODEL_ID,
+                        "priority": m.spec.priority,
+                        "weight": m.weight,
+                        "ready": ready,
+                    },
+                }
+            )
         return entries
 
     async def models(self, request: web.Request) -> web.Response:

@@ -12,12 +12,14 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from chorus_common.errors import ContextFull
+from chorus_common.serving import DRAINING_KEY, FAILED_KEY
 from chorus_common.types import DistributionPart, DraftResult, SamplingParams, ScoreResult
 from coordinator import metrics, placement
 from coordinator.ensemble import Ensemble, Member, NotReady, Replica
 from coordinator.types import GenerationRequest, Usage
 from coordinator.union_dist import UnionDist
-from coordinator.workers import ContextFull, ModelSession, Transport
+from coordinator.workers import ModelSession, Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,24 +27,24 @@ T = TypeVar("T")
 HEALTH_TIMEOUT = 2.0
 
 
-class ContextExhausted(Exception):
-    """A member's context is full: the generation ends with finish reason 'length'."""
-
-
 class WorkerLost(Exception):
     """A member's worker died, hung or shut down, and the request's policy is 'fail' (or no model is left)."""
+
+
+class WorkerDraining(WorkerLost):
+    """A member's worker is shutting down (draining): it refused or ended the request's session. Not lost:
+    it ends on purpose, and a retry may find another replica (Kubernetes discovery drops a terminating pod
+    at once; the failure counts as worker_lost all the same)."""
 
 
 class WorkerFailed(Exception):
     """A member's worker raised on this request (INTERNAL): the request fails, the worker serves on."""
 
 
-# Codes that mean the worker itself is gone (died, restarted, shutting down), not that the request failed.
-_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-# Codes of a worker that answered with an error of its own (an exception while serving the request).
-_FAILED_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-# What gRPC itself reports, as INTERNAL, when a connection breaks under a call: the worker is gone.
-_TRANSPORT_INTERNAL = "Internal error from Core"
+# Codes that mean the worker itself is gone (died, restarted, shutting down), not that the request failed:
+# INTERNAL among them is gRPC's own, for a connection broken under a call; the worker's own INTERNAL (an
+# exception while serving the request) carries FAILED_KEY, and UNKNOWN is its handler raising.
+_LOST_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 
 
 class Members:
@@ -50,8 +52,14 @@ class Members:
     syncs it with the committed text; a worker that is lost is left out (policy degrade) or fails the
     request (WorkerLost)."""
 
-    def __init__(self, ensemble: Ensemble, request: GenerationRequest, placed: list[tuple[Member, Replica]],
-                 timeout: float | None, usage: Usage) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        request: GenerationRequest,
+        placed: list[tuple[Member, Replica]],
+        timeout: float | None,
+        usage: Usage,
+    ) -> None:
         self.ensemble = ensemble
         self.request = request
         self.placed = placed
@@ -100,8 +108,10 @@ class Members:
     async def open(self) -> list[int]:
         """Open every session on the request's prompt; each model's prompt tokens (0 for one lost)."""
         request = self.request
-        opens = [self.guarded(i, self._open_on_a_live_replica(i), request.first_step_timeout)
-                 for i in range(len(self.sessions))]  # fmt: skip
+        opens = [
+            self.guarded(i, self._open_on_a_live_replica(i), request.first_step_timeout)
+            for i in range(len(self.sessions))
+        ]
         prompt_tokens = [n or 0 for n in await asyncio.gather(*opens)]
         if not any(self.alive):
             raise WorkerLost("no model's worker could open the session")
@@ -133,9 +143,15 @@ class Members:
             self.placed[i] = (member, replica)
             self.clients[i] = replica.client
             self.sessions[i] = replica.client.session(self.timeout)
-            log.info("request %s: replica %s of %s could not open the session (%s); trying %s",
-                     self.request.request_id, gone, member.spec.name, why, replica.client.address,
-                     extra={"request_id": self.request.request_id})  # fmt: skip
+            log.info(
+                "request %s: replica %s of %s could not open the session (%s); trying %s",
+                self.request.request_id,
+                gone,
+                member.spec.name,
+                why,
+                replica.client.address,
+                extra={"request_id": self.request.request_id},
+            )
 
     def commit(self, piece: bytes) -> None:
         self.text += piece
@@ -180,17 +196,19 @@ class Members:
             metrics.member_queued(self.request.model, self.ensemble.members[i].spec.name, step.queue_ms)
         return step.parts
 
-    async def draft(self, i: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int,
-                    ahead: bytes) -> DraftResult | None:  # fmt: skip
+    async def draft(
+        self, i: int, max_tokens: int, sampling: SamplingParams, seed: int, report_top_k: int, ahead: bytes
+    ) -> DraftResult | None:
         """Model i draws up to max_tokens tokens after the text and `ahead` (assumed to follow, not
         committed); None if its worker was lost, or if its context filled up with `ahead`."""
         rollback, append, foreign = self.sync(i)
-        call = self.sessions[i].draft(append + ahead, rollback, max_tokens, sampling, seed, report_top_k,
-                                      foreign or bool(ahead))  # fmt: skip
+        call = self.sessions[i].draft(
+            append + ahead, rollback, max_tokens, sampling, seed, report_top_k, foreign or bool(ahead)
+        )
         started = time.perf_counter()
         try:
             drafted = await self.guarded(i, call, self.step_budget(i) * (1 + max_tokens))
-        except ContextExhausted:
+        except ContextFull:
             if not ahead:
                 raise
             self.held_extra[i] = ahead  # it took the text assumed to follow, then found its context full
@@ -253,6 +271,7 @@ class Members:
         name = self.ensemble.members[i].spec.name
         task = asyncio.ensure_future(call)
         waited = 0.0
+        draining = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=budget)
@@ -262,33 +281,56 @@ class Members:
                 if not await self.clients[i].alive(timeout=HEALTH_TIMEOUT):
                     reason = f"no answer within {waited:.1f} s, and none to a health check"
                     break
-                log.info("model %s is busy: no answer after %.1f s, but its worker is serving", name, waited,
-                         extra={"request_id": self.request.request_id})  # fmt: skip
-        except ContextFull as exc:
-            raise ContextExhausted(str(exc)) from exc
+                log.info(
+                    "model %s is busy: no answer after %.1f s, but its worker is serving",
+                    name,
+                    waited,
+                    extra={"request_id": self.request.request_id},
+                )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FAILED_CODES and exc.details() != _TRANSPORT_INTERNAL:
+            if _marked(exc, FAILED_KEY) or exc.code() == grpc.StatusCode.UNKNOWN:
                 raise WorkerFailed(f"the worker of model {name!r} failed on this request: {exc.details()}") from exc
             if not _lost(exc):
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
+            draining = _marked(exc, DRAINING_KEY)
         finally:
             if not task.done():
                 task.cancel()
         self.sessions[i].cancel()
+        if draining:
+            failure = f"is shutting down (draining) and refused or ended this request's session ({reason})"
+            return self.left_out(i, WorkerDraining(f"the worker of model {name!r} {failure}"), failure)
+        return self.left_out(i, WorkerLost(f"the worker of model {name!r} was lost ({reason})"), f"was lost ({reason})")
+
+    def left_out(self, i: int, failure: WorkerLost, why: str) -> None:
+        """Model i's worker is gone for this request (why: what its worker did): fail the request (policy
+        fail), or go on without the model."""
         if self.request.on_worker_loss != "degrade":
-            raise WorkerLost(f"the worker of model {name!r} was lost ({reason})")
+            raise failure
+        name = self.ensemble.members[i].spec.name
         request_id = self.request.request_id
-        log.warning("request %s goes on without %s: its worker was lost (%s)", request_id, name, reason,
-                    extra={"request_id": request_id, "lost_model": name})  # fmt: skip
+        log.warning(
+            "request %s goes on without %s: its worker %s",
+            request_id,
+            name,
+            why,
+            extra={"request_id": request_id, "lost_model": name},
+        )
         self.alive[i] = False
         self.usage.lost_models.append(name)
         return None
 
 
 def _lost(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a call's error says the worker itself is gone, not that the request failed there."""
-    return exc.code() in _LOST_CODES or exc.details() == _TRANSPORT_INTERNAL
+    """Whether a call's error says the worker itself is gone (or going), not that the request failed there:
+    a failure the worker reports is marked (chorus_common.serving); gRPC's own are not."""
+    return exc.code() in _LOST_CODES and not _marked(exc, FAILED_KEY)
+
+
+def _marked(exc: grpc.aio.AioRpcError, key: str) -> bool:
+    """Whether a worker's status carries a mark of chorus_common.serving in its trailing metadata."""
+    return any(k == key for k, _ in exc.trailing_metadata() or ())
 
 
 def _share(dist: UnionDist, uid: int) -> float:

@@ -38,29 +38,40 @@ FAILURE_REASONS = (
 )
 
 TIME_TO_FIRST_TOKEN = Histogram(
-    "chorus_time_to_first_token_seconds", "Time from request start to its first chosen token.",
-    ["model_name", "strategy"], buckets=_FIRST_TOKEN_BUCKETS,
-)  # fmt: skip
+    "chorus_time_to_first_token_seconds",
+    "Time from request start to its first chosen token.",
+    ["model_name", "strategy"],
+    buckets=_FIRST_TOKEN_BUCKETS,
+)
 INTER_TOKEN_LATENCY = Histogram(
-    "chorus_inter_token_latency_seconds", "Time between consecutive chosen tokens.", ["model_name", "strategy"],
+    "chorus_inter_token_latency_seconds",
+    "Time between consecutive chosen tokens.",
+    ["model_name", "strategy"],
     buckets=_LATENCY_BUCKETS,
-)  # fmt: skip
+)
 E2E_LATENCY = Histogram(
-    "chorus_e2e_request_latency_seconds", "Time from request start to its end, per finished conversation.",
-    ["model_name", "strategy", "finish_reason"], buckets=_E2E_BUCKETS,
-)  # fmt: skip
+    "chorus_e2e_request_latency_seconds",
+    "Time from request start to its end, per finished conversation.",
+    ["model_name", "strategy", "finish_reason"],
+    buckets=_E2E_BUCKETS,
+)
 REQUEST_PROMPT_TOKENS = Histogram(
-    "chorus_request_prompt_tokens", "Prompt tokens per finished conversation (its longest member tokenization).",
-    ["model_name"], buckets=_TOKEN_BUCKETS,
-)  # fmt: skip
-REQUEST_GENERATION_TOKENS = Histogram(
-    "chorus_request_generation_tokens", "Generated (chosen) tokens per finished conversation.", ["model_name"],
+    "chorus_request_prompt_tokens",
+    "Prompt tokens per finished conversation (its longest member tokenization).",
+    ["model_name"],
     buckets=_TOKEN_BUCKETS,
-)  # fmt: skip
+)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "chorus_request_generation_tokens",
+    "Generated (chosen) tokens per finished conversation.",
+    ["model_name"],
+    buckets=_TOKEN_BUCKETS,
+)
 REQUEST_FAILURES = Counter(
-    "chorus_request_failures_total", "Requests that failed, by reason; once per request, as its front end answered.",
+    "chorus_request_failures_total",
+    "Requests that failed, by reason; once per request, as its front end answered.",
     ["model_name", "reason"],
-)  # fmt: skip
+)
 PROMPT_TOKENS = Counter("chorus_prompt_tokens_total", "Prompt tokens, per member model.", ["model_name", "member"])
 GENERATION_TOKENS = Counter(
     "chorus_generation_tokens_total", "Chosen (union) tokens generated.", ["model_name", "strategy"]
@@ -74,14 +85,16 @@ MODEL_ASKED = Counter(
     "chorus_model_steps_total", "Steps where a model was asked.", ["model_name", "strategy", "member"]
 )
 MODEL_AGREED = Counter(
-    "chorus_model_agreement_total", "Steps where a model's own top choice was the chosen token.",
+    "chorus_model_agreement_total",
+    "Steps where a model's own top choice was the chosen token.",
     ["model_name", "strategy", "member"],
-)  # fmt: skip
+)
 MEMBER_QUEUE = Histogram(
     "chorus_member_queue_seconds",
     "Time a member's step waited in its worker's queue before its first forward pass (the worker's own report).",
-    ["model_name", "member"], buckets=_LATENCY_BUCKETS,
-)  # fmt: skip
+    ["model_name", "member"],
+    buckets=_LATENCY_BUCKETS,
+)
 
 # Series that exist from the start (0, not absent), so rate() and alerts on them work before the first event.
 REQUESTS_RUNNING.labels(MODEL_NAME)

@@ -2,7 +2,11 @@
 protobuf) or HTTP (http_models.py reads its JSON). Each reads what the client asked into `Asked` and its
 prompts, and build_requests checks them against the config and makes the domain GenerationRequests.
 
-Every failure is an InvalidRequest whose message names the field first (its OpenAI `param`).
+Every failure is an InvalidRequest whose message names the field first (its OpenAI `param`), and
+quotes at most SHOWN characters of what the client sent.
+
+Bounds (documented in README's "Limits of a request"): the config's limits (prompt bytes, new tokens,
+conversations) and the constants below, which hold whatever the config.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from coordinator.types import GenerationRequest
 ROLES = ("system", "user", "assistant")
 ENSEMBLE_ID = "chorus"  # the whole ensemble, as a request's `model` (HTTP and gRPC) names it
 MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256  # per stop string, UTF-8: it is matched against the tail of the text at every step
+# A request id is written into every log line of its request: short, and printable (no line breaks).
+MAX_REQUEST_ID_BYTES = 128
+SHOWN = 40  # characters of a refused value quoted in the error
 MAX_TEMPERATURE = 100.0
 # The gRPC API's widths (uint32 top_k, uint64 seed), which the workers' API carries on: HTTP's bounds too.
 MAX_TOP_K = 2**32 - 1
@@ -53,7 +61,7 @@ def conversation(messages: Sequence[tuple[str, str]], template: bool, field: str
         raise InvalidRequest(f"{field}: no messages")
     for i, (role, _) in enumerate(messages):
         if role not in ROLES:
-            raise InvalidRequest(f"{field}[{i}].role: unknown role {role!r}, expected one of {ROLES}")
+            raise InvalidRequest(f"{field}[{i}].role: unknown role {_shown(role)}, expected one of {ROLES}")
     return Prompt(messages=tuple(messages), apply_chat_template=template)
 
 
@@ -82,7 +90,7 @@ def build_requests(prompts: Sequence[Prompt], asked: Asked, config: EnsembleConf
     scope = config if model is None else config.alone(model)  # a member alone: the config of it alone
     strategy = asked.strategy or scope.strategy
     if strategy not in STRATEGIES:
-        raise InvalidRequest(f"strategy: unknown {strategy!r}, expected one of {sorted(STRATEGIES)}")
+        raise InvalidRequest(f"strategy: unknown {_shown(strategy)}, expected one of {sorted(STRATEGIES)}")
     if STRATEGIES[strategy].needs_primary and scope.primary_index is None:
         alone = f" (model {model!r} alone is not the primary)" if model is not None else ""
         raise InvalidRequest(f"strategy: {strategy!r} needs a model with priority primary in the config{alone}")
@@ -96,17 +104,15 @@ def build_requests(prompts: Sequence[Prompt], asked: Asked, config: EnsembleConf
         STRATEGIES[strategy].check(sampling)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    threshold = _number("threshold", asked.threshold, config.threshold, 0.0, math.inf)
-    if len(asked.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"stop: {len(asked.stop)} stop strings, at most {MAX_STOP_STRINGS}")
-    for i, s in enumerate(asked.stop):
-        if not s:
-            raise InvalidRequest(f"stop[{i}]: empty stop string")
+    # A probability: the primary decides alone while its top probability is above it (1: never).
+    threshold = _number("threshold", asked.threshold, config.threshold, 0.0, 1.0)
+    _check_stop(asked.stop)
+    _check_request_id(asked.request_id)
     seed = None if asked.seed is None else _integer("seed", asked.seed, 0, MAX_SEED)
     weights = _weights(asked.weights, scope)
     on_loss = asked.on_worker_loss or defaults.on_worker_loss
     if on_loss not in ("fail", "degrade"):
-        raise InvalidRequest(f"on_worker_loss: {on_loss!r} is not 'fail' or 'degrade'")
+        raise InvalidRequest(f"on_worker_loss: {_shown(on_loss)} is not 'fail' or 'degrade'")
     return [
         GenerationRequest(
             prompt=p,
@@ -134,7 +140,7 @@ def member_named(model: str, config: EnsembleConfig) -> str | None:
         return None
     if model not in config.model_names:
         raise InvalidRequest(
-            f"model: unknown model {model!r}; {ENSEMBLE_ID!r} is the ensemble, its models are "
+            f"model: unknown model {_shown(model)}; {ENSEMBLE_ID!r} is the ensemble, its models are "
             f"{list(config.model_names)}"
         )
     return model
@@ -157,11 +163,35 @@ def _weights(asked: Mapping[str, float], config: EnsembleConfig) -> tuple[float,
     names = config.model_names
     for name, value in asked.items():
         if name not in names:
-            raise InvalidRequest(f"weights: unknown model {name!r}, the request's models are {list(names)}")
+            raise InvalidRequest(f"weights: unknown model {_shown(name)}, the request's models are {list(names)}")
         if not math.isfinite(value) or value <= 0:
             raise InvalidRequest(f"weights[{name!r}]: {value} must be a finite number > 0")
     raw = [asked.get(name, w) for name, w in zip(names, config.weight_vector(), strict=True)]
     return tuple(w / sum(raw) for w in raw)
+
+
+def _check_stop(stop: Sequence[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop: {len(stop)} stop strings, at most {MAX_STOP_STRINGS}")
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidRequest(f"stop[{i}]: empty stop string")
+        size = len(s.encode())
+        if size > MAX_STOP_BYTES:
+            raise InvalidRequest(f"stop[{i}]: {size} bytes, at most {MAX_STOP_BYTES}")
+
+
+def _check_request_id(request_id: str) -> None:
+    size = len(request_id.encode())
+    if size > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(f"request_id: {size} bytes, at most {MAX_REQUEST_ID_BYTES}")
+    if not request_id.isprintable():
+        raise InvalidRequest(f"request_id: {_shown(request_id)} has a character that is not printable")
+
+
+def _shown(value: str) -> str:
+    """A client's string as an error quotes it: its repr, cut to SHOWN characters."""
+    return repr(value) if len(value) <= SHOWN else f"{value[:SHOWN]!r}..."
 
 
 def _number(field: str, value: float | None, default: float, low: float, high: float, low_open: bool = False) -> float:

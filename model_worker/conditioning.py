@@ -1,4 +1,4 @@
-"""What a model conditions on: its own tokens, and the committed bytes after them (DESIGN.md).
+"""What a model conditions on: its own tokens, and the committed bytes after them (README.md, "How it works").
 
 The rules, in order:
 - the prompt is tokenized canonically, once; generation starts at a token boundary after it (the
@@ -68,11 +68,6 @@ class Plan:
     def last(self) -> int:
         return self.extra[-1] if self.extra else self.fixed[self.n_fixed - 1]
 
-    @property
-    def ids(self) -> list[int]:
-        """Every token (a copy: O(text), for tests and error paths)."""
-        return self.fixed[: self.n_fixed] + list(self.extra)
-
     def suffix(self, start: int) -> list[int]:
         """The tokens from position `start` on."""
         if start >= self.n_fixed:
@@ -117,8 +112,14 @@ class TextState:
         return bytes(self.generated[self.settled :])
 
     def copy(self) -> TextState:
-        return TextState(list(self.fixed), self.prompt_len, bytearray(self.generated), list(self.ends),
-                         self.low_water, self._tail_cache)  # fmt: skip
+        return TextState(
+            list(self.fixed),
+            self.prompt_len,
+            bytearray(self.generated),
+            list(self.ends),
+            self.low_water,
+            self._tail_cache,
+        )
 
     def mark(self) -> None:
         """A KV cache now holds (at least) the settled tokens' prefix it overlaps."""

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from chorus.v1 import common_pb2, worker_pb2
+from chorus_common.distribution_wire import part_to_proto
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from model_worker.distribution import Format, Part
 from model_worker.runtime import RequestError, Runtime
@@ -73,13 +74,13 @@ def lookup_to_proto(logprobs: list[float]) -> worker_pb2.SessionResponse:
 def _position(parts: list[Part] | None) -> worker_pb2.PositionDistribution:
     if parts is None:
         return worker_pb2.PositionDistribution(boundary=False)
-    return worker_pb2.PositionDistribution(boundary=True, parts=[_part_to_proto(p) for p in parts])
+    return worker_pb2.PositionDistribution(boundary=True, parts=[part_to_proto(p) for p in parts])
 
 
 def step_to_proto(out: StepResult) -> worker_pb2.SessionResponse:
     return worker_pb2.SessionResponse(
         step=worker_pb2.StepResult(
-            parts=[_part_to_proto(p) for p in out.parts],
+            parts=[part_to_proto(p) for p in out.parts],
             tokens_fed=out.tokens_fed,
             forward_passes=out.forward_passes,
             batch_size=out.batch_size,
@@ -87,17 +88,6 @@ def step_to_proto(out: StepResult) -> worker_pb2.SessionResponse:
             compute_ms=out.compute_ms,
             queue_position=out.queue_position,
         )
-    )
-
-
-def _part_to_proto(part: Part) -> worker_pb2.DistributionPart:
-    half = part.logprobs.dtype == np.float16
-    return worker_pb2.DistributionPart(
-        skip_bytes=part.skip_bytes,
-        log_scale=part.log_scale,
-        ids=b"" if part.ids is None else part.ids.astype("<u4", copy=False).tobytes(),
-        logprobs=part.logprobs.astype("<f2" if half else "<f4", copy=False).tobytes(),
-        dtype=worker_pb2.FLOAT16 if half else worker_pb2.FLOAT32,
     )
 
 

@@ -66,8 +66,9 @@ def _sparse(
     return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), after_last)]
 
 
-def lookup_logprob(plan: Plan, rows: dict[int, torch.Tensor], conditioner: Conditioner, eos: frozenset[int],
-                   candidate: bytes) -> float:  # fmt: skip
+def lookup_logprob(
+    plan: Plan, rows: dict[int, torch.Tensor], conditioner: Conditioner, eos: frozenset[int], candidate: bytes
+) -> float:
     """Log-probability of the longest next-bytes option (a token, or the rest of a healed one) that
     is a prefix of candidate, summed over the tokens that spell it; b"" = end of sequence."""
     n = len(plan)

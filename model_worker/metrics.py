@@ -6,9 +6,11 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 STEP_LATENCY = Histogram(
-    "chorus_worker_forward_seconds", "Duration of one (batched) forward pass.", ["model_name"],
+    "chorus_worker_forward_seconds",
+    "Duration of one (batched) forward pass.",
+    ["model_name"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)  # fmt: skip
+)
 BATCH_SIZE = Histogram(
     "chorus_worker_batch_size", "Sessions sharing one forward pass.", ["model_name"], buckets=(1, 2, 4, 8, 16, 32, 64)
 )
@@ -17,13 +19,16 @@ SESSIONS = Gauge("chorus_worker_sessions", "Open sessions (each holds a KV cache
 KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory of the KV blocks the sessions hold.", ["model_name"])
 # vLLM's vllm:kv_cache_usage_perc (also a fraction, 0-1, despite its name).
 KV_USAGE = Gauge(
-    "chorus_worker_kv_usage_ratio", "KV blocks held by sessions as a fraction of the pool (the fullest group).",
+    "chorus_worker_kv_usage_ratio",
+    "KV blocks held by sessions as a fraction of the pool (the fullest group).",
     ["model_name"],
-)  # fmt: skip
+)
 TOKENS_FED = Histogram(
-    "chorus_worker_tokens_fed", "Tokens fed per session step (1 = plain decode).", ["model_name"],
+    "chorus_worker_tokens_fed",
+    "Tokens fed per session step (1 = plain decode).",
+    ["model_name"],
     buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096),
-)  # fmt: skip
+)
 # vLLM's prefix_cache_queries / prefix_cache_hits (in tokens).
 PREFIX_CACHE_QUERIES = Counter(
     "chorus_worker_prefix_cache_queries", "Tokens of new feeds looked up in the prefix cache.", ["model_name"]

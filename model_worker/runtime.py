@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from chorus_common.errors import ContextFull
 from chorus_common.sampling import pick
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from chorus_common.worker_args import WorkerArgs
@@ -40,10 +41,6 @@ ROLES = ("system", "user", "assistant")
 
 class RequestError(ValueError):
     """A request this worker cannot serve; the message names the field."""
-
-
-class ContextFull(RequestError):
-    """The text no longer fits the model's context."""
 
 
 class SessionExpired(Exception):

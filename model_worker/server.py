@@ -10,12 +10,13 @@ from typing import TypeVar
 import grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
+from chorus_common.errors import ContextFull
 from chorus_common.security import TlsFiles
-from chorus_common.serving import GrpcServer
+from chorus_common.serving import DRAINING_METADATA, FAILED_METADATA, GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
 from model_worker.kv_manager import OutOfBlocks
-from model_worker.runtime import AtCapacity, ContextFull, RequestError, Runtime, Session, SessionExpired
+from model_worker.runtime import AtCapacity, RequestError, Runtime, Session, SessionExpired
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,11 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
                     response = worker_pb2.SessionResponse(context_full=worker_pb2.ContextFull(details=str(exc)))
                 yield response
         except _ShuttingDown:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down; retry on another replica")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the worker is shutting down; retry on another replica",
+                trailing_metadata=DRAINING_METADATA,
+            )
         except (AtCapacity, OutOfBlocks) as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except SessionExpired as exc:
@@ -124,7 +129,8 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a bug or a model error: this request fails, the worker goes on serving
             log.exception("session of request %s failed", session.request_id if session else "?")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{runtime.loaded.name}: {type(exc).__name__}: {exc}")
+            failure = f"{runtime.loaded.name}: {type(exc).__name__}: {exc}"
+            await context.abort(grpc.StatusCode.INTERNAL, failure, trailing_metadata=FAILED_METADATA)
         finally:
             self.running -= 1
             if session is not None:

@@ -62,13 +62,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import chorus  # noqa: E402
 from chorus.v1 import worker_pb2  # noqa: E402
+from chorus_common.distribution_wire import part_from_proto  # noqa: E402
 from chorus_common.types import SamplingParams  # noqa: E402
-from coordinator import cluster  # noqa: E402
+from chorus_local import cluster  # noqa: E402
 from coordinator.config import EnsembleConfig, ModelSpec, load_config, parse_config  # noqa: E402
 from coordinator.strategies import STRATEGIES  # noqa: E402
 from coordinator.union_dist import ExtraIds, choose, from_parts, mix  # noqa: E402
 from coordinator.union_vocab import ModelVocab, UnionVocab  # noqa: E402
-from coordinator.workers import part_from_proto  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -304,18 +304,31 @@ def build_models(root: Path, vocab: int = 32_000, logit_scale: float = 12.0) -> 
     sp.save_pretrained(paths["llama-sp"])
     llama = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=len(sp), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-            bos_token_id=sp.bos_token_id, eos_token_id=sp.eos_token_id, tie_word_embeddings=False,
+            vocab_size=len(sp),
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=1024,
+            bos_token_id=sp.bos_token_id,
+            eos_token_id=sp.eos_token_id,
+            tie_word_embeddings=False,
         )
-    )  # fmt: skip
+    )
     bpe.save_pretrained(paths["gpt2-bpe"])
     gpt2 = GPT2LMHeadModel(
         GPT2Config(
-            vocab_size=len(bpe), n_embd=576, n_layer=8, n_head=8, n_positions=1024,
-            bos_token_id=bpe.bos_token_id, eos_token_id=bpe.eos_token_id, tie_word_embeddings=False,
+            vocab_size=len(bpe),
+            n_embd=576,
+            n_layer=8,
+            n_head=8,
+            n_positions=1024,
+            bos_token_id=bpe.bos_token_id,
+            eos_token_id=bpe.eos_token_id,
+            tie_word_embeddings=False,
         )
-    )  # fmt: skip
+    )
     for model, tokenizer, name in ((llama, sp, "llama-sp"), (gpt2, bpe, "gpt2-bpe")):
         with torch.no_grad():
             head = model.get_output_embeddings().weight
@@ -379,10 +392,14 @@ def spawn(path: Path, name: str) -> Worker:
 
 def bench_config(workers: list[Worker], strategy: str = "gac", primary: str | None = None) -> EnsembleConfig:
     models = [
-        {"name": w.name, "path": str(w.process.spec.path), "address": w.address,
-         "priority": "primary" if w.name == primary else "supportive"}
+        {
+            "name": w.name,
+            "path": str(w.process.spec.path),
+            "address": w.address,
+            "priority": "primary" if w.name == primary else "supportive",
+        }
         for w in workers
-    ]  # fmt: skip
+    ]
     return parse_config(
         {
             "models": models,
@@ -470,11 +487,15 @@ async def figure_gac(workers: list[Worker], rounds: int, tokens: int) -> list[Fi
     medians = {name: round(_median(v), 2) for name, v in runs.items()}
     cpu_ms = {name: {k: round(_median(v), 2) for k, v in per.items()} for name, per in cpu.items()}
     details = {
-        "rounds": rounds, "tokens_per_request": tokens, "median_ms_per_step": medians, "ratios": ratios,
-        "cpu_ms_per_step": cpu_ms, "tokens_fed_per_step": {n: g["fed_per_step"] for n, g in got.items()},
+        "rounds": rounds,
+        "tokens_per_request": tokens,
+        "median_ms_per_step": medians,
+        "ratios": ratios,
+        "cpu_ms_per_step": cpu_ms,
+        "tokens_fed_per_step": {n: g["fed_per_step"] for n, g in got.items()},
         "forward_passes_per_step": {n: g["passes_per_step"] for n, g in got.items()},
         "load_average": os.getloadavg(),
-    }  # fmt: skip
+    }
     fed = got["gac"]["fed_per_step"]
     note = (
         f"ms/token medians: {a.name} alone {medians[a.name]}, {b.name} alone {medians[b.name]}, "
@@ -529,18 +550,28 @@ async def _figure_streams(workers: list[Worker], rounds: int, tokens: int) -> li
     details = {"tokens_per_stream": tokens, "rounds": rounds, "tokens_per_s": rates, "mean_batch": mean_batch}
     key = "gac" if len(workers) > 1 else "alone"
     figures = [
-        Figure(f"streams_{key}_{n}_tps", f"{what} aggregate tokens/s, {n} stream{'s' if n > 1 else ''}", medians[n],
-               " tok/s", details={"mean_sessions_per_pass": mean_batch[n]})
+        Figure(
+            f"streams_{key}_{n}_tps",
+            f"{what} aggregate tokens/s, {n} stream{'s' if n > 1 else ''}",
+            medians[n],
+            " tok/s",
+            details={"mean_sessions_per_pass": mean_batch[n]},
+        )
         for n in levels
-    ]  # fmt: skip
+    ]
     figures.append(
         Figure(
-            f"streams_{key}_32_over_1", f"{what}: 32 streams / 1 stream tokens/s", medians[32] / medians[1], "x",
-            ">=", 8.0, details,
+            f"streams_{key}_32_over_1",
+            f"{what}: 32 streams / 1 stream tokens/s",
+            medians[32] / medians[1],
+            "x",
+            ">=",
+            8.0,
+            details,
             "mean sessions per forward pass at 8 / 32 streams: "
             + ", ".join(f"{k} {mean_batch[8][k]} / {mean_batch[32][k]}" for k in mean_batch[32]),
         )
-    )  # fmt: skip
+    )
     return figures
 
 
@@ -592,9 +623,17 @@ async def figure_memory(first: int, total: int, concurrency: int = 16) -> list[F
     details = {"rss_mb": {k: {n: round(v, 1) for n, v in d.items()} for k, d in rss.items()}, "growth": growth}
     note = "; ".join(f"{n} {early[n]:.0f} -> {late[n]:.0f} MB" for n in early)
     return [
-        Figure("memory_growth", f"worker RSS growth {first} -> {total} requests (worst: {worst})",
-               100 * growth[worst], " %", "<=", 5.0, details, note)
-    ]  # fmt: skip
+        Figure(
+            "memory_growth",
+            f"worker RSS growth {first} -> {total} requests (worst: {worst})",
+            100 * growth[worst],
+            " %",
+            "<=",
+            5.0,
+            details,
+            note,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,7 +642,7 @@ async def figure_memory(first: int, total: int, concurrency: int = 16) -> list[F
 
 async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
     """Thresholded tokens/s (single stream, primary = the first worker) against the fraction of steps ensembled."""
-    thresholds = (0.0, 0.5, 0.9, 1.1)
+    thresholds = (0.0, 0.5, 0.9, 1.0)
     prompt = BENCH_PROMPTS[1]
     tps: dict[str, list[float]] = {"gac": [], **{str(t): [] for t in thresholds}}
     frac: dict[str, list[float]] = {str(t): [] for t in thresholds}
@@ -622,14 +661,20 @@ async def figure_threshold(workers: list[Worker], rounds: int, tokens: int) -> l
         value = _median(tps[str(t)])
         f = _median(frac[str(t)])
         figures.append(
-            Figure(f"threshold_{t}_tps", f"threshold {t}: tokens/s (ensembled {100 * f:.0f}% of steps)", value,
-                   " tok/s", details={"fraction_ensembled": f, "speedup_over_gac": value / gac})
-        )  # fmt: skip
+            Figure(
+                f"threshold_{t}_tps",
+                f"threshold {t}: tokens/s (ensembled {100 * f:.0f}% of steps)",
+                value,
+                " tok/s",
+                details={"fraction_ensembled": f, "speedup_over_gac": value / gac},
+            )
+        )
     return figures
 
 
-async def figure_me(workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int,
-                    tokens: int) -> list[Figure]:  # fmt: skip
+async def figure_me(
+    workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int, tokens: int
+) -> list[Figure]:
     """ME / GaC aggregate tokens/s at saturation (32 streams),
     with 2 models (>= 1.9) and 3 models (>= 2.8), and the single-stream latency ratio.
     ME refuses greedy: both strategies sample (temperature 1, seeded) so they do the same work per token."""
@@ -649,18 +694,31 @@ async def figure_me(workers: list[Worker], third: Callable[[], Awaitable[Worker]
                         (await timed(client, BENCH_PROMPTS[2], tokens, strategy=strategy, **sampling))["ms_per_step"]
                     )
         figures.append(
-            Figure(f"me_k{k}_saturation", f"ME / GaC tokens/s at 32 streams, K={k}",
-                   _median(sat["me"]) / _median(sat["gac"]), "x", ">=", target, {"tokens_per_s": sat})
-        )  # fmt: skip
+            Figure(
+                f"me_k{k}_saturation",
+                f"ME / GaC tokens/s at 32 streams, K={k}",
+                _median(sat["me"]) / _median(sat["gac"]),
+                "x",
+                ">=",
+                target,
+                {"tokens_per_s": sat},
+            )
+        )
         figures.append(
-            Figure(f"me_k{k}_latency", f"ME / GaC single-stream ms/token, K={k}",
-                   _median(single["me"]) / _median(single["gac"]), "x", details={"ms_per_step": single})
-        )  # fmt: skip
+            Figure(
+                f"me_k{k}_latency",
+                f"ME / GaC single-stream ms/token, K={k}",
+                _median(single["me"]) / _median(single["gac"]),
+                "x",
+                details={"ms_per_step": single},
+            )
+        )
     return figures
 
 
-async def figure_safe(workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int,
-                      tokens: int) -> list[Figure]:  # fmt: skip
+async def figure_safe(
+    workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int, tokens: int
+) -> list[Figure]:
     """SAFE ms/token / the drafter served alone, target <= 1.15, with the fraction of steps ensembled,
     for two verifiers: a copy of the drafter (members that agree, SAFE's regime: what the
     generate-verify cycle itself costs) and the other random model (members that disagree on
@@ -682,10 +740,16 @@ async def figure_safe(workers: list[Worker], third: Callable[[], Awaitable[Worke
                     ratios.append(safe["ms_per_step"] / base["ms_per_step"])
                     frac.append(safe["ensembled"])
         figures.append(
-            Figure(f"safe_ratio_{label}",
-                   f"SAFE ms/token / drafter alone, {label} verifier (ensembled {100 * _median(frac):.0f}%)",
-                   _median(ratios), "x", "<=", 1.15, {"ratios": ratios, "fraction_ensembled": frac})
-        )  # fmt: skip
+            Figure(
+                f"safe_ratio_{label}",
+                f"SAFE ms/token / drafter alone, {label} verifier (ensembled {100 * _median(frac):.0f}%)",
+                _median(ratios),
+                "x",
+                "<=",
+                1.15,
+                {"ratios": ratios, "fraction_ensembled": frac},
+            )
+        )
     return figures
 
 
@@ -709,10 +773,15 @@ async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: in
                     errors[s] = str(exc)
     gac = _median(ms["gac"])
     return [
-        Figure(f"strategy_{s}_latency", f"{s} / GaC single-stream ms/token",
-               None if s in errors else _median(ms[s]) / gac, "x", note=errors.get(s, ""))
+        Figure(
+            f"strategy_{s}_latency",
+            f"{s} / GaC single-stream ms/token",
+            None if s in errors else _median(ms[s]) / gac,
+            "x",
+            note=errors.get(s, ""),
+        )
         for s in others
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,10 +801,17 @@ def figure_engine(quick: bool) -> list[Figure]:
     contexts = (64, 512, 1536)
     rows = bench_engine.decode_step_ratio(model, contexts, sessions=16, rounds=3 if quick else 10)
     figures = [
-        Figure(f"engine_decode_{r['context']}", f"decode step, 16 sessions at {r['context']} tokens / StaticCache",
-               r["ratio"], "x", "<=", 1.15, r)
+        Figure(
+            f"engine_decode_{r['context']}",
+            f"decode step, 16 sessions at {r['context']} tokens / StaticCache",
+            r["ratio"],
+            "x",
+            "<=",
+            1.15,
+            r,
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     del model
     figures += _real_engine_figures(quick)
     smol, gemma = (
@@ -745,10 +821,17 @@ def figure_engine(quick: bool) -> list[Figure]:
     for kind, label in (("own", "its own tokens"), ("foreign", "another tokenizer's pieces")):
         short, long = cpu[kind][100], cpu[kind][2000]
         figures.append(
-            Figure(f"engine_step_cpu_{kind}", f"per-step CPU outside the forward, {label}: 2,000 / 100 tokens of text",
-                   long / short, "x", "<=", 1.2, {"us_at_100": short, "us_at_2000": long},
-                   note=f"{short:.0f} us at 100 tokens, {long:.0f} us at 2,000")
-        )  # fmt: skip
+            Figure(
+                f"engine_step_cpu_{kind}",
+                f"per-step CPU outside the forward, {label}: 2,000 / 100 tokens of text",
+                long / short,
+                "x",
+                "<=",
+                1.2,
+                {"us_at_100": short, "us_at_2000": long},
+                note=f"{short:.0f} us at 100 tokens, {long:.0f} us at 2,000",
+            )
+        )
     return figures
 
 
@@ -767,23 +850,54 @@ def _real_engine_figures(quick: bool) -> list[Figure]:
         r = bench_engine.burst(Runtime(loaded), length, streams=streams)
         note = f"{r['burst_gap_ms']:.0f} / {r['steady_gap_ms']:.0f} ms vs {r['bare_forward_ms']:.0f} ms"
         figures += [
-            Figure(f"engine_burst_{length}", f"{streams} streams, {length}-token prompts arriving together: "
-                   "median gap, first 12 tokens / bare forward", r["burst_ratio"], "x", "<=", 1.3, r, note=note),
-            Figure(f"engine_steady_{length}", "  the same, steady state (tokens 13-24) / bare forward",
-                   r["steady_ratio"], "x", "<=", 1.15, r),
-        ]  # fmt: skip
+            Figure(
+                f"engine_burst_{length}",
+                f"{streams} streams, {length}-token prompts arriving together: "
+                "median gap, first 12 tokens / bare forward",
+                r["burst_ratio"],
+                "x",
+                "<=",
+                1.3,
+                r,
+                note=note,
+            ),
+            Figure(
+                f"engine_steady_{length}",
+                "  the same, steady state (tokens 13-24) / bare forward",
+                r["steady_ratio"],
+                "x",
+                "<=",
+                1.15,
+                r,
+            ),
+        ]
     r = bench_engine.reuse(Runtime(loaded), history_tokens=500 if quick else 1500)
     figures.append(
-        Figure("engine_reuse", f"second turn after a {r['history_tokens']}-token history: cold / warm time to "
-               "first token (prefix cache)", r["speedup"], "x", ">=", 5.0, r,
-               note=f"{r['cold_ttft_ms']:.0f} vs {r['warm_ttft_ms']:.0f} ms")
-    )  # fmt: skip
+        Figure(
+            "engine_reuse",
+            f"second turn after a {r['history_tokens']}-token history: cold / warm time to first token (prefix cache)",
+            r["speedup"],
+            "x",
+            ">=",
+            5.0,
+            r,
+            note=f"{r['cold_ttft_ms']:.0f} vs {r['warm_ttft_ms']:.0f} ms",
+        )
+    )
     budget = 4 * 4096 * Runtime(loaded).kv_bytes_per_token  # 4 full 4,096-token sessions
     r = bench_engine.capacity(Runtime(loaded, kv_budget_bytes=budget), sessions=16 if quick else 32)
     figures.append(
-        Figure("engine_capacity", f"{r['sessions']} concurrent 200-token sessions at a KV budget of 4 x 4,096 "
-               "tokens: failed", float(r["failed"]), "", "<=", 0.0, r, note="; ".join(r["errors"])[:120])
-    )  # fmt: skip
+        Figure(
+            "engine_capacity",
+            f"{r['sessions']} concurrent 200-token sessions at a KV budget of 4 x 4,096 tokens: failed",
+            float(r["failed"]),
+            "",
+            "<=",
+            0.0,
+            r,
+            note="; ".join(r["errors"])[:120],
+        )
+    )
     return figures
 
 
@@ -810,8 +924,9 @@ async def figure_long_streams(quick: bool) -> list[Figure]:
             # 1,536 tokens each, each a different window of the text
             prompts = [tok.decode(ids[i * 97 : i * 97 + 1536]) for i in range(streams)]
             config = bench_config([worker])
-            config = config.model_copy(update={"limits": config.limits.model_copy(
-                update={"step_timeout_s": 1.0, "first_step_timeout_s": 5.0})})  # fmt: skip
+            config = config.model_copy(
+                update={"limits": config.limits.model_copy(update={"step_timeout_s": 1.0, "first_step_timeout_s": 5.0})}
+            )
             async with serving(config) as client:
 
                 async def one(prompt: str) -> dict[str, Any]:
@@ -837,13 +952,23 @@ async def figure_long_streams(quick: bool) -> list[Figure]:
 
     details = {"streams": streams, "prompt_tokens": 1536, "failures": failures}
     return [
-        Figure("long_streams_failures", f"{streams} streams with 1,536-token prompts: failed", float(len(failures)),
-               "", "<=", 0.0, details, note=failures[0] if failures else ""),
-        Figure("long_streams_ttft", "  time to first token p50 / p99", q(ttft, 50), " ms",
-               note=f"p99 {q(ttft, 99):.0f} ms"),
-        Figure("long_streams_itl", "  inter-token latency p50 / p99", q(gaps, 50), " ms",
-               note=f"p99 {q(gaps, 99):.0f} ms"),
-    ]  # fmt: skip
+        Figure(
+            "long_streams_failures",
+            f"{streams} streams with 1,536-token prompts: failed",
+            float(len(failures)),
+            "",
+            "<=",
+            0.0,
+            details,
+            note=failures[0] if failures else "",
+        ),
+        Figure(
+            "long_streams_ttft", "  time to first token p50 / p99", q(ttft, 50), " ms", note=f"p99 {q(ttft, 99):.0f} ms"
+        ),
+        Figure(
+            "long_streams_itl", "  inter-token latency p50 / p99", q(gaps, 50), " ms", note=f"p99 {q(gaps, 99):.0f} ms"
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,8 +1052,10 @@ def main() -> int:
     elapsed = time.perf_counter() - started
     info = machine()
     text = table(figures)
-    print(f"\nChorus bench ({'quick' if args.quick else 'full'}), {datetime.date.today()}, "
-          f"{info['nproc']} cores, {info['cpu']}, {elapsed:.0f} s\n")  # fmt: skip
+    print(
+        f"\nChorus bench ({'quick' if args.quick else 'full'}), {datetime.date.today()}, "
+        f"{info['nproc']} cores, {info['cpu']}, {elapsed:.0f} s\n"
+    )
     print(text)
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

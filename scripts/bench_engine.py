@@ -20,10 +20,18 @@ import torch
 
 # SmolLM2-135M's shape (Llama: 30 layers, hidden 576, 9 heads, 3 KV heads, 49,152 tokens).
 SMOLLM2 = {
-    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
-    "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-}  # fmt: skip
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
 
 
 def random_model(config: dict[str, Any], dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
@@ -101,16 +109,20 @@ class StaticDecode:
         for layer in self.cache.layers:  # the same cells each time
             layer.cumulative_length.fill_(self.context)
         started = time.perf_counter()
-        self.model(input_ids=self.input_ids, position_ids=self.position_ids, cache=self.cache, use_cache=True,
-                   logits_to_keep=1)  # fmt: skip
+        self.model(
+            input_ids=self.input_ids, position_ids=self.position_ids, cache=self.cache, use_cache=True, logits_to_keep=1
+        )
         _sync(self.device)
         return time.perf_counter() - started
 
 
 def decode_step_ratio(
-    model: Any, contexts: tuple[int, ...] = (64, 512, 1536), sessions: int = 16, rounds: int = 10,
+    model: Any,
+    contexts: tuple[int, ...] = (64, 512, 1536),
+    sessions: int = 16,
+    rounds: int = 10,
     device: torch.device | None = None,
-) -> list[dict[str, float]]:  # fmt: skip
+) -> list[dict[str, float]]:
     """Per context: median engine step, median StaticCache step (ms) and their ratio."""
     device = device or next(model.parameters()).device
     out = []
@@ -122,8 +134,9 @@ def decode_step_ratio(
             ours.append(engine.step())
             theirs.append(static.step())
         e, s = statistics.median(ours), statistics.median(theirs)
-        out.append({"context": context, "sessions": sessions, "engine_ms": e * 1e3, "static_ms": s * 1e3,
-                    "ratio": e / s})  # fmt: skip
+        out.append(
+            {"context": context, "sessions": sessions, "engine_ms": e * 1e3, "static_ms": s * 1e3, "ratio": e / s}
+        )
         del engine, static
     return out
 
@@ -137,8 +150,10 @@ def conditioning_cpu(tokenizer: Any, other: Any, lengths: tuple[int, int] = (100
     tokens, special = token_byte_table(tokenizer, len(tokenizer))
     other_tokens, _ = token_byte_table(other, len(other))
     conditioner = Conditioner(tokenizer, tokens, special)
-    text = ("The history of the city is long and full of events; its people built walls, bridges and "
-            "temples, and wrote it all down in books that survive to this day. ") * 200  # fmt: skip
+    text = (
+        "The history of the city is long and full of events; its people built walls, bridges and "
+        "temples, and wrote it all down in books that survive to this day. "
+    ) * 200
     result: dict[str, dict[int, float]] = {}
     for kind, table in (("own", tokens), ("foreign", other_tokens)):
         source = tokenizer if kind == "own" else other

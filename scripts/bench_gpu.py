@@ -41,17 +41,39 @@ import bench_engine  # noqa: E402
 
 H200_BANDWIDTH = 4.3e12  # bytes/s
 LLAMA_3_1_8B = {
-    "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-    "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-}  # fmt: skip
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 QWEN2_5_7B = {
-    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-}  # fmt: skip
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 4096}  # fmt: skip
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 4096,
+}
 
 
 def _median_time(fn: Any, rounds: int) -> float:
@@ -73,8 +95,9 @@ def _generate_per_token(model: Any, batch: int, prompt: int, device: torch.devic
         bench_engine._sync(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                           pad_token_id=0)  # fmt: skip
+            model.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static", pad_token_id=0
+            )
         bench_engine._sync(device)
         return time.perf_counter() - started
 
@@ -82,8 +105,16 @@ def _generate_per_token(model: Any, batch: int, prompt: int, device: torch.devic
     return (long - short) / (new - 1)
 
 
-def member_figures(name: str, config: dict[str, Any], model: Any, device: torch.device, dtype: torch.dtype,
-                   batches: tuple[int, ...], context: int, rounds: int) -> list[dict[str, Any]]:  # fmt: skip
+def member_figures(
+    name: str,
+    config: dict[str, Any],
+    model: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    batches: tuple[int, ...],
+    context: int,
+    rounds: int,
+) -> list[dict[str, Any]]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for batch in batches:
@@ -97,10 +128,20 @@ def member_figures(name: str, config: dict[str, Any], model: Any, device: torch.
         theirs = _generate_per_token(model, batch, context, device, max(1, rounds // 3), 64 if rounds > 3 else 8)
         step_bytes = weights + batch * context * _kv_bytes_per_token(config, dtype)
         bound = batch / (step_bytes / H200_BANDWIDTH)
-        rows.append({"model": name, "batch": batch, "context": context, "engine_tok_s": batch / ours,
-                     "engine_graphs_tok_s": batch / graphs, "graphs_vs_eager": ours / graphs,
-                     "generate_static_tok_s": batch / theirs, "bandwidth_bound_tok_s": bound,
-                     "engine_vs_generate": theirs / ours, "engine_vs_bound": (batch / ours) / bound})  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "context": context,
+                "engine_tok_s": batch / ours,
+                "engine_graphs_tok_s": batch / graphs,
+                "graphs_vs_eager": ours / graphs,
+                "generate_static_tok_s": batch / theirs,
+                "bandwidth_bound_tok_s": bound,
+                "engine_vs_generate": theirs / ours,
+                "engine_vs_bound": (batch / ours) / bound,
+            }
+        )
     return rows
 
 
@@ -112,8 +153,9 @@ def _mix_cost(vocabs: tuple[int, int], rounds: int) -> float:
     return result["median_us"] / 1e6
 
 
-def gac_figures(models: dict[str, Any], configs: dict[str, dict[str, Any]], device: torch.device,
-                context: int, rounds: int) -> list[dict[str, Any]]:  # fmt: skip
+def gac_figures(
+    models: dict[str, Any], configs: dict[str, dict[str, Any]], device: torch.device, context: int, rounds: int
+) -> list[dict[str, Any]]:
     names = list(models)
     mix = _mix_cost(tuple(configs[n]["vocab_size"] for n in names), rounds)  # type: ignore[arg-type]
     rows = []
@@ -122,8 +164,15 @@ def gac_figures(models: dict[str, Any], configs: dict[str, dict[str, Any]], devi
         alone = _median_time(a.step, rounds) + _median_time(b.step, rounds)
         # A GaC step: both members, then the coordinator's mix of every session's two distributions.
         together = _median_time(lambda a=a, b=b, batch=batch: a.step() + b.step() + mix * batch, rounds)
-        rows.append({"batch": batch, "gac_step_s": together, "sum_alone_s": alone, "ratio": together / alone,
-                     "mix_s_per_session": mix})  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "gac_step_s": together,
+                "sum_alone_s": alone,
+                "ratio": together / alone,
+                "mix_s_per_session": mix,
+            }
+        )
         del a, b
     return rows
 
@@ -147,8 +196,13 @@ def me_figure(models: dict[str, Any], device: torch.device, context: int, tokens
         engines[0].step()
         engines[1].step()
     gac_s = time.perf_counter() - started
-    return {"batch": 32, "tokens": tokens, "me_tok_s": 32 * tokens / me_s, "gac_tok_s": 32 * tokens / gac_s,
-            "ratio": gac_s / me_s}  # fmt: skip
+    return {
+        "batch": 32,
+        "tokens": tokens,
+        "me_tok_s": 32 * tokens / me_s,
+        "gac_tok_s": 32 * tokens / gac_s,
+        "ratio": gac_s / me_s,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ import real_tasks
 from train_default_models import answer_text, prompt_text, split_pairs
 
 import chorus
-from coordinator import cluster
+from chorus_local import cluster
 from coordinator.config import ConfigError, EnsembleConfig, cpu_adjusted, load_config
 from coordinator.strategies import STRATEGIES
 
@@ -69,8 +69,10 @@ def sums_task(limit: int) -> Task:
     _, held = split_pairs()
     limit = max(1, min(limit, len(held)))
     pairs = [held[i * len(held) // limit] for i in range(limit)]  # spread over the held-out set
-    problems = [Problem(prompt_text(a, b), answer_text(a, b), lambda out, a=a, b=b: out.strip() == answer_text(a, b))
-                for a, b in pairs]  # fmt: skip
+    problems = [
+        Problem(prompt_text(a, b), answer_text(a, b), lambda out, a=a, b=b: out.strip() == answer_text(a, b))
+        for a, b in pairs
+    ]
     return Task("held-out sums", problems, 8)
 
 

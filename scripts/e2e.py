@@ -56,8 +56,20 @@ def render(image_tag: str, scratch: Path) -> list[dict[str, Any]]:
     effective.write_text(yaml.safe_dump(values))
     subprocess.run(["bash", str(ROOT / "scripts" / "fetch_helm.sh")], check=True, capture_output=True)
     helm = str(ROOT / ".tools" / "bin" / "helm")
-    command = [helm, "template", "chorus", str(CHART), "--namespace", "ml", "-f", str(effective),
-               "--set", f"image.worker.tag={image_tag}", "--set", f"image.coordinator.tag={image_tag}"]  # fmt: skip
+    command = [
+        helm,
+        "template",
+        "chorus",
+        str(CHART),
+        "--namespace",
+        "ml",
+        "-f",
+        str(effective),
+        "--set",
+        f"image.worker.tag={image_tag}",
+        "--set",
+        f"image.coordinator.tag={image_tag}",
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -107,8 +119,11 @@ def check_clients(node: Node, token: str) -> dict[str, Any]:
         scraped[pod.name] = sum(1 for line in metrics.splitlines() if line.startswith("chorus_"))
         assert scraped[pod.name] > 0, f"{pod.name}: no chorus_ metrics"
     coordinator_metrics = urllib.request.urlopen(f"http://{coordinator.address('metrics')}/metrics", timeout=10)
-    requests = [line for line in coordinator_metrics.read().decode().splitlines()
-                if line.startswith("chorus_e2e_request_latency_seconds_count")]  # fmt: skip
+    requests = [
+        line
+        for line in coordinator_metrics.read().decode().splitlines()
+        if line.startswith("chorus_e2e_request_latency_seconds_count")
+    ]
     assert requests, "the coordinator counted no finished request"
     return {"models": models, "metric_lines": scraped, "coordinator_request_counts": requests}
 
@@ -129,8 +144,9 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(target, token, i), daemon=True)
-                         for i in range(clients)]  # fmt: skip
+        self._threads = [
+            threading.Thread(target=self._client, args=(target, token, i), daemon=True) for i in range(clients)
+        ]
 
     def _client(self, target: str, token: str, i: int) -> None:
         prompts = list(SUMS.items())
@@ -175,9 +191,18 @@ def rolling_restart(node: Node, token: str, model: str, clients: int) -> dict[st
     # Sessions the coordinator moved to the other replica because the first one was already gone.
     logs = subprocess.run(["docker", "logs", coordinator_pod(node).name], capture_output=True, text=True).stderr
     moved = logs.count("could not open the session")
-    result = {"model": model, "clients": clients, "seconds": round(seconds, 1), "ok": load.outcomes["ok"],
-              "failed": load.outcomes["failed"], "wrong": load.outcomes["wrong"], "sessions_moved": moved,
-              "errors": sorted(set(load.errors))[:5], "before": sorted(before), "after": sorted(want)}  # fmt: skip
+    result = {
+        "model": model,
+        "clients": clients,
+        "seconds": round(seconds, 1),
+        "ok": load.outcomes["ok"],
+        "failed": load.outcomes["failed"],
+        "wrong": load.outcomes["wrong"],
+        "sessions_moved": moved,
+        "errors": sorted(set(load.errors))[:5],
+        "before": sorted(before),
+        "after": sorted(want),
+    }
     assert load.outcomes["failed"] == 0 and load.outcomes["wrong"] == 0, result
     assert load.outcomes["ok"] > 0, result
     return result
@@ -197,8 +222,12 @@ def kill_and_rejoin(node: Node, token: str, model: str) -> dict[str, Any]:
         rejoined = time.monotonic() - started
         text = sdk.generate(prompt="48+27=", max_new_tokens=4).text
     assert text == SUMS["48+27="], text
-    return {"pod": pod.name, "restarts": pod.restarts, "left_after_s": round(left, 1),
-            "rejoined_after_s": round(rejoined, 1)}  # fmt: skip
+    return {
+        "pod": pod.name,
+        "restarts": pod.restarts,
+        "left_after_s": round(left, 1),
+        "rejoined_after_s": round(rejoined, 1),
+    }
 
 
 def main() -> int:
@@ -219,8 +248,9 @@ def main() -> int:
         try:
             node.start()
             coordinator = coordinator_pod(node)
-            summary["ready_after_s"] = round(node.wait_for(lambda: all(p.ready for p in node.live_pods()),
-                                                           "every pod is ready", 300), 1)  # fmt: skip
+            summary["ready_after_s"] = round(
+                node.wait_for(lambda: all(p.ready for p in node.live_pods()), "every pod is ready", 300), 1
+            )
             assert coordinator.ready
             summary["clients"] = check_clients(node, token)
             summary["rolling_restart"] = rolling_restart(node, token, "arith-bpe", args.clients)

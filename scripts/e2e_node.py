@@ -187,8 +187,13 @@ class Node:
     def _publish(self, pod: Pod) -> None:
         """The pod's status as the kubelet reports it."""
         image = pod.container["image"]
-        container = {"name": pod.container["name"], "ready": pod.ready, "restartCount": pod.restarts,
-                     "image": image, "imageID": image}  # fmt: skip
+        container = {
+            "name": pod.container["name"],
+            "ready": pod.ready,
+            "restartCount": pod.restarts,
+            "image": image,
+            "imageID": image,
+        }
         status = {"containerStatuses": [container]}
         try:
             self.api.patch_namespaced_pod(pod.name, self.namespace, {"status": status})
@@ -211,8 +216,13 @@ class Node:
     def create_pod(self, deployment: str) -> Pod:
         template = self.deployments[deployment]["spec"]["template"]
         with self._lock:
-            pod = Pod(f"{deployment}-{next(self._names)}", deployment, next(self._ips),
-                      dict(template["metadata"]["labels"]), template["spec"])  # fmt: skip
+            pod = Pod(
+                f"{deployment}-{next(self._names)}",
+                deployment,
+                next(self._ips),
+                dict(template["metadata"]["labels"]),
+                template["spec"],
+            )
             self.pods[pod.name] = pod
         ports = [{"name": p["name"], "containerPort": int(p["containerPort"])} for p in pod.container["ports"]]
         body = {
@@ -232,9 +242,20 @@ class Node:
     def _run_container(self, pod: Pod) -> None:
         spec, container = pod.spec, pod.container
         security = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
-        args = ["run", "-d", "--name", pod.name, "--label", LABEL, "--network", "host",
-                "--restart", "always",  # the pod's restartPolicy (Always, the default of a Deployment's pods)
-                "--stop-timeout", str(spec.get("terminationGracePeriodSeconds", 30))]  # fmt: skip
+        args = [
+            "run",
+            "-d",
+            "--name",
+            pod.name,
+            "--label",
+            LABEL,
+            "--network",
+            "host",
+            "--restart",
+            "always",  # the pod's restartPolicy (Always, the default of a Deployment's pods)
+            "--stop-timeout",
+            str(spec.get("terminationGracePeriodSeconds", 30)),
+        ]
         if "runAsUser" in security:
             args += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"]
         if "fsGroup" in security:
@@ -253,8 +274,12 @@ class Node:
             args += ["--env", f"{env['name']}={env['value']}"]
         if spec.get("serviceAccountName") and spec.get("automountServiceAccountToken", True):
             # What the kubelet mounts for the API (here a kubeconfig, not the in-cluster token and CA).
-            args += ["--volume", f"{self.kubeconfig.parent}:/var/run/chorus-e2e-kube:ro",
-                     "--env", "KUBECONFIG=/var/run/chorus-e2e-kube/config"]  # fmt: skip
+            args += [
+                "--volume",
+                f"{self.kubeconfig.parent}:/var/run/chorus-e2e-kube:ro",
+                "--env",
+                "KUBECONFIG=/var/run/chorus-e2e-kube/config",
+            ]
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             args += self._mount(pod, volumes[mount["name"]], mount, security)
@@ -353,8 +378,18 @@ class Node:
     def _watch_containers(self) -> None:
         """Container deaths and starts, as the kubelet's pod lifecycle events: a container that died is
         not ready at once (and restarted by its restart policy); a start is probed from the beginning."""
-        command = ["docker", "events", "--format", "{{json .}}", "--filter", f"label={LABEL}",
-                   "--filter", "event=die", "--filter", "event=start"]  # fmt: skip
+        command = [
+            "docker",
+            "events",
+            "--format",
+            "{{json .}}",
+            "--filter",
+            f"label={LABEL}",
+            "--filter",
+            "event=die",
+            "--filter",
+            "event=start",
+        ]
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as events:
             self._event_stream = events
             assert events.stdout is not None
@@ -437,8 +472,9 @@ class Node:
         out = []
         for pod in self.pods.values():
             if not pod.gone.is_set():
-                text = subprocess.run(["docker", "logs", "--tail", str(lines), pod.name], capture_output=True,
-                                      text=True).stderr  # fmt: skip
+                text = subprocess.run(
+                    ["docker", "logs", "--tail", str(lines), pod.name], capture_output=True, text=True
+                ).stderr
                 out.append(f"--- {pod.name} ---\n{text}")
         return "\n".join(out)
 

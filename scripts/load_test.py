@@ -1,25 +1,38 @@
 """Load test: many concurrent clients against a local cluster for a while; errors, latency, memory.
 
     python scripts/load_test.py [--config configs/default.yaml] [--clients 64] [--seconds 60]
-                                [--warmup 5] [--max-growth 0.10]
+                                [--warmup 5] [--phases 4] [--max-growth 0.03]
 
 Starts the config's workers and a coordinator, each in its own process (`chorus coordinator
 --port 0 --worker NAME=ADDRESS ...`, so the memory measured is the server's, not this process's
-clients'), loads them with `--clients` concurrent SDK clients for `--warmup` seconds (caches and
-allocator pools fill), then for `--seconds`, and reports requests, errors by status, p50/p99
-latency and the resident memory of the coordinator and each worker after the warm-up and at the
-end. Exits 1 on any unexpected error (RESOURCE_EXHAUSTED is expected past capacity: it tells
-clients to back off) or if any process's resident memory grew by more than `--max-growth`.
+clients'), loads them with `--clients` concurrent SDK clients for `--warmup` seconds, then for
+`--seconds` split into `--phases` equal phases, and reports requests, errors by status, p50/p99
+latency and the resident memory of the coordinator and each worker after the warm-up and after
+each phase.
+
+Memory: a process whose allocator pools and caches are still filling (numpy buffers of full
+distributions, 262,144 floats for Gemma; gRPC's and glibc's arenas) grows in the first phases and
+levels off; a leak grows by the same amount in every phase. Under load the resident memory also
+swings with the buffers of the requests in flight, so it is read every half second and each phase's
+lowest reading (its floor) is what is compared. The check is on the later half of the run: from
+phase ceil(phases/2) to the last, each process's floor may grow by at most `--max-growth` (growth
+since the warm-up is reported, not checked). Exits 1 on that, or on any unexpected error
+(RESOURCE_EXHAUSTED is expected past capacity: it tells clients to back off). `--trace-memory` also
+prints, after each phase, the coordinator's Python heap and where it grew most (tracemalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,20 +45,31 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chorus
-from coordinator import cluster
+from chorus_local import cluster
 from coordinator.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"chorus serving on \S+:(\d+)")
+SAMPLE_S = 0.5  # how often resident memory is read during a phase
+
+
+@dataclasses.dataclass
+class Phase:
+    latencies: list[float]
+    codes: Counter
+    floor: dict[str, float]  # MB by process: the lowest reading during the phase
+    end: dict[str, float]  # MB by process at its end
 
 
 def _rss_mb(pids: dict[str, int]) -> dict[str, float]:
     return {name: psutil.Process(pid).memory_info().rss / 2**20 for name, pid in pids.items()}
 
 
-async def _client(target: str, until: float, max_new: int, seed: int, latencies: list[float], codes: Counter) -> None:
+async def _client(
+    target: str, until: float, max_new: int, seed: int, timeout: float, latencies: list[float], codes: Counter
+) -> None:
     rng = random.Random(seed)
-    async with chorus.AsyncClient(target, timeout=60) as client:
+    async with chorus.AsyncClient(target, timeout=timeout) as client:
         while time.monotonic() < until:
             a, b = rng.randrange(100), rng.randrange(100)
             started = time.perf_counter()
@@ -59,11 +83,36 @@ async def _client(target: str, until: float, max_new: int, seed: int, latencies:
                     await asyncio.sleep(0.05)  # back off, as a client should
 
 
-def _start_coordinator(config_path: str, addresses: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+# --trace-memory: the coordinator runs under tracemalloc; each SIGUSR1 prints to its stderr the Python
+# heap's size and the allocation sites that grew most since the previous signal. What RSS gains beyond
+# the Python heap is native: gRPC's buffers, glibc's arenas.
+TRACE_MEMORY = """
+import signal, sys, tracemalloc
+tracemalloc.start(8)
+_last = [tracemalloc.take_snapshot()]
+def _report(*_):
+    snapshot = tracemalloc.take_snapshot()
+    current, peak = tracemalloc.get_traced_memory()
+    print(f"tracemalloc: python heap {current / 2**20:.1f} MB (peak {peak / 2**20:.1f} MB); grew most:",
+          file=sys.stderr)
+    for stat in snapshot.compare_to(_last[0], "traceback")[:8]:
+        frames = stat.traceback.format(most_recent_first=True)
+        where = " <- ".join(line.strip() for line in frames if line.lstrip().startswith("File"))
+        print(f"  {stat.size_diff / 2**10:+.0f} KiB in {stat.count_diff:+d} blocks at {where}", file=sys.stderr)
+    _last[0] = snapshot
+signal.signal(signal.SIGUSR1, _report)
+"""
+MAIN = "import sys; from chorus.cli import main; sys.exit(main())"
+
+
+def _start_coordinator(
+    config_path: str, addresses: dict[str, str], trace_memory: bool
+) -> tuple[subprocess.Popen[str], int]:
     """`chorus coordinator` over the running workers, on a free port; returns the process and its port."""
-    command = [sys.executable, "-c", "import sys; from chorus.cli import main; sys.exit(main())",
-               "--log-level", "WARNING", "coordinator", "--config", config_path, "--port", "0", "--grace", "5",
-               *(f"--worker={name}={address}" for name, address in addresses.items())]  # fmt: skip
+    code = TRACE_MEMORY + MAIN if trace_memory else MAIN
+    workers = [f"--worker={name}={address}" for name, address in addresses.items()]
+    options = ["--log-level", "WARNING", "coordinator", "--config", config_path, "--port", "0", "--grace", "5"]
+    command = [sys.executable, "-c", code, *options, *workers]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None
     match = None
@@ -84,20 +133,43 @@ async def _load(target: str, args: argparse.Namespace, seconds: float) -> tuple[
     codes: Counter = Counter()
     until = time.monotonic() + seconds
     await asyncio.gather(
-        *(_client(target, until, args.max_new_tokens, i, latencies, codes) for i in range(args.clients))
+        *(_client(target, until, args.max_new_tokens, i, args.timeout, latencies, codes) for i in range(args.clients))
     )
     return latencies, codes
+
+
+async def _floor_mb(pids: dict[str, int], stop: asyncio.Event) -> dict[str, float]:
+    """Each process's lowest resident memory, read every SAMPLE_S until stop is set. Under load RSS swings
+    with the buffers of the requests in flight (a 262,144-entry distribution is 1 MB, a union of them
+    more); the lowest reading of a phase is what stays: pools, caches, and any leak."""
+    floor = _rss_mb(pids)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_S)
+        floor = {name: min(mb, floor[name]) for name, mb in _rss_mb(pids).items()}
+    return floor
+
+
+async def _phase(target: str, args: argparse.Namespace, seconds: float, pids: dict[str, int]) -> Phase:
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_floor_mb(pids, stop))
+    latencies, codes = await _load(target, args, seconds)
+    stop.set()
+    floor = await sampler
+    if args.trace_memory:
+        os.kill(pids["coordinator"], signal.SIGUSR1)
+    return Phase(latencies, codes, floor, _rss_mb(pids))
 
 
 async def _run(args: argparse.Namespace, target: str, pids: dict[str, int]) -> tuple[dict[str, object], Counter]:
     async with chorus.AsyncClient(target) as warm:
         for _ in range(20):
             await warm.generate(prompt="1+1=", max_new_tokens=args.max_new_tokens)
-    _, warmup_codes = await _load(target, args, args.warmup)  # fills caches and allocator pools
-    before = _rss_mb(pids)
-    latencies, codes = await _load(target, args, args.seconds)
-    after = _rss_mb(pids)
-    latencies.sort()
+    phases = [await _phase(target, args, args.warmup, pids)]  # the warm-up: fills caches and allocator pools
+    phases += [await _phase(target, args, args.seconds / args.phases, pids) for _ in range(args.phases)]
+    run = phases[1:]
+    latencies = sorted(t for phase in run for t in phase.latencies)
+    codes = sum((phase.codes for phase in run), Counter())
 
     def pct(p: float) -> float:
         return 1e3 * latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
@@ -106,16 +178,37 @@ async def _run(args: argparse.Namespace, target: str, pids: dict[str, int]) -> t
         "clients": args.clients,
         "seconds": args.seconds,
         "warmup_seconds": args.warmup,
+        "phases": args.phases,
         "requests": sum(codes.values()),
         "by_status": dict(codes),
         "requests_per_s": round(codes["OK"] / args.seconds, 1),
         "p50_ms": round(pct(0.50), 1),
         "p99_ms": round(pct(0.99), 1),
-        "rss_mb_before": {k: round(v, 1) for k, v in before.items()},
-        "rss_mb_after": {k: round(v, 1) for k, v in after.items()},
-        "rss_growth_pct": {k: round(100 * (after[k] - before[k]) / before[k], 1) for k in before},
+        # Per process, for the warm-up and then each phase: the lowest reading during it, and the one at its end.
+        "rss_mb_floor_by_phase": {name: [round(phase.floor[name], 1) for phase in phases] for name in pids},
+        "rss_mb_end_by_phase": {name: [round(phase.end[name], 1) for phase in phases] for name in pids},
+        "rss_growth_since_warmup_pct": {name: _growth_pct(phases[0].end[name], phases[-1].end[name]) for name in pids},
+        # What the check reads: the floor's growth over the later half of the phases.
+        "rss_floor_growth_later_half_pct": {
+            name: later_half_growth_pct([phase.floor[name] for phase in phases]) for name in pids
+        },
     }
-    return report, warmup_codes
+    return report, phases[0].codes
+
+
+def later_half_growth_pct(floors: list[float]) -> float:
+    """Growth of a process's memory floors (the warm-up's, then each phase's) over the later half of the
+    phases, in %: about 0 once pools have filled, whatever they took before; a leak's share of the run."""
+    return _growth_pct(floors[_later_half(len(floors) - 1)], floors[-1])
+
+
+def _later_half(phases: int) -> int:
+    """The phase the later half of the run is compared from: phase ceil(phases / 2) (index 0 is the warm-up)."""
+    return (phases + 1) // 2
+
+
+def _growth_pct(before: float, after: float) -> float:
+    return round(100 * (after - before) / before, 1)
 
 
 def main() -> int:
@@ -124,16 +217,25 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first memory reading")
-    parser.add_argument("--max-growth", type=float, default=0.10, help="largest allowed RSS growth (0.10 = 10%%)")
+    parser.add_argument("--phases", type=int, default=4, help="equal phases --seconds is split into (at least 2)")
+    parser.add_argument(
+        "--max-growth", type=float, default=0.03, help="largest RSS growth over the later phases (0.03 = 3%%)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=60.0, help="each request's deadline, seconds")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument(
+        "--trace-memory", action="store_true", help="run the coordinator under tracemalloc: its heap's growth per phase"
+    )
     args = parser.parse_args()
+    if args.phases < 2:
+        parser.error("--phases: at least 2 (the check compares the later half of the run)")
     config = load_config(args.config)
     workers = cluster.spawn_workers(config)
     coordinator = None
     try:
         addresses = dict(zip(config.model_names, cluster.addresses(config, workers), strict=True))
-        coordinator, port = _start_coordinator(str(Path(args.config).resolve()), addresses)
+        coordinator, port = _start_coordinator(str(Path(args.config).resolve()), addresses, args.trace_memory)
         pids = {"coordinator": coordinator.pid, **{w.spec.name: w.process.pid for w in workers}}
         report, warmup_codes = asyncio.run(_run(args, f"127.0.0.1:{port}", pids))
     finally:
@@ -156,9 +258,15 @@ def main() -> int:
         if unexpected:
             print(f"unexpected errors during the {phase}: {unexpected}", file=sys.stderr)
             failed = True
-    grown = {k: v for k, v in report["rss_growth_pct"].items() if v > 100 * args.max_growth}  # type: ignore[union-attr]
+    later = report["rss_floor_growth_later_half_pct"]
+    grown = {k: v for k, v in later.items() if v > 100 * args.max_growth}  # type: ignore[union-attr]
     if grown:
-        print(f"resident memory grew more than {100 * args.max_growth:g}%: {grown}", file=sys.stderr)
+        after = _later_half(args.phases)
+        print(
+            f"resident memory (each phase's lowest) grew more than {100 * args.max_growth:g}% from phase {after} "
+            f"to phase {args.phases} (a leak: pools that fill level off before): {grown}",
+            file=sys.stderr,
+        )
         failed = True
     return 1 if failed else 0
 

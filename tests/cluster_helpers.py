@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from coordinator.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import EnsembleConfig, ModelSpec, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,10 @@ def worker(path: Path, name: str) -> WorkerProcess:
 
 def make_config(workers: list[WorkerProcess], **top: Any) -> EnsembleConfig:
     """A config over running workers; extra top-level keys (strategy, threshold, ...) as given."""
-    models = [{"name": w.spec.name, "path": w.spec.path, "address": w.address, **extra}
-              for w, extra in zip(workers, top.pop("model_extras", [{}] * len(workers)), strict=True)]  # fmt: skip
+    models = [
+        {"name": w.spec.name, "path": w.spec.path, "address": w.address, **extra}
+        for w, extra in zip(workers, top.pop("model_extras", [{}] * len(workers)), strict=True)
+    ]
     return parse_config({"models": models, "server": {"port": 0}, **top}, ROOT)
 
 

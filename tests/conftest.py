@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.cluster import WorkerProcess
+from chorus_local.cluster import WorkerProcess
 from tests.cluster_helpers import MODELS, LoopThread, worker
 from tests.helm import fetch_helm
 

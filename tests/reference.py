@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_worker.conditioning import Conditioner, TextState
 from model_worker.token_bytes import token_byte_table
+from tests.plans import plan_ids
 
 END = None  # the pooled end-of-sequence entry
 
@@ -43,7 +44,7 @@ class ReferenceModel:
 
     def next_bytes(self, state: TextState) -> dict[bytes | None, float]:
         plan = self.conditioner.plan(state)
-        ids, pending = plan.ids, plan.pending
+        ids, pending = plan_ids(plan), plan.pending
         dist: dict[bytes | None, float] = {}
 
         def add(key: bytes | None, p: float) -> None:

@@ -12,10 +12,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("chorus", "chorus_common", "coordinator", "model_worker")
+PACKAGES = ("chorus", "chorus_common", "chorus_local", "coordinator", "model_worker")
 # What `pip install chorus-ensemble` (no extras) must be enough for.
-SERVER_ONLY = ("numpy", "yaml", "pydantic", "kubernetes", "aiohttp", "prometheus_client", "grpc_health",
-               "grpc_reflection", "tqdm", "torch", "transformers")  # fmt: skip
+SERVER_ONLY = (
+    "numpy",
+    "yaml",
+    "pydantic",
+    "kubernetes",
+    "aiohttp",
+    "prometheus_client",
+    "grpc_health",
+    "grpc_reflection",
+    "tqdm",
+    "torch",
+    "transformers",
+)
 
 
 def _sources(*dirs: str) -> list[Path]:
@@ -47,11 +58,23 @@ def test_a_service_imports_nothing_of_the_other(service: str, other: str) -> Non
 
 
 def test_shared_code_and_the_sdk_import_no_service() -> None:
-    """chorus_common never; the SDK's CLI only inside the command that runs a server."""
+    """chorus_common never; the SDK's CLI only inside the command that runs a server (or the local cluster)."""
     for path in _sources("chorus_common", "chorus"):
         for module, _, at_top in _imports(path):
-            if module.split(".")[0] in ("coordinator", "model_worker"):
+            if module.split(".")[0] in ("coordinator", "model_worker", "chorus_local"):
                 assert path.parent.name == "chorus" and not at_top, f"{path.relative_to(ROOT)}: {module}"
+
+
+@pytest.mark.parametrize("service", ["coordinator", "model_worker"])
+def test_no_service_imports_the_local_cluster(service: str) -> None:
+    """chorus_local runs the services on one machine (`chorus up`); a service never needs it."""
+    offending = [
+        f"{p.relative_to(ROOT)}: {module}"
+        for p in _sources(service)
+        for module, _, _ in _imports(p)
+        if module.split(".")[0] == "chorus_local"
+    ]
+    assert not offending
 
 
 def test_no_module_imports_another_modules_private_names() -> None:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import chorus
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import MODELS, ROOT
 from tests.helm import CHART, render
@@ -127,8 +127,18 @@ def exposed(
     config = tmp_path_factory.mktemp("dashboard") / "config.yaml"
     models = [{"name": w.spec.name, "path": w.spec.path, "address": w.address} for w in members]
     config.write_text(yaml.safe_dump({"models": models, "strategy": "gac"}))
-    command = [sys.executable, "-m", "chorus.cli", "coordinator", "--config", str(config),
-               "--port", str(port), "--metrics-port", str(metrics_port)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "chorus.cli",
+        "coordinator",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_serving(f"127.0.0.1:{port}", process)
@@ -163,8 +173,12 @@ def _chorus_only(exposed: Exposed) -> Exposed:
 def test_the_servers_expose_what_the_readme_lists(exposed: dict[str, Exposed]) -> None:
     """The scrape is not vacuous: the metrics the dashboard is built on are there, labelled by model."""
     coordinator_metrics, worker_metrics = _chorus_only(exposed["coordinator"]), _chorus_only(exposed["worker"])
-    assert {"chorus_request_failures_total", "chorus_e2e_request_latency_seconds", "chorus_request_prompt_tokens",
-            "chorus_request_generation_tokens"} <= coordinator_metrics.keys()  # fmt: skip
+    assert {
+        "chorus_request_failures_total",
+        "chorus_e2e_request_latency_seconds",
+        "chorus_request_prompt_tokens",
+        "chorus_request_generation_tokens",
+    } <= coordinator_metrics.keys()
     assert {"chorus_worker_kv_usage_ratio", "chorus_worker_queue_depth"} <= worker_metrics.keys()
     assert all("model_name" in labels for labels in [*coordinator_metrics.values(), *worker_metrics.values()])
     assert not worker_metrics.keys() & coordinator_metrics.keys()
@@ -217,11 +231,26 @@ def test_every_dashboard_query_names_exposed_metrics_and_labels(exposed: dict[st
             assert label in every[base_name(name)] | TARGET_LABELS, query
             used.add(base_name(name))
     # The new metrics are charted.
-    assert {"chorus_request_failures_total", "chorus_e2e_request_latency_seconds", "chorus_request_prompt_tokens",
-            "chorus_request_generation_tokens", "chorus_worker_kv_usage_ratio"} <= used  # fmt: skip
+    assert {
+        "chorus_request_failures_total",
+        "chorus_e2e_request_latency_seconds",
+        "chorus_request_prompt_tokens",
+        "chorus_request_generation_tokens",
+        "chorus_worker_kv_usage_ratio",
+    } <= used
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("latency", "1 h", "failures by reason", "throughput", "ensemble rate", "agreement",
-                  "prompt tokens", "generation tokens", "kv-cache usage", "worker"):  # fmt: skip
+    for topic in (
+        "latency",
+        "1 h",
+        "failures by reason",
+        "throughput",
+        "ensemble rate",
+        "agreement",
+        "prompt tokens",
+        "generation tokens",
+        "kv-cache usage",
+        "worker",
+    ):
         assert topic in titles, topic
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

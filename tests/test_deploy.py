@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc
 from chorus_common.worker_args import WorkerArgs
-from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec, parse_config
 from coordinator.strategies.safe import Safe
 from tests.certs import issue, make_ca
@@ -120,9 +120,17 @@ def test_rbac_network_policy_disruption_budgets_and_autoscaling(helm: str) -> No
     policy = policies["chorus-workers"]
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
     sources = policy["spec"]["ingress"][0]["from"]
-    assert sources == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "chorus", "app.kubernetes.io/instance": "chorus",
-        "app.kubernetes.io/component": "coordinator"}}}]  # fmt: skip
+    assert sources == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "chorus",
+                    "app.kubernetes.io/instance": "chorus",
+                    "app.kubernetes.io/component": "coordinator",
+                }
+            }
+        }
+    ]
     assert len(by_kind["PodDisruptionBudget"]) == 1 + 3  # the coordinator and each model
     (hpa,) = by_kind["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"].endswith("-coordinator")
@@ -273,7 +281,10 @@ def test_tls_values_mount_the_secrets_where_config_and_args_point(helm: str) -> 
     # The test pod gets the clients' CA, never the coordinator's key.
     assert [item["key"] for item in mounts["/etc/chorus-tls/clients"][1]["items"]] == ["ca.crt"]
     assert test_pod["spec"]["containers"][0]["args"][-3:] == [
-        "/etc/chorus-tls/clients/ca.crt", "/etc/chorus-tls/test-client", "/etc/chorus-auth/tokens"]  # fmt: skip
+        "/etc/chorus-tls/clients/ca.crt",
+        "/etc/chorus-tls/test-client",
+        "/etc/chorus-auth/tokens",
+    ]
 
 
 def test_http_with_tls_and_auth_renders_and_serves_the_same_tls_and_tokens(helm: str) -> None:
@@ -321,14 +332,19 @@ def _issue_for(ca: Path, dns_name: str) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
     path = ca.parent / dns_name
     path.with_suffix(".key").write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -388,8 +404,11 @@ def _pki(directory: Path) -> dict[str, dict[str, bytes]]:
     ca = make_ca(directory)
 
     def tls_secret(cert: Path) -> dict[str, bytes]:
-        return {"tls.crt": cert.with_suffix(".crt").read_bytes(), "tls.key": cert.with_suffix(".key").read_bytes(),
-                "ca.crt": ca.with_suffix(".crt").read_bytes()}  # fmt: skip
+        return {
+            "tls.crt": cert.with_suffix(".crt").read_bytes(),
+            "tls.key": cert.with_suffix(".key").read_bytes(),
+            "ca.crt": ca.with_suffix(".crt").read_bytes(),
+        }
 
     return {
         "chorus-tls-clients": tls_secret(issue(ca, "coordinator", server=True)),  # localhost and 127.0.0.1
@@ -512,12 +531,26 @@ def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     assert config.strategy == "safe"
     assert (config.safe.drafter, config.safe.draft_tokens, config.safe.ensemble, config.safe.sharpen) == (
-        "qwen-7b", 6, "unite", True)  # fmt: skip
+        "qwen-7b",
+        6,
+        "unite",
+        True,
+    )
     assert Safe.drafter_index(config) == 1 and config.unite.top_k == 12
     bad = subprocess.run(
-        [helm, "template", "chorus", str(CHART), "-f", str(CHART / "ci" / "safe-values.yaml"),
-         "--set", "ensemble.strategy=mixture"], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            helm,
+            "template",
+            "chorus",
+            str(CHART),
+            "-f",
+            str(CHART / "ci" / "safe-values.yaml"),
+            "--set",
+            "ensemble.strategy=mixture",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "strategy" in bad.stderr
 
 
@@ -570,7 +603,10 @@ def test_kv_storage_prefill_and_quantization_values_reach_the_worker_flags(helm:
     args = {name: d["spec"]["template"]["spec"]["containers"][0]["args"] for name, d in workers.items()}
     llama, qwen, mistral = args["llama-8b"], args["qwen-7b"], args["mistral-7b"]
     assert (_arg(llama, "--max-model-len"), _arg(llama, "--kv-budget-mib"), _arg(llama, "--quantization")) == (
-        "8192", "20000", None)  # fmt: skip
+        "8192",
+        "20000",
+        None,
+    )
     assert _arg(qwen, "--quantization") == "8bit" and _arg(qwen, "--max-model-len") is None
     for a in (llama, qwen, mistral):
         assert (_arg(a, "--max-sessions"), float(_arg(a, "--kv-wait") or 0), _arg(a, "--prefill-chunk")) == (
@@ -606,9 +642,13 @@ def test_replicas_are_left_to_an_autoscaler_and_zero_is_rendered_as_zero(helm: s
 
     keda = render(helm, *_values(CHART / "ci" / "gpu-values.yaml"))  # KEDA on the queue depth
     assert {name: "replicas" in d["spec"] for name, d in _workers(keda).items()} == {
-        "llama-70b": False, "qwen-72b": False}  # fmt: skip
+        "llama-70b": False,
+        "qwen-72b": False,
+    }
     assert sorted(s["spec"]["scaleTargetRef"]["name"] for s in _of_kind(keda, "ScaledObject")) == [
-        "chorus-llama-70b", "chorus-qwen-72b"]  # fmt: skip
+        "chorus-llama-70b",
+        "chorus-qwen-72b",
+    ]
     assert [h["metadata"]["name"] for h in _of_kind(keda, "HorizontalPodAutoscaler")] == ["chorus-coordinator"]
 
     cpu = render(helm, *_values(CHART / "ci" / "cpu-values.yaml"))  # worker HPAs, a fixed coordinator
@@ -631,9 +671,11 @@ def test_gpu_resource_name_is_configurable_per_chart_and_per_model(helm: str) ->
         name: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         for name, d in _workers(render(helm, *_values(FLEET_VALUES))).items()
     }
-    assert limits == {"llama-8b": {"nvidia.com/gpu": 1, "memory": "48Gi"},  # added to the model's own limits
-                      "qwen-7b": {"nvidia.com/mig-3g.40gb": 1, "memory": "48Gi"},
-                      "mistral-7b": {"nvidia.com/gpu": 1, "memory": "48Gi"}}  # fmt: skip
+    assert limits == {
+        "llama-8b": {"nvidia.com/gpu": 1, "memory": "48Gi"},  # added to the model's own limits
+        "qwen-7b": {"nvidia.com/mig-3g.40gb": 1, "memory": "48Gi"},
+        "mistral-7b": {"nvidia.com/gpu": 1, "memory": "48Gi"},
+    }
     (amd,) = _workers(render(helm, *_values(ONE_MODEL), "--set", "worker.gpuResource=amd.com/gpu")).values()
     assert amd["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": 1}
 
@@ -647,12 +689,21 @@ def test_worker_and_coordinator_pod_settings(helm: str) -> None:
     pods = {name: d["spec"]["template"] for name, d in _workers(docs).items()}
     spec = {name: pod["spec"] for name, pod in pods.items()}
     assert {n: s.get("runtimeClassName") for n, s in spec.items()} == {
-        "llama-8b": "nvidia", "qwen-7b": "nvidia", "mistral-7b": None}  # mistral sets "" over worker's  # fmt: skip
+        "llama-8b": "nvidia",
+        "qwen-7b": "nvidia",
+        "mistral-7b": None,
+    }  # mistral sets "" over worker's
     assert {n: s.get("priorityClassName") for n, s in spec.items()} == {
-        "llama-8b": "gpu-inference", "qwen-7b": "gpu-batch", "mistral-7b": "gpu-inference"}  # fmt: skip
+        "llama-8b": "gpu-inference",
+        "qwen-7b": "gpu-batch",
+        "mistral-7b": "gpu-inference",
+    }
     evict = {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
     assert {n: p["metadata"]["annotations"] for n, p in pods.items()} == {
-        "llama-8b": evict, "qwen-7b": {**evict, "chorus.dev/note": "MIG 3g.40gb"}, "mistral-7b": evict}  # fmt: skip
+        "llama-8b": evict,
+        "qwen-7b": {**evict, "chorus.dev/note": "MIG 3g.40gb"},
+        "mistral-7b": evict,
+    }
     for name, s in spec.items():
         (container,) = s["containers"]
         env = {e["name"]: e for e in container["env"]}
@@ -663,10 +714,13 @@ def test_worker_and_coordinator_pod_settings(helm: str) -> None:
         assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
         assert mounts["dshm"] == {"name": "dshm", "mountPath": "/dev/shm"}
         assert ("chat-templates" in volumes) == ("chat-templates" in mounts) == (name == "qwen-7b")
-    assert spec["llama-8b"]["containers"][0]["env"][-1]["valueFrom"]["secretKeyRef"] == {"name": "hf-token",
-                                                                                        "key": "token"}  # fmt: skip
+    assert spec["llama-8b"]["containers"][0]["env"][-1]["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "token",
+    }
     assert [m for m in spec["qwen-7b"]["containers"][0]["volumeMounts"] if m["name"] == "chat-templates"] == [
-        {"name": "chat-templates", "mountPath": "/etc/chat-templates", "readOnly": True}]  # fmt: skip
+        {"name": "chat-templates", "mountPath": "/etc/chat-templates", "readOnly": True}
+    ]
 
     coordinator = _coordinator(docs)["spec"]["template"]
     c_spec, (c_container,) = coordinator["spec"], coordinator["spec"]["containers"]
@@ -703,8 +757,11 @@ def test_weights_cache_is_a_claim_per_hub_model_mounted_on_hf_home(helm: str) ->
     (claim,) = _of_kind(docs, "PersistentVolumeClaim")  # qwen names an existingClaim; mistral reads a pvc
     assert claim["metadata"]["name"] == "chorus-llama-8b-weights"
     assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "efs-sc",
-                             "resources": {"requests": {"storage": "200Gi"}}}  # fmt: skip
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "storageClassName": "efs-sc",
+        "resources": {"requests": {"storage": "200Gi"}},
+    }
     hf_home = _hf_home()
     assert hf_home == "/cache/huggingface"
     claims = {}
@@ -724,10 +781,18 @@ def test_weights_cache_is_a_claim_per_hub_model_mounted_on_hf_home(helm: str) ->
     assert all(v["name"] != "weights-cache" for v in _workers(off)["llama-8b"]["spec"]["template"]["spec"]["volumes"])
     # storageClass "-": no class at all; keep false: `helm uninstall` removes it.
     (bare,) = _of_kind(
-        render(helm, *_values(FLEET_VALUES), "--set", "worker.weightsCache.storageClass=-",
-                "--set", "worker.weightsCache.keep=false", "--set", "worker.weightsCache.accessModes[0]=ReadWriteOnce"),
+        render(
+            helm,
+            *_values(FLEET_VALUES),
+            "--set",
+            "worker.weightsCache.storageClass=-",
+            "--set",
+            "worker.weightsCache.keep=false",
+            "--set",
+            "worker.weightsCache.accessModes[0]=ReadWriteOnce",
+        ),
         "PersistentVolumeClaim",
-    )  # fmt: skip
+    )
     assert bare["spec"]["storageClassName"] == "" and "annotations" not in bare["metadata"]
     assert bare["spec"]["accessModes"] == ["ReadWriteOnce"]
     # Off by default: the hub download goes to the cache emptyDir.
@@ -747,24 +812,53 @@ def test_ingress_and_http_route_reach_the_coordinator_http_port(helm: str) -> No
     assert ingress["spec"] == {
         "ingressClassName": "nginx",
         "tls": [{"secretName": "chorus-example-tls", "hosts": ["chorus.example.com"]}],
-        "rules": [{"host": "chorus.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
-            "service": {"name": "chorus-coordinator", "port": {"name": "http"}}}}]}}],
-    }  # fmt: skip
+        "rules": [
+            {
+                "host": "chorus.example.com",
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": "chorus-coordinator", "port": {"name": "http"}}},
+                        }
+                    ]
+                },
+            }
+        ],
+    }
     (route,) = _of_kind(docs, "HTTPRoute")
     assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
     assert route["metadata"]["namespace"] == "ml" and "annotations" not in route["metadata"]
     assert route["spec"] == {
         "parentRefs": [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}],
         "hostnames": ["chorus.example.com"],
-        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
-                   "backendRefs": [{"name": "chorus-coordinator", "port": http_port["port"]}],
-                   "timeouts": {"request": "600s"}}],
-    }  # fmt: skip
+        "rules": [
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                "backendRefs": [{"name": "chorus-coordinator", "port": http_port["port"]}],
+                "timeouts": {"request": "600s"},
+            }
+        ],
+    }
 
     # No hosts: one rule for every host, no TLS, the cluster's default class.
     (any_host,) = _of_kind(render(helm, "--set", "http.ingress.enabled=true"), "Ingress")
-    assert any_host["spec"] == {"rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {
-        "service": {"name": "chorus-coordinator", "port": {"name": "http"}}}}]}}]}  # fmt: skip
+    assert any_host["spec"] == {
+        "rules": [
+            {
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": "chorus-coordinator", "port": {"name": "http"}}},
+                        }
+                    ]
+                }
+            }
+        ]
+    }
     plain = render(helm, *_values(ONE_MODEL))
     assert not _of_kind(plain, "Ingress") and not _of_kind(plain, "HTTPRoute")
 

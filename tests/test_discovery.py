@@ -18,7 +18,7 @@ from kmock import KubernetesEmulator, Server
 from kubernetes import client
 
 import chorus
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from coordinator.config import parse_config
 from coordinator.ensemble import Member, NotReady, Replica
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, worker

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import chorus
 from chorus.v1 import common_pb2, coordinator_pb2, worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from coordinator.config import parse_config
 from coordinator.convert import InvalidRequest, requests_from_proto
 from coordinator.failures import BadRequest, ModelNotFound, answer
@@ -121,14 +121,16 @@ def test_gac_api_answers_gacs_own_request(servers: tuple[str, str]) -> None:
     # The request from GaC's README, as its users send it (apply_chat_template, a batch of two).
     data = {
         "messages_list": [
-            [{"role": "user", "content": "9.11 and 9.9, which is bigger?"},
-             {"role": "assistant", "content": "..."},
-             {"role": "user", "content": "..."}],
+            [
+                {"role": "user", "content": "9.11 and 9.9, which is bigger?"},
+                {"role": "assistant", "content": "..."},
+                {"role": "user", "content": "..."},
+            ],
             [{"role": "user", "content": "How are you?"}],
         ],
         "max_new_tokens": 8,
         "apply_chat_template": True,
-    }  # fmt: skip
+    }
     status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(data).encode())
     # The embedded models have a 64-token context, which the first conversation exceeds: a clear 400.
     # (Over a longer context the request is answered: test_gac_api_answers_the_gac_readme_request_unchanged.)
@@ -153,14 +155,16 @@ def test_gac_api_answers_gacs_own_request(servers: tuple[str, str]) -> None:
 # GaC's README request, byte for byte as its example sends it (`requests.post(url, json=data)`).
 GAC_SEED_REQUEST = {
     "messages_list": [
-        [{"role": "user", "content": "9.11 and 9.9, which is bigger?"},
-         {"role": "assistant", "content": "..."},
-         {"role": "user", "content": "..."}],
+        [
+            {"role": "user", "content": "9.11 and 9.9, which is bigger?"},
+            {"role": "assistant", "content": "..."},
+            {"role": "user", "content": "..."},
+        ],
         [{"role": "user", "content": "How are you?"}],
     ],
     "max_new_tokens": 1024,
     "apply_chat_template": True,
-}  # fmt: skip
+}
 
 
 def test_gac_api_answers_the_gac_readme_request_unchanged(loop: LoopThread, tmp_path: Path) -> None:
@@ -187,10 +191,19 @@ def test_gac_api_answers_the_gac_readme_request_unchanged(loop: LoopThread, tmp_
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_length", "x"), ("max_length", [1]), ("max_length", 2.5), ("max_length", True),
-     ("max_new_tokens", "x"), ("max_new_tokens", [1]), ("max_new_tokens", {"n": 1}), ("max_new_tokens", 1e400),
-     ("max_new_tokens", -1), ("max_new_tokens", 10**30)],
-)  # fmt: skip
+    [
+        ("max_length", "x"),
+        ("max_length", [1]),
+        ("max_length", 2.5),
+        ("max_length", True),
+        ("max_new_tokens", "x"),
+        ("max_new_tokens", [1]),
+        ("max_new_tokens", {"n": 1}),
+        ("max_new_tokens", 1e400),
+        ("max_new_tokens", -1),
+        ("max_new_tokens", 10**30),
+    ],
+)
 def test_gac_bad_lengths_are_400_naming_the_field(servers: tuple[str, str], field: str, value: Any) -> None:
     body = {"messages_list": [[{"role": "user", "content": "48+27="}]], "max_new_tokens": 4, field: value}
     status, reply = _post(f"{servers[1]}/api/generate/", json.dumps(body).encode())
@@ -204,14 +217,19 @@ def test_gac_bad_lengths_are_400_naming_the_field(servers: tuple[str, str], fiel
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/api/generate/"])
 @pytest.mark.parametrize(
     ("body", "content_type", "says"),
-    [(b'{"prompt": "\xff\xfe"}', "application/json", "UTF-8"),
-     (b'{"messages": [{"role": "user", "content": "\xc3"}]}', "application/json", "UTF-8"),
-     (b'{"prompt": "\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}', "application/json",
-      "surrogate"),
-     (b'{"prompt": "1"}', "application/json; charset=no-such-charset", "charset"),
-     (b"[" * 100_000, "application/json", "body")],
+    [
+        (b'{"prompt": "\xff\xfe"}', "application/json", "UTF-8"),
+        (b'{"messages": [{"role": "user", "content": "\xc3"}]}', "application/json", "UTF-8"),
+        (
+            b'{"prompt": "\\ud800", "messages": [{"role": "user", "content": "\\udfff"}]}',
+            "application/json",
+            "surrogate",
+        ),
+        (b'{"prompt": "1"}', "application/json; charset=no-such-charset", "charset"),
+        (b"[" * 100_000, "application/json", "body"),
+    ],
     ids=["invalid-utf8", "truncated-utf8", "lone-surrogate", "unknown-charset", "deep-nesting"],
-)  # fmt: skip
+)
 def test_undecodable_bodies_are_400(
     servers: tuple[str, str], path: str, body: bytes, content_type: str, says: str
 ) -> None:
@@ -236,8 +254,16 @@ def test_http_bodies_build_the_requests_their_grpc_twins_do() -> None:
     """An HTTP body and the GenerateRequest asking the same make the same domain requests: the same rules,
     and the sampling numbers at the gRPC API's precision (float32), so that both draw the same samples."""
     config = BODY_CONFIG
-    sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 7, "stop": ["\n"], "threshold": 0.3,
-                "strategy": "gac", "on_worker_loss": "degrade"}  # fmt: skip
+    sampling = {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 5,
+        "seed": 7,
+        "stop": ["\n"],
+        "threshold": 0.3,
+        "strategy": "gac",
+        "on_worker_loss": "degrade",
+    }
     weights = {"arith-sp": 0.3}
     body = {"model": "chorus", "prompt": "1+1=", "max_tokens": 3, "weights": weights, **sampling}
     twin = coordinator_pb2.GenerateRequest(
@@ -245,17 +271,36 @@ def test_http_bodies_build_the_requests_their_grpc_twins_do() -> None:
     )
     assert CompletionRequest.parse(body, config).requests(config, "r1") == requests_from_proto(twin, config)
 
-    chat = {"messages": [{"role": "developer", "content": "Add."}, USER], "max_tokens": 9, "max_completion_tokens": 3,
-            "temperature": 0.7, "apply_chat_template": False}  # fmt: skip
-    twin = coordinator_pb2.GenerateRequest(messages=_conversation(("system", "Add."), ("user", "1+1=")),
-                                           max_new_tokens=3, temperature=0.7, apply_chat_template=False)  # fmt: skip
+    chat = {
+        "messages": [{"role": "developer", "content": "Add."}, USER],
+        "max_tokens": 9,
+        "max_completion_tokens": 3,
+        "temperature": 0.7,
+        "apply_chat_template": False,
+    }
+    twin = coordinator_pb2.GenerateRequest(
+        messages=_conversation(("system", "Add."), ("user", "1+1=")),
+        max_new_tokens=3,
+        temperature=0.7,
+        apply_chat_template=False,
+    )
     assert ChatCompletionRequest.parse(chat, config).requests(config, "") == requests_from_proto(twin, config)
 
-    gac = {"messages_list": [[USER], [USER, {"role": "assistant", "content": "2"}, USER]], "max_new_tokens": 8,
-           "max_length": 5, "until": "\n", "apply_chat_template": True, "ignored": 1}  # fmt: skip
+    gac = {
+        "messages_list": [[USER], [USER, {"role": "assistant", "content": "2"}, USER]],
+        "max_new_tokens": 8,
+        "max_length": 5,
+        "until": "\n",
+        "apply_chat_template": True,
+        "ignored": 1,
+    }
     batch = [_conversation(("user", "1+1=")), _conversation(("user", "1+1="), ("assistant", "2"), ("user", "1+1="))]
-    twin = coordinator_pb2.GenerateRequest(batch=coordinator_pb2.ConversationBatch(conversations=batch),
-                                           max_new_tokens=5, stop=["\n"], apply_chat_template=True)  # fmt: skip
+    twin = coordinator_pb2.GenerateRequest(
+        batch=coordinator_pb2.ConversationBatch(conversations=batch),
+        max_new_tokens=5,
+        stop=["\n"],
+        apply_chat_template=True,
+    )
     assert GacRequest.parse(gac, config).requests(config, "") == requests_from_proto(twin, config)
 
 
@@ -274,8 +319,14 @@ BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
     (ChatCompletionRequest, {"top_k": 2**32}, 400, "top_k"),
     (ChatCompletionRequest, {"seed": -1}, 400, "seed"),
     (ChatCompletionRequest, {"stop": [1]}, 400, "stop"),
-    (ChatCompletionRequest, {"stream": True, "stream_options": {"include_usage": 1}}, 400,
-     "stream_options.include_usage"),
+    (ChatCompletionRequest, {"stop": ["\n", "x" * 257]}, 400, "stop[1]"),
+    (CompletionRequest, {"threshold": 5}, 400, "threshold"),
+    (
+        ChatCompletionRequest,
+        {"stream": True, "stream_options": {"include_usage": 1}},
+        400,
+        "stream_options.include_usage",
+    ),
     (ChatCompletionRequest, {"stream": True, "stream_options": {"chunk_size": 1}}, 400, "stream_options.chunk_size"),
     (ChatCompletionRequest, {"messages": None}, 400, "messages"),
     (ChatCompletionRequest, {"messages": [{"role": 5, "content": "1"}]}, 400, "messages[0]"),
@@ -294,7 +345,16 @@ BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
     (GacRequest, {"messages_list": [[USER]] * 65}, 400, "messages_list"),
     (GacRequest, {"until": 5}, 400, "until"),
     (GacRequest, {"apply_chat_template": "yes"}, 400, "apply_chat_template"),
-]  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("request_id", ["r" * 129, "a\r\nb"])
+def test_x_request_id_is_bounded_as_grpc_request_id(request_id: str) -> None:
+    body = CompletionRequest.parse(BASE_BODIES[CompletionRequest], BODY_CONFIG)
+    with pytest.raises(InvalidRequest) as caught:
+        body.requests(BODY_CONFIG, request_id)  # the X-Request-Id header's value
+    failed = answer(caught.value)
+    assert (failed.status.http, failed.param) == (400, "request_id"), failed
 
 
 @pytest.mark.parametrize(("model", "fields", "status", "param"), BODY_REFUSALS)
@@ -315,20 +375,30 @@ def test_bodies_are_refused_naming_the_field_before_generating(
 INPUT_FIELD = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/api/generate/": "messages_list"}
 MODEL_NAMES = ("arith-bpe", "arith-sp")
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
     | st.sampled_from(["\ud800", "", "user", "gac", "1+1="]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
-)  # fmt: skip
+)
 small_ints = st.integers(-2, 6) | st.sampled_from([0.5, 2.0, 2**32, 2**64, 10**30])
 valid_message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "developer"]), "content": st.text(max_size=10)}
 )
-odd_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "wizard", "tool"]) | json_values,
-     "content": st.text(max_size=10) | st.lists(st.fixed_dictionaries({"text": json_values}), max_size=2)
-                | json_values},
-) | json_values  # fmt: skip
+odd_message = (
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "wizard", "tool"]) | json_values,
+            "content": st.text(max_size=10)
+            | st.lists(st.fixed_dictionaries({"text": json_values}), max_size=2)
+            | json_values,
+        },
+    )
+    | json_values
+)
 messages = st.lists(valid_message, min_size=1, max_size=3) | st.lists(valid_message | odd_message, max_size=3)
 FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "model": st.sampled_from(["chorus", "gpt-4"]),

@@ -20,7 +20,7 @@ import pytest
 
 import chorus
 from chorus_common.security import bearer_allowed
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
 from tests.reference import END, ReferenceModel
@@ -238,8 +238,11 @@ def test_n_samples_are_seeded_seed_plus_j(client: openai.OpenAI) -> None:
     assert greedy.choices[0].message.content == greedy.choices[1].message.content  # as OpenAI's
     # Completions: each prompt's n samples, indexed prompt * n + j.
     batch = client.completions.create(model="chorus", prompt=["1", "9+"], max_tokens=5, n=2, seed=3)
-    singles = [client.completions.create(model="chorus", prompt=p, max_tokens=5, seed=3 + j).choices[0].text
-               for p in ("1", "9+") for j in range(2)]  # fmt: skip
+    singles = [
+        client.completions.create(model="chorus", prompt=p, max_tokens=5, seed=3 + j).choices[0].text
+        for p in ("1", "9+")
+        for j in range(2)
+    ]
     assert [c.text for c in sorted(batch.choices, key=lambda c: c.index)] == singles
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="chorus", prompt=["1"] * 40, max_tokens=1, n=2)  # 80 > 64 conversations
@@ -342,8 +345,10 @@ def test_a_member_alone_equals_that_member_served_alone(both: Any, alone: Any, s
 
 def test_members_answer_their_own_way_and_through_grpc_too(both: Any) -> None:
     c = _client(both)
-    answers = {m: c.completions.create(model=m, prompt="12+35=", max_tokens=4, temperature=0).choices[0].text
-               for m in ("arith-sp", "arith-bpe")}  # fmt: skip
+    answers = {
+        m: c.completions.create(model=m, prompt="12+35=", max_tokens=4, temperature=0).choices[0].text
+        for m in ("arith-sp", "arith-bpe")
+    }
     assert answers == {"arith-sp": "47", "arith-bpe": "48"}
     with chorus.Client(f"127.0.0.1:{both.port}", timeout=60) as sdk:
         for name, text in answers.items():
@@ -421,9 +426,18 @@ REFUSED_CHAT = [
     ("top_logprobs", 2),  # without logprobs: true
     ("no_such_field", 1),
 ]
-HONOURED_NO_OPS = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "store": False,
-                   "response_format": {"type": "text"}, "modalities": ["text"], "service_tier": "auto",
-                   "tool_choice": None, "user": "user-7", "metadata": {"team": "a"}}  # fmt: skip
+HONOURED_NO_OPS = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0.0,
+    "logit_bias": {},
+    "store": False,
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "service_tier": "auto",
+    "tool_choice": None,
+    "user": "user-7",
+    "metadata": {"team": "a"},
+}
 
 
 @pytest.mark.parametrize(("field", "value"), REFUSED_CHAT, ids=[f for f, _ in REFUSED_CHAT])
@@ -434,8 +448,17 @@ def test_chat_fields_that_cannot_be_honoured_are_400_naming_them(client: openai.
     assert _error(caught.value)["param"] == field and field in _error(caught.value)["message"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("echo", True), ("best_of", 2), ("suffix", "x"), ("logit_bias", {"1": 1}),
-                                              ("top_logprobs", 2), ("logprobs", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("echo", True),
+        ("best_of", 2),
+        ("suffix", "x"),
+        ("logit_bias", {"1": 1}),
+        ("top_logprobs", 2),
+        ("logprobs", True),
+    ],
+)
 def test_completion_fields_that_cannot_be_honoured_are_400_naming_them(
     client: openai.OpenAI, field: str, value: Any
 ) -> None:
@@ -449,9 +472,13 @@ def test_no_op_values_and_caller_ids_are_accepted(client: openai.OpenAI, caplog:
     base = client.chat.completions.create(model="chorus", messages=messages, max_tokens=3, temperature=0)
     with caplog.at_level(logging.INFO, logger="coordinator.http_api"):
         reply = client.chat.completions.create(
-            model="chorus", messages=messages, max_tokens=3, temperature=0, extra_body=HONOURED_NO_OPS,
+            model="chorus",
+            messages=messages,
+            max_tokens=3,
+            temperature=0,
+            extra_body=HONOURED_NO_OPS,
             extra_headers={"X-Request-Id": "caller-ids-1"},
-        )  # fmt: skip
+        )
     assert reply.choices[0].message.content == base.choices[0].message.content
     (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "caller-ids-1"]
     assert record.__dict__["user"] == "user-7" and record.__dict__["metadata"] == {"team": "a"}  # in the log line
@@ -472,13 +499,24 @@ def test_roles_developer_is_system_and_tool_messages_are_refused(client: openai.
     refused: list[tuple[Any, str]] = [
         ([question, {"role": "tool", "content": "75", "tool_call_id": "c1"}], "messages[1].role"),
         ([question, {"role": "function", "content": "75", "name": "f"}], "messages[1].role"),
-        ([question, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-          "function": {"name": "f", "arguments": "{}"}}]}], "messages[1].tool_calls"),
+        (
+            [
+                question,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+            ],
+            "messages[1].tool_calls",
+        ),
         ([{"role": "user", "content": "1", "name": "ann"}], "messages[0].name"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
-         "messages[0].content[0]"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+            "messages[0].content[0]",
+        ),
         ([{"role": "wizard", "content": "1"}], "messages[0].role"),
-    ]  # fmt: skip
+    ]
     for messages, param in refused:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="chorus", messages=messages, max_tokens=2)
@@ -533,17 +571,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ca = make_ca(directory)
     tokens = directory / "tokens"
     tokens.write_text("# HTTP and gRPC clients\nalpha-token\nbeta-token\n")
-    return {"ca": ca, "server": issue(ca, "server", server=True), "http": issue(ca, "http-own", server=True),
-            "client": issue(ca, "client", server=False), "tokens": tokens,
-            "stranger": issue(make_ca(directory, "other-ca"), "stranger", server=False)}  # fmt: skip
+    return {
+        "ca": ca,
+        "server": issue(ca, "server", server=True),
+        "http": issue(ca, "http-own", server=True),
+        "client": issue(ca, "client", server=False),
+        "tokens": tokens,
+        "stranger": issue(make_ca(directory, "other-ca"), "stranger", server=False),
+    }
 
 
 def _https(running: Any, ca: Path, api_key: str, cert: Path | None = None) -> openai.OpenAI:
     context = ssl.create_default_context(cafile=ca.with_suffix(".crt"))
     if cert is not None:
         context.load_cert_chain(cert.with_suffix(".crt"), cert.with_suffix(".key"))
-    return openai.OpenAI(base_url=f"https://127.0.0.1:{running.http.port}/v1", api_key=api_key, max_retries=0,
-                         timeout=30, http_client=httpx2.Client(verify=context))  # fmt: skip
+    return openai.OpenAI(
+        base_url=f"https://127.0.0.1:{running.http.port}/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=30,
+        http_client=httpx2.Client(verify=context),
+    )
 
 
 def test_http_requires_the_grpc_tokens_over_the_grpc_tls(
@@ -576,15 +624,17 @@ def test_http_requires_the_grpc_tokens_over_the_grpc_tls(
             good = raw.get(base + "/status", headers={"Authorization": "Bearer alpha-token"})
             assert good.status_code == 200
         # Not TLS, or a CA the client does not trust: no answer at all.
-        plain = openai.OpenAI(base_url=f"http://127.0.0.1:{running.http.port}/v1", api_key="alpha-token",
-                              max_retries=0, timeout=10)  # fmt: skip
+        plain = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{running.http.port}/v1", api_key="alpha-token", max_retries=0, timeout=10
+        )
         with pytest.raises(openai.APIConnectionError):
             plain.models.list()
         with pytest.raises(openai.APIConnectionError):
             _https(running, pki["stranger"].parent / "other-ca", "alpha-token").models.list()
         # gRPC takes the same token.
-        with chorus.Client(f"localhost:{running.port}", tls_ca=str(pki["ca"].with_suffix(".crt")),
-                           token="beta-token", timeout=30) as sdk:  # fmt: skip
+        with chorus.Client(
+            f"localhost:{running.port}", tls_ca=str(pki["ca"].with_suffix(".crt")), token="beta-token", timeout=30
+        ) as sdk:
             assert sdk.generate(prompt="48+27=", max_new_tokens=3, temperature=0).text == reply.choices[0].text
     finally:
         loop.run(running.stop(grace=0))
@@ -594,8 +644,11 @@ def test_http_with_its_own_certificate_and_client_certificates(
     loop: LoopThread, default_workers: dict[str, WorkerProcess], pki: dict[str, Path]
 ) -> None:
     own, ca = pki["http"], pki["ca"]
-    http = {"tls_cert": str(own.with_suffix(".crt")), "tls_key": str(own.with_suffix(".key")),
-            "client_ca": str(ca.with_suffix(".crt"))}  # fmt: skip
+    http = {
+        "tls_cert": str(own.with_suffix(".crt")),
+        "tls_key": str(own.with_suffix(".key")),
+        "client_ca": str(ca.with_suffix(".crt")),
+    }
     running = _start(loop, [default_workers["arith-bpe"]], http=http)  # gRPC stays plaintext
     try:
         context = ssl.create_default_context(cafile=ca.with_suffix(".crt"))

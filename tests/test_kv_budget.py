@@ -9,7 +9,7 @@ import pytest
 
 from chorus.v1 import worker_pb2
 from chorus_common.types import Prompt
-from coordinator.cluster import spawn_worker
+from chorus_local.cluster import spawn_worker
 from coordinator.config import ModelSpec
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, LoopThread

@@ -22,7 +22,7 @@ import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.serving import LIVENESS
 from chorus_common.types import Prompt
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from coordinator.workers import ModelSession, Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config
@@ -97,10 +97,25 @@ class CoordinatorProcess:
         self.log = tmp_path / "coordinator.log"
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chorus.cli", "coordinator", "--config", str(config), "--port", "0",
-                 "--grace", str(grace), "--worker", f"{worker.spec.name}={worker.address}"],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "chorus.cli",
+                    "coordinator",
+                    "--config",
+                    str(config),
+                    "--port",
+                    "0",
+                    "--grace",
+                    str(grace),
+                    "--worker",
+                    f"{worker.spec.name}={worker.address}",
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 120
         while True:
             served = [line for line in self.log.read_text().splitlines() if line.startswith("chorus serving on ")]
@@ -226,8 +241,9 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
             # Probes get answers: readiness NOT_SERVING (no new traffic), liveness still SERVING.
             _wait_until(lambda: _health(victim.address) == NOT_SERVING, "health says NOT_SERVING", timeout=5)
             assert _health(victim.address, LIVENESS) == SERVING
-            with pytest.raises(chorus.Unavailable, match="shutting down"):
+            with pytest.raises(chorus.Unavailable, match="shutting down") as refused:
                 client.generate(prompt="hello", max_new_tokens=4)  # a new session is refused
+            _says_draining_not_lost(refused.value, victim)
             assert not in_flight.done(), "the request ended before the drain was checked: make LONG longer"
             result = in_flight.result(60)
             finished = time.monotonic()
@@ -238,6 +254,12 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
         assert time.monotonic() - finished < 15  # not the whole grace period
     finally:
         victim.stop()
+
+
+def _says_draining_not_lost(error: chorus.ChorusError, worker: WorkerProcess) -> None:
+    """The coordinator's words for a worker that drains: shutting down, not lost."""
+    assert f"the worker of model {worker.spec.name!r} is shutting down (draining)" in error.details, error.details
+    assert "lost" not in error.details, error.details
 
 
 def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_down(
@@ -258,6 +280,7 @@ def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_do
             with pytest.raises(chorus.Unavailable, match="shutting down") as caught:
                 in_flight.result(30)
             assert "INTERNAL" not in str(caught.value)
+            _says_draining_not_lost(caught.value, victim)
         assert victim.process.wait(15) == 0
     finally:
         victim.stop()

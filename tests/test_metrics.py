@@ -20,7 +20,7 @@ import chorus
 from chorus.v1 import worker_pb2
 from chorus_common.lifecycle import serve_metrics
 from chorus_common.types import Prompt
-from coordinator.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec
 from coordinator.metrics import FAILURE_REASONS, MODEL_NAME
 from coordinator.workers import Transport, WorkerClient

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import chorus
 from chorus.v1 import worker_pb2
 from chorus_common.types import Prompt
+from chorus_local.cluster import start_coordinator
 from coordinator import placement
-from coordinator.cluster import start_coordinator
 from coordinator.workers import WorkerClient
 from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
 

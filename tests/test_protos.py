@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_stubs_match_protos(tmp_path: Path) -> None:
     protos = sorted((ROOT / "protos" / "chorus" / "v1").glob("*.proto"))
     assert protos, "no .proto files found"
-    args = ["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}", *map(str, protos)]  # fmt: skip
+    args = [
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        *map(str, protos),
+    ]
     assert protoc.main(args) == 0
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated, "protoc generated nothing"
@@ -33,7 +39,7 @@ def test_sdk_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import chorus, chorus.cli, coordinator.server, coordinator.cluster, coordinator.strategies\n"
+        "import chorus, chorus.cli, coordinator.server, chorus_local.cluster, coordinator.strategies\n"
         # what `chorus coordinator` (the slim image) does before serving remote workers
         "chorus.cli._load('configs/default.yaml', local_workers=False)\n"
         "print('ok')"

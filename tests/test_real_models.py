@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import chorus
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from model_worker import catalog
 from tests.cluster_helpers import LoopThread, coordinator, make_config

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import LoopThread
 from tests.real_models import CONTEXT, GEMMA, SMOL, STRATEGIES, Real, document, serve
@@ -27,8 +27,9 @@ def agreed_texts(loop: LoopThread, workers: dict[str, WorkerProcess]) -> list[st
     alone = [serve(loop, [workers[name]], AGREED, max_new_tokens=12) for name in (SMOL, GEMMA)]
     common = []
     for a, b in zip(*alone, strict=True):
-        n = next((k for k in range(min(len(a.text), len(b.text))) if a.text[k] != b.text[k]),
-                 min(len(a.text), len(b.text)))  # fmt: skip
+        n = next(
+            (k for k in range(min(len(a.text), len(b.text))) if a.text[k] != b.text[k]), min(len(a.text), len(b.text))
+        )
         common.append(a.text[:n])
     assert all(len(c) >= 10 for c in common), common
     return common
@@ -64,8 +65,9 @@ def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strat
         full += " " + words[len(full) % len(words)]
     config = {"strategy": strategy, **STRATEGIES[strategy]}
     options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
-    long, at_limit = serve(loop, [workers[SMOL], workers[GEMMA]], [text, full], max_new_tokens=8,
-                            config=config, **options)  # fmt: skip
+    long, at_limit = serve(
+        loop, [workers[SMOL], workers[GEMMA]], [text, full], max_new_tokens=8, config=config, **options
+    )
     assert long.finish_reason in ("length", "stop") and long.usage.completion_tokens >= 1
     assert at_limit.finish_reason == "length" and 1 <= at_limit.usage.completion_tokens <= 8
     assert at_limit.usage.models[1].prompt_tokens > 512 or at_limit.usage.models[0].prompt_tokens > 512
@@ -93,7 +95,8 @@ def test_prefix_caching_changes_no_output_under_any_strategy(
     config = {"strategy": strategy, **STRATEGIES[strategy]}
     options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
     cached = serve(loop, [workers[SMOL], workers[GEMMA]], prompts, max_new_tokens=8, config=config, **options)
-    plain = serve(loop, [smol_without_prefix_cache, workers[GEMMA]], prompts, max_new_tokens=8, config=config,
-                  **options)  # fmt: skip
+    plain = serve(
+        loop, [smol_without_prefix_cache, workers[GEMMA]], prompts, max_new_tokens=8, config=config, **options
+    )
     assert [r.text for r in cached] == [r.text for r in plain]
     assert all(r.usage.completion_tokens >= 1 for r in cached)

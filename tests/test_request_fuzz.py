@@ -13,8 +13,21 @@ from coordinator.convert import InvalidRequest, requests_from_proto
 from tests.cluster_helpers import ROOT
 
 CONFIG = parse_config({"models": [{"name": "a", "path": "x"}, {"name": "b", "path": "y", "priority": "primary"}]}, ROOT)
-FIELDS = ("prompt", "messages", "batch", "input", "max_new_tokens", "strategy", "temperature", "top_p",
-          "threshold", "stop", "conversations", "role", "on_worker_loss")  # fmt: skip
+FIELDS = (
+    "prompt",
+    "messages",
+    "batch",
+    "input",
+    "max_new_tokens",
+    "strategy",
+    "temperature",
+    "top_p",
+    "threshold",
+    "stop",
+    "conversations",
+    "role",
+    "on_worker_loss",
+)
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 messages = st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "", "bot"]), st.text(max_size=20)))

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, start_coordinator
+from chorus_local.cluster import WorkerProcess, start_coordinator
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
 from tests.tiny_models import never_ending_llama
 
@@ -81,6 +81,12 @@ BAD_REQUESTS = [
     ({"prompt": "1+1=", "strategy": "threshold"}, "primary"),
     ({"prompt": "1+1=", "stop": [""]}, "stop"),
     ({"prompt": "1+1=", "threshold": -0.5}, "threshold"),
+    # Bounded whatever the config: a probability; stop strings matched at every step; an id in every log line.
+    ({"prompt": "1+1=", "threshold": 5.0}, "threshold: 5.0 is outside [0.0, 1.0]"),
+    ({"prompt": "1+1=", "stop": ["\n", "x" * 1_000_000]}, "stop[1]: 1000000 bytes, at most 256"),
+    ({"prompt": "1+1=", "request_id": "r" * 1_000_000}, "request_id: 1000000 bytes, at most 128"),
+    ({"prompt": "1+1=", "request_id": "a\nfake log line"}, "request_id: 'a\\nfake log line' has a character"),
+    ({"prompt": "1+1=", "strategy": "s" * 1_000_000}, "strategy: unknown 'ssss"),
     ({"prompt": "1+1=" * 100}, "context"),
     ({"prompt": "1+1=", "weights": {"no-such-model": 1.0}}, "weights"),
     ({"prompt": "1+1=", "weights": {"arith-bpe": -1.0}}, "weights"),
@@ -122,14 +128,20 @@ def test_bad_requests_get_invalid_argument(
                     client.generate(**kwargs)  # type: ignore[arg-type]
             details = caught.value.details
         assert field in details
+        assert len(details) < 1000, "an error quotes a bounded part of what was sent"
         assert client.generate(prompt="48+27=", max_new_tokens=4).text == "75"  # still serving
 
 
 def _chorus(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "chorus.cli", *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs,
-    )  # fmt: skip
+        [sys.executable, "-m", "chorus.cli", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kwargs,
+    )
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import chorus
 from chorus.v1 import worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, spawn_worker, start_coordinator
+from chorus_local.cluster import WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import ModelSpec
 from tests.certs import issue, make_ca
 from tests.cluster_helpers import MODELS, LoopThread, make_config
@@ -77,11 +77,19 @@ def test_tls_and_bearer_tokens_end_to_end(
     server, client_cert, ca = pki["coordinator-server"], pki["coordinator-client"], pki["ca"].with_suffix(".crt")
     config = make_config(
         [mtls_worker],
-        server={"port": 0, "tls_cert": str(server.with_suffix(".crt")), "tls_key": str(server.with_suffix(".key")),
-                "tokens_file": str(tokens)},
-        worker_tls={"ca": str(ca), "cert": str(client_cert.with_suffix(".crt")),
-                    "key": str(client_cert.with_suffix(".key")), "server_name": "chorus-worker"},
-    )  # fmt: skip
+        server={
+            "port": 0,
+            "tls_cert": str(server.with_suffix(".crt")),
+            "tls_key": str(server.with_suffix(".key")),
+            "tokens_file": str(tokens),
+        },
+        worker_tls={
+            "ca": str(ca),
+            "cert": str(client_cert.with_suffix(".crt")),
+            "key": str(client_cert.with_suffix(".key")),
+            "server_name": "chorus-worker",
+        },
+    )
     running = loop.run(start_coordinator(config, [mtls_worker.address], port=0))
     target = f"127.0.0.1:{running.port}"
     try:

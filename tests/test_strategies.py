@@ -10,7 +10,7 @@ import pytest
 
 import chorus
 from chorus_common.types import Prompt
-from coordinator.cluster import WorkerProcess
+from chorus_local.cluster import WorkerProcess
 from coordinator.config import parse_config
 from coordinator.workers import Transport, WorkerClient
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, coordinator, make_config, worker
@@ -200,8 +200,11 @@ def test_lookup_scores_a_candidates_first_token(
     references[0].commit(state, committed)
     expected_dist = references[0].next_bytes(state)
     for candidate, value in zip(candidates, got, strict=True):
-        key = END if not candidate else next(
-            (candidate[:n] for n in range(len(candidate), 0, -1) if candidate[:n] in expected_dist), None)  # fmt: skip
+        key = (
+            END
+            if not candidate
+            else next((candidate[:n] for n in range(len(candidate), 0, -1) if candidate[:n] in expected_dist), None)
+        )
         if key is None and candidate:
             assert value == -math.inf, candidate
         else:
@@ -271,8 +274,11 @@ def _chared_reference(models: list[ReferenceModel], prompt: str, max_new: int) -
         for i, table in enumerate(tables):
             assert table is not None
             unsent[i] += choice
-            rest = {k[len(choice) :]: p for k, p in table.items() if k is not END and len(k) > len(choice)
-                    and k.startswith(choice)}  # fmt: skip
+            rest = {
+                k[len(choice) :]: p
+                for k, p in table.items()
+                if k is not END and len(k) > len(choice) and k.startswith(choice)
+            }
             ended = any(k is not END and k and choice.startswith(k) for k in table)
             tables[i] = None if ended or not rest else rest
     return generated.decode("utf-8", errors="replace")

@@ -42,6 +42,7 @@ def test_fast_paths_equal_the_general_merge(dtype: str, seed: int) -> None:
         assert np.array_equal(fast.uids, slow.uids) and np.array_equal(fast.probs, slow.probs)
     weights = rng.dirichlet(np.ones(3))
     fast_mix = mix(dists, weights, extras.size)
-    slow_mix = _merge([d.uids for d in general], [d.probs * w for d, w in zip(general, weights, strict=True)],
-                      extras.size)  # fmt: skip
+    slow_mix = _merge(
+        [d.uids for d in general], [d.probs * w for d, w in zip(general, weights, strict=True)], extras.size
+    )
     assert np.array_equal(fast_mix.uids, slow_mix.uids) and np.array_equal(fast_mix.probs, slow_mix.probs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chorus_common.worker_args import WorkerArgs
-from coordinator.cluster import worker_args
+from chorus_local.cluster import worker_args
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import ROOT
 from tests.helm import CHART, render

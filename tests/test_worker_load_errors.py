@@ -32,8 +32,15 @@ def model_copy(tmp_path: Path) -> Path:
 
 def run_worker(model: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     cache = model.parent / "cache"
-    env = {**os.environ, "HF_HOME": str(cache), "XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1",
-           "CHORUS_LOG_FORMAT": "text", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HOME": str(cache),
+        "XDG_CACHE_HOME": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "CHORUS_LOG_FORMAT": "text",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     chorus = str(Path(sys.executable).parent / "chorus")  # the container's entrypoint: `chorus worker`
     command = [*(prefix or []), chorus, "worker", "--model", str(model), "--port", "0", "--grace", "1"]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=model.parent)

@@ -18,7 +18,7 @@ import pytest
 import chorus
 from chorus.client import build_request
 from chorus.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from coordinator.cluster import WorkerProcess, spawn_worker
+from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
 from tests.cluster_helpers import MODELS, LoopThread, coordinator, make_config
 from tests.tiny_models import never_ending_llama
@@ -102,8 +102,9 @@ def test_every_strategy_degrades_without_a_killed_worker(
     # me samples; a low temperature keeps end-of-sequence (never the top logit here) from being drawn.
     sampling = {"temperature": 0.05, "seed": 3} if strategy == "me" else {}
     with coordinator(loop, make_config(pair)) as target:
-        future = _hit_mid_generation(target, pair[1], signal.SIGKILL, on_worker_loss="degrade", strategy=strategy,
-                                     **sampling)  # fmt: skip
+        future = _hit_mid_generation(
+            target, pair[1], signal.SIGKILL, on_worker_loss="degrade", strategy=strategy, **sampling
+        )
         result = future.result(90)
     # "length": max_new_tokens, or the context filling first (this random model writes odd bytes that
     # re-tokenize into more tokens than union steps).

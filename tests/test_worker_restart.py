@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 import chorus
-from coordinator import cluster
-from coordinator.cluster import LocalWorkers, RestartPolicy, WorkerEvent
+from chorus_local import cluster
+from chorus_local.cluster import LocalWorkers, RestartPolicy, WorkerEvent
 from coordinator.config import parse_config
 from coordinator.server import RETRY_AFTER_S
 from tests.cluster_helpers import MODELS, ROOT, LoopThread
@@ -93,9 +93,12 @@ def test_chorus_up_restarts_a_killed_worker_and_serves_with_it_again(tmp_path: P
     config.write_text((ROOT / "configs" / "default.yaml").read_text().replace("../models", str(MODELS)))
     up = subprocess.Popen(
         [sys.executable, "-m", "chorus.cli", "--log-format", "json", "up", "--config", str(config), "--port", "0"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     output = _Output(up)
     pids: list[int] = []
     try:
@@ -137,8 +140,9 @@ def test_chorus_up_restarts_a_killed_worker_and_serves_with_it_again(tmp_path: P
 @contextmanager
 def _local_cluster(loop: LoopThread, policy: RestartPolicy) -> Iterator[tuple[LocalWorkers, str]]:
     """arith-bpe alone, started and served as `chorus up` does (supervised, the coordinator attached)."""
-    config = parse_config({"models": [{"name": "arith-bpe", "path": str(MODELS / "arith-bpe")}],
-                           "server": {"port": 0}}, ROOT)  # fmt: skip
+    config = parse_config(
+        {"models": [{"name": "arith-bpe", "path": str(MODELS / "arith-bpe")}], "server": {"port": 0}}, ROOT
+    )
     with cluster.supervised_workers(config, policy=policy) as workers:
         running = loop.run(cluster.start_coordinator(config, workers.addresses, port=0, workers=workers))
         try:

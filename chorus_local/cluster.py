@@ -98,9 +98,15 @@ def worker_args(spec: ModelSpec, **options: Any) -> WorkerArgs:
     if spec.path is None:
         raise ValueError(f"model {spec.name!r}: no path to start a worker from (the config gives none)")
     max_memory = {str(k): v for k, v in spec.max_memory.items()} if spec.max_memory else None
-    given = {"model": spec.path, "name": spec.name, "device": spec.device, "dtype": spec.dtype,
-             "quantization": spec.quantization, "max_memory": max_memory,
-             "max_model_len": spec.max_model_len}  # fmt: skip
+    given = {
+        "model": spec.path,
+        "name": spec.name,
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "quantization": spec.quantization,
+        "max_memory": max_memory,
+        "max_model_len": spec.max_model_len,
+    }
     return WorkerArgs(**{**given, **options})
 
 
@@ -253,8 +259,13 @@ class LocalWorkers:
             slot = _Slot(w.spec, threads if w.spec.device == "cpu" else None, w, w.address)
             self._slots.append(slot)
             self._record("started", slot, w)
-            log.info("worker %s started (pid %d) on %s", w.spec.name, w.process.pid, w.address,
-                     extra=self._extra("worker_started", w))  # fmt: skip
+            log.info(
+                "worker %s started (pid %d) on %s",
+                w.spec.name,
+                w.process.pid,
+                w.address,
+                extra=self._extra("worker_started", w),
+            )
         for slot in self._slots:
             slot.thread = threading.Thread(
                 target=self._watch, args=(slot,), name=f"watch-{slot.spec.name}", daemon=True
@@ -326,10 +337,20 @@ class LocalWorkers:
             self._record("exited", slot, worker, returncode=returncode, ran_s=ran, delay_s=delay, at=now)
             log.error(
                 "worker %s (pid %d) %s after serving %.1f s; restarting in %.1f s (%d in a row)",
-                name, worker.process.pid, describe_exit(returncode), ran, delay, slot.failures,
-                extra={**self._extra("worker_died", worker), "exit": describe_exit(returncode),
-                       "returncode": returncode, "restart_in_s": delay, "failures": slot.failures},
-            )  # fmt: skip
+                name,
+                worker.process.pid,
+                describe_exit(returncode),
+                ran,
+                delay,
+                slot.failures,
+                extra={
+                    **self._extra("worker_died", worker),
+                    "exit": describe_exit(returncode),
+                    "returncode": returncode,
+                    "restart_in_s": delay,
+                    "failures": slot.failures,
+                },
+            )
             self._tell(name, lambda e, address=worker.address: e.remove_worker(name, address))
             restarted = self._restart(slot, delay)
             if restarted is None:
@@ -343,8 +364,13 @@ class LocalWorkers:
                 restarted.stop()
                 return
             self._record("started", slot, restarted)
-            log.info("worker %s restarted (pid %d) on %s", name, restarted.process.pid, restarted.address,
-                     extra=self._extra("worker_restarted", restarted))  # fmt: skip
+            log.info(
+                "worker %s restarted (pid %d) on %s",
+                name,
+                restarted.process.pid,
+                restarted.address,
+                extra=self._extra("worker_restarted", restarted),
+            )
             self._tell(name, lambda e, address=restarted.address: e.add_worker(name, address))
 
     def _restart(self, slot: _Slot, delay: float) -> WorkerProcess | None:
@@ -365,9 +391,20 @@ class LocalWorkers:
                 delay = self.policy.delay(slot.failures)
                 pid, returncode = (exc.pid, exc.returncode) if isinstance(exc, WorkerStartFailed) else (0, None)
                 self._record("exited", slot, None, pid=pid, returncode=returncode, delay_s=delay)
-                log.error("%s; restarting it in %.1f s (%d in a row)", exc, delay, slot.failures,
-                          extra={"event": "worker_died", "model": name, "pid": pid, "returncode": returncode,
-                                 "restart_in_s": delay, "failures": slot.failures})  # fmt: skip
+                log.error(
+                    "%s; restarting it in %.1f s (%d in a row)",
+                    exc,
+                    delay,
+                    slot.failures,
+                    extra={
+                        "event": "worker_died",
+                        "model": name,
+                        "pid": pid,
+                        "returncode": returncode,
+                        "restart_in_s": delay,
+                        "failures": slot.failures,
+                    },
+                )
         return None
 
     def _tell(self, model: str, change: Callable[[Ensemble], Coroutine[Any, Any, None]]) -> None:
