@@ -299,19 +299,6 @@ def test_chared_asks_models_again_only_when_needed(loop: LoopThread, pair: list[
     assert sum(r.text.isdigit() for r in results) >= 4
 
 
-def test_chared_pools_the_votes_of_a_character_split_over_tokens() -> None:
-    """One model spells 🤖 with byte pieces (its key is the first byte), another has 🤖 as a token: their
-    votes are for one outcome, not two, and together they outvote a third character."""
-    from coordinator.strategies.chared import _pool_split_characters
-
-    robot = "🤖".encode()
-    votes = {robot[:1]: 0.3, robot: 0.25, "🚀".encode(): 0.1, b"a": 0.35, "é".encode(): 0.0, b"": 0.0}
-    pooled = _pool_split_characters(votes)
-    assert pooled == pytest.approx({robot[:1]: 0.65, b"a": 0.35, "é".encode(): 0.0, b"": 0.0})
-    assert max(pooled, key=pooled.__getitem__) == robot[:1]
-    assert _pool_split_characters({b"a": 0.5, robot: 0.5}) == {b"a": 0.5, robot: 0.5}  # nothing split
-
-
 def test_strategy_settings_are_validated() -> None:
     base = {"models": [{"name": "a", "path": str(MODELS / "arith-bpe")}]}
     with pytest.raises(ValueError, match=r"safe\.drafter"):
