@@ -264,12 +264,6 @@ def _chared_reference(models: list[ReferenceModel], prompt: str, max_new: int) -
             for key, p in table.items():
                 char = END if key is END else first_char(key)
                 votes[char] = votes.get(char, 0.0) + p / total / len(models)
-        # A key that ends inside a character (a byte piece) stands for every character it begins.
-        partial = [k for k in votes if k and len(k) < len(first_char(k + b"\x80\x80\x80"))]
-        for key in sorted(votes, key=lambda k: -len(k or b"")):
-            into = next((p for p in sorted(partial, key=len) if key and key != p and key.startswith(p)), None)
-            if into is not None:
-                votes[into] += votes.pop(key)
         choice = max(votes, key=lambda k: votes[k])
         if choice is END:
             break

@@ -5,8 +5,7 @@ entries that start with it); the weighted average picks the character; each mode
 filtered to the entries that go on past that character, and it is asked again only when entries
 that end at the character hold a noticeable share of its mass (their continuation is unknown
 until the model runs; `chared.requery_mass`, 0 = always ask then, which is exact). Independent of
-vocabularies: only bytes meet. A token that ends inside a character votes for the character's first
-bytes, and the votes of the characters that begin with them join its vote (_pool_split_characters).
+vocabularies: only bytes meet. A character split over byte tokens is a key of its own bytes.
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ class Chared(Strategy):
             mass = sum(marginal.values()) or 1.0
             for key, p in marginal.items():
                 votes[key] = votes.get(key, 0.0) + ctx.weights[i] / total * p / mass
-        votes = _pool_split_characters(votes)
         uids = np.array([ctx.uid(k) for k in votes])
         order = np.argsort(uids)
         return Decision(UnionDist(uids[order], np.array(list(votes.values()))[order]), ensembled=len(marginals) > 1)
@@ -98,22 +96,6 @@ def _table(ctx: StepContext, dist: UnionDist) -> tuple[Table, Table]:
     keep = np.flatnonzero(dist.probs > 1e-6 * dist.probs.sum())
     table = {ctx.bytes_of(int(dist.uids[k])): float(dist.probs[k]) for k in keep}
     return table, marginal
-
-
-def _pool_split_characters(votes: Table) -> Table:
-    """Votes in which no key begins another. A token that ends inside a character (a byte piece b"\xf0", a
-    byte-level BPE's b"\xf0\x9f") votes for the character's first bytes, not for one character: the votes
-    for every character (or longer first bytes) that starts with them join that key, so a model that spells
-    an emoji byte by byte and one that has it as a token vote for the same outcome. The bytes chosen are then
-    followed by the next ones, each model's table narrowed to them (the chain rule: P(first bytes) P(rest))."""
-    partial = {key for key in votes if key and len(key) < len(first_char(key + b"\x80\x80\x80"))}
-    if not partial:
-        return votes
-    pooled: Table = {}
-    for key, p in votes.items():
-        into = next((key[:n] for n in range(1, len(key) + 1) if key[:n] in partial), key)
-        pooled[into] = pooled.get(into, 0.0) + p
-    return pooled
 
 
 def _marginal(table: Table) -> Table:
