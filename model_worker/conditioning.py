@@ -8,8 +8,10 @@ The rules, in order:
 - other committed text (other models' pieces) forms the *tail*: it is tokenized canonically in
   context (only the tail, so the cost of a step does not grow with the text), and its last token may
   be extended by what comes next (token healing, exact: see distribution.py). A trailing incomplete
-  UTF-8 character stays pending bytes: the next token must start with them; it is never spelt with
-  single-byte tokens while some token of the model extends it;
+  UTF-8 character is spelt with the model's tokens, longest first (a byte-level BPE writes an emoji as
+  two or three tokens, a byte-fallback one as byte pieces), and every token that holds part of the last
+  character stays open to extension, so no spelling of it is lost; bytes no token spells stay pending
+  (the next token must start with them);
 - the tail's complete words are settled (appended to the model's tokens): tokenizers do not merge
   across the whitespace that starts a word, so only the last word can still change. A tail without
   whitespace (CJK, long identifiers) keeps its last KEEP_OPEN tokens open once it passes MAX_OPEN.
@@ -58,8 +60,12 @@ class Plan:
     extra: tuple[int, ...]
     # Committed bytes after the last token: every next token must start with them.
     pending: bytes
-    # bytes(last token) + pending, when the last token may be extended (token healing).
-    heal_prefix: bytes | None
+    # Open tokens, the last ones (all in `extra`): a token drawn in place of the last k of them may extend
+    # their bytes and the pending ones (token healing). levels[j] holds those bytes for k = len(levels) - j:
+    # one level, or several where a character is split over tokens.
+    levels: tuple[bytes, ...] = ()
+    # The text ends inside a character: the next token must continue it (not end the text, nor start another).
+    inside: bool = False
 
     def __len__(self) -> int:
         return self.n_fixed + len(self.extra)
@@ -80,10 +86,19 @@ class Plan:
         return len(self) <= len(other) and self.suffix(k) == other.suffix(k)[: len(self) - k]
 
     @property
+    def open(self) -> int:
+        return len(self.levels)
+
+    @property
+    def heal_prefix(self) -> bytes | None:
+        """The committed bytes from the first open token on (None if no token is open)."""
+        return self.levels[0] if self.levels else None
+
+    @property
     def rows_needed(self) -> tuple[int, ...]:
-        """Positions whose output distribution the step needs."""
+        """Positions whose output distribution the step needs: after the last token, and before each open one."""
         n = len(self)
-        return (n - 2, n - 1) if self.heal_prefix is not None else (n - 1,)
+        return tuple(range(n - 1 - self.open, n))
 
     @property
     def at_boundary(self) -> bool:
@@ -143,6 +158,8 @@ class PrefixIndex:
         self._keys = [b for b, _ in order]
         self._ids = np.fromiter((i for _, i in order), dtype=np.int64, count=len(order))
         self._lengths = np.fromiter((len(b) for b, _ in order), dtype=np.int64, count=len(order))
+        # Tokens that begin with a UTF-8 continuation byte (0x80..0xBF): a contiguous run of the sorted keys.
+        self.continuing: np.ndarray = self._ids[bisect_left(self._keys, b"\x80") : bisect_left(self._keys, b"\xc0")]
 
     def extensions(self, prefix: bytes) -> np.ndarray:
         """Ids of the tokens strictly longer than prefix that start with it."""
@@ -156,6 +173,16 @@ class PrefixIndex:
         # Several tokens may share the prefix's exact bytes (a byte-fallback token and a piece).
         after = bisect_right(self._keys, prefix)
         return after < len(self._keys) and self._keys[after].startswith(prefix)
+
+
+def _last_char_start(data: bytes) -> int:
+    """Where the last UTF-8 character of data starts (complete or not; a stray byte is a character)."""
+    for back in range(1, min(4, len(data)) + 1):
+        if data[-back] & 0xC0 != 0x80:
+            lead = data[-back]
+            need = 1 if lead < 0x80 else 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 1
+            return len(data) - back if back <= need else len(data) - 1
+    return len(data) - 1
 
 
 def _successor(prefix: bytes) -> bytes | None:
@@ -198,10 +225,6 @@ class Conditioner:
                 }
                 ids.sort(key=rank.__getitem__)
         self._longest = max((len(b) for b in self.ids_by_bytes), default=1)
-        self._byte_ids: dict[int, int] = {}
-        for i, b in enumerate(tokens):
-            if len(b) == 1 and not special[i]:
-                self._byte_ids.setdefault(b[0], i)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -246,7 +269,11 @@ class Conditioner:
         (the healing part). The plan's open tail and the token become the model's tokens, exactly."""
         assert plan.n_fixed == len(state.fixed), "a draw commits to the state its plan was made from"
         state.generated += appended
-        new = [*(plan.extra if after_last else plan.extra[:-1]), token]
+        kept = len(plan.extra)
+        if not after_last:  # it replaces the open tokens whose bytes (and the pending ones) it extends
+            skipped = len(self._tokens[token]) - len(appended)
+            kept -= plan.open - [len(prefix) for prefix in plan.levels].index(skipped)
+        new = [*plan.extra[:kept], token]
         state.settle(new, [len(self._tokens[i]) for i in new])
 
     def rollback(self, state: TextState, n: int) -> None:
@@ -265,19 +292,57 @@ class Conditioner:
         tail = state.tail
         n = len(state.fixed)
         if not tail:
-            return Plan(state.fixed, n, (), b"", None)
+            return Plan(state.fixed, n, (), b"")
         toks, _, pending = self._tail_tokens(state)
-        heal = None
-        if toks:
-            prefix = self._tokens[toks[-1]] + pending
-            if pending or self.index.has_extension(prefix):
-                heal = prefix
-        # Nothing the model would produce starts with these bytes: a character outside its vocabulary, which
-        # a byte-fallback tokenizer spells with byte tokens. Without byte tokens, nothing can continue.
-        extended = self.index.has_extension(pending) or (heal is not None and self.index.has_extension(heal))
-        if pending and not extended and all(b in self._byte_ids for b in pending):
-            return Plan(state.fixed, n, (*toks, *(self._byte_ids[b] for b in pending)), b"", None)
-        return Plan(state.fixed, n, tuple(toks), pending, heal)
+        if pending:
+            toks, pending = self._spell_pending(toks, pending)
+        inside = bool(split_utf8(tail)[1])
+        return Plan(state.fixed, n, tuple(toks), pending, self._levels(toks, pending, tail), inside)
+
+    def _levels(self, toks: list[int], pending: bytes, tail: bytes) -> tuple[bytes, ...]:
+        """Which of the tail's last tokens are open (Plan.levels). The last one, where a token extends it (or
+        bytes are pending). Where the text ends in a character of several bytes, every token that holds part
+        of it, and the token before them if the character starts a token (b" " then b"\xf0\x9f" can be one
+        token b" \xf0\x9f..."): back to the earliest that a token extends."""
+        if not toks:
+            return ()
+        start = len(tail) - len(pending) - len(self._tokens[toks[-1]])  # where the last token starts
+        depth = 1
+        char = _last_char_start(tail)
+        if tail[char] >= 0x80:  # a character of several bytes: the tokens that hold part of it
+            while depth < len(toks) and start > char:
+                depth += 1
+                start -= len(self._tokens[toks[-depth]])
+            if start == char and depth < len(toks):
+                depth += 1
+        levels: list[bytes] = []
+        rest = pending
+        for k in range(1, depth + 1):
+            rest = self._tokens[toks[-k]] + rest
+            levels.append(rest)
+        opened = next((k for k in range(depth, 0, -1) if self.index.has_extension(levels[k - 1])), 0)
+        if pending:
+            opened = max(opened, 1)
+        return tuple(reversed(levels[:opened]))
+
+    def _spell_pending(self, toks: list[int], pending: bytes) -> tuple[list[int], bytes]:
+        """The tail's tokens and pending bytes once the pending bytes (an incomplete character) are spelt with the
+        model's tokens, longest first, together with the last token's bytes: a byte-level BPE writes a character
+        as several tokens (b" \xf0\x9f", b"\xa4", b"\x96"), a byte-fallback one as byte pieces. Every token
+        that holds part of the character stays open (_levels), so the tokens that extend it are counted too.
+        Bytes no token spells (no byte fallback) stay pending."""
+        last = self._tokens[toks[-1]] if toks else b""
+        data = last + pending
+        spelled: list[int] = []
+        at = 0
+        while at < len(data):
+            longest = min(self._longest, len(data) - at)
+            n = next((n for n in range(longest, 0, -1) if data[at : at + n] in self.ids_by_bytes), 0)
+            if not n:
+                return toks, pending
+            spelled.append(self.ids_by_bytes[data[at : at + n]][0])
+            at += n
+        return [*toks[: len(toks) - bool(toks)], *spelled], b""
 
     def _tail_tokens(self, state: TextState) -> tuple[list[int], list[int], bytes]:
         """The tail's tokens in context, their byte lengths, and the trailing incomplete character."""

@@ -25,22 +25,31 @@ FULL = Format(0, np.dtype(np.float32))
 class Part(DistributionPart):
     """A distribution part as the worker builds it, knowing where its tokens go."""
 
-    # Its tokens follow the plan's last token; False = they replace it (the healing part).
-    after_last: bool = True
+    # How many of the plan's last tokens its tokens replace: 0 = they follow the last token; k > 0 = they
+    # replace the last k (a healing part: they extend those tokens' bytes and the pending ones).
+    replaces: int = 0
+
+    @property
+    def after_last(self) -> bool:
+        return self.replaces == 0
 
 
 def build_parts(plan: Plan, rows: dict[int, torch.Tensor], index: PrefixIndex, fmt: Format) -> list[Part]:
+    """The next-bytes distribution after the plan's text: for each open level, the tokens that extend its bytes
+    (scaled by the probability of the open tokens before them), then the tokens after the last token."""
     n = len(plan)
-    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     parts: list[Part] = []
     scale = 0.0
-    if plan.heal_prefix is not None:
-        before = torch.log_softmax(rows[n - 2].float(), dim=-1)
-        prefix = plan.heal_prefix
-        parts += _sparse(before, index.extensions(prefix), len(prefix), 0.0, fmt.top_k, after_last=False)
-        scale = float(before[plan.last])
+    for j, prefix in enumerate(plan.levels):
+        k = plan.open - j  # this part's tokens replace the last k
+        before = torch.log_softmax(rows[n - 1 - k].float(), dim=-1)
+        parts += _sparse(before, index.extensions(prefix), len(prefix), scale, fmt.top_k, replaces=k)
+        scale += float(before[plan.extra[len(plan.extra) - k]])
+    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     if plan.pending:
         parts += _sparse(after, index.extensions(plan.pending), len(plan.pending), scale, fmt.top_k)
+    elif plan.inside:  # a character spelt with tokens up to here: the next one goes on with it
+        parts += _sparse(after, index.continuing, 0, scale, fmt.top_k)
     else:
         parts.append(dense_part(after, scale, fmt))
     return parts
@@ -54,7 +63,7 @@ def dense_part(logprobs: torch.Tensor, scale: float, fmt: Format) -> Part:
 
 
 def _sparse(
-    logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, top_k: int, after_last: bool = True
+    logprobs: torch.Tensor, ids: np.ndarray, skip: int, scale: float, top_k: int, replaces: int = 0
 ) -> list[Part]:
     if ids.size == 0:
         return []
@@ -63,7 +72,7 @@ def _sparse(
     if top_k and ids.size > top_k:
         values, order = torch.topk(values, top_k)
         index = index[order]
-    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), after_last)]
+    return [Part(skip, scale, index.cpu().numpy().astype(np.uint32), values.cpu().numpy(), replaces)]
 
 
 def lookup_logprob(
@@ -72,17 +81,20 @@ def lookup_logprob(
     """Log-probability of the longest next-bytes option (a token, or the rest of a healed one) that
     is a prefix of candidate, summed over the tokens that spell it; b"" = end of sequence."""
     n = len(plan)
-    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     options: list[tuple[bytes, float, torch.Tensor]] = []  # (bytes already committed, log scale, logprobs)
     scale = 0.0
-    if plan.heal_prefix is not None:
-        before = torch.log_softmax(rows[n - 2].float(), dim=-1)
-        options.append((plan.heal_prefix, 0.0, before))
-        scale = float(before[plan.last])
-    options.append((plan.pending, scale, after))
+    for j, prefix in enumerate(plan.levels):
+        k = plan.open - j
+        before = torch.log_softmax(rows[n - 1 - k].float(), dim=-1)
+        options.append((prefix, scale, before))
+        scale += float(before[plan.extra[len(plan.extra) - k]])
+    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
+    if not (plan.inside and not plan.pending and candidate and not 0x80 <= candidate[0] < 0xC0):
+        options.append((plan.pending, scale, after))  # inside a character, only what continues it
     if not candidate:
         ids = sorted(eos)
-        return float(torch.logsumexp(after[ids], 0)) + scale if ids and not plan.pending else -math.inf
+        ended = ids and not plan.pending and not plan.inside
+        return float(torch.logsumexp(after[ids], 0)) + scale if ended else -math.inf
     for length in range(len(candidate), 0, -1):
         spelled = [(s, lp, conditioner.ids_by_bytes.get(prefix + candidate[:length])) for prefix, s, lp in options]
         terms = [s + float(lp[i]) for s, lp, ids in spelled if ids for i in ids]

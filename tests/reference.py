@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_worker.conditioning import Conditioner, TextState
+from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.token_bytes import token_byte_table
 from tests.plans import plan_ids
 
@@ -42,6 +42,11 @@ class ReferenceModel:
         row = self._logprobs(state.fixed) if not state.tail else None
         self.conditioner.commit(state, piece, row, partial)
 
+    @staticmethod
+    def _goes_on(plan: Plan, data: bytes) -> bool:
+        """Inside a character spelt with tokens, only a token that continues it (a continuation byte) can follow."""
+        return bool(plan.pending) or not plan.inside or 0x80 <= data[0] < 0xC0
+
     def next_bytes(self, state: TextState) -> dict[bytes | None, float]:
         plan = self.conditioner.plan(state)
         ids, pending = plan_ids(plan), plan.pending
@@ -51,20 +56,20 @@ class ReferenceModel:
             dist[key] = dist.get(key, 0.0) + p
 
         scale = 1.0
-        if plan.heal_prefix is not None:
-            prefix = plan.heal_prefix
-            before = self._logprobs(ids[:-1])
+        for j, prefix in enumerate(plan.levels):  # a token in place of the last k tokens extends their bytes
+            k = plan.open - j
+            before = self._logprobs(ids[:-k])
             for t, b in enumerate(self.tokens):
                 if not self.special[t] and b.startswith(prefix) and len(b) > len(prefix):
-                    add(b[len(prefix) :], math.exp(before[t]))
-            scale = math.exp(before[ids[-1]])
+                    add(b[len(prefix) :], scale * math.exp(before[t]))
+            scale *= math.exp(before[ids[-k]])
         after = self._logprobs(ids)
         for t, b in enumerate(self.tokens):
             p = scale * math.exp(after[t])
             if t in self.eos:
-                if not pending:  # committed bytes of a split character must be continued
+                if not pending and not plan.inside:  # committed bytes of a split character must be continued
                     add(END, p)
-            elif self.special[t] or not b.startswith(pending) or len(b) <= len(pending):
+            elif self.special[t] or not b.startswith(pending) or len(b) <= len(pending) or not self._goes_on(plan, b):
                 continue
             else:
                 add(b[len(pending) :], p)

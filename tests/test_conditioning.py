@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_worker.conditioning import Conditioner, PrefixIndex, TextState, split_utf8
+from model_worker.conditioning import Conditioner, Plan, PrefixIndex, TextState, split_utf8
 from model_worker.token_bytes import token_byte_table
 from tests import tokenizer_factory
 from tests.plans import plan_ids
@@ -119,20 +121,51 @@ def test_incremental_tail_tokens_equal_a_full_re_encode(conditioner: Conditioner
     assert len(fast.tail) <= len(text)
 
 
-def test_a_split_character_is_pending_bytes_while_a_token_extends_it(conditioner: Conditioner) -> None:
-    for char in ("🙂", "你", "é", "🚀"):
-        data = (" " + char).encode()
-        for cut in range(2, len(data)):
-            state = conditioner.start("a", True)
-            conditioner.commit(state, data[:cut], partial=True)
-            plan = conditioner.plan(state)
-            tail_ids = plan_ids(plan)[state.prompt_len :]
-            extendable = conditioner.index.has_extension(data[1:cut]) or any(
-                conditioner.index.has_extension(conditioner._tokens[t] + plan.pending) for t in tail_ids[-1:]
-            )
-            if extendable:  # never spelt with single-byte tokens
-                assert plan.pending == data[len(data[:cut]) - len(plan.pending) : cut] and plan.pending
-            assert b"".join(conditioner._tokens[i] for i in tail_ids) + plan.pending == data[:cut]
+def _paths(c: Conditioner, plan: Plan, prompt_len: int) -> list[tuple[list[int], bytes]]:
+    """What a plan's distribution counts: (tokens of the text after the prompt, bytes the next token must start
+    with): after all its tokens, and in place of each open level's tokens."""
+    tail = list(plan_ids(plan)[prompt_len:])
+    paths = [(tail, plan.pending)]
+    for j, prefix in enumerate(plan.levels):
+        paths.append((tail[: len(tail) - (plan.open - j)], prefix))
+    return paths
+
+
+@pytest.mark.parametrize("char", ["🙂", "你", "é", "🚀", "🤖", "🎉"])
+def test_a_split_character_keeps_the_tokenizers_own_spelling_of_it_reachable(
+    conditioner: Conditioner, char: str
+) -> None:
+    """Cut anywhere inside a character written by others, the text's tokens and open levels still count the
+    tokens the tokenizer writes for the whole text: the next of them either follows the plan's tokens, or
+    extends the bytes of an open level (never a spelling with single-byte tokens it would not write)."""
+    prompt, text = "a", (" " + char + " ok").encode()
+    prompt_ids = conditioner.encode(prompt, True)
+    whole = conditioner.encode(prompt + text.decode(), True)
+    if whole[: len(prompt_ids)] != prompt_ids or conditioner._tokenizer.unk_token_id in whole:
+        pytest.skip("the tokenizer merges across the prompt, or cannot spell the character")
+    canonical = whole[len(prompt_ids) :]
+    for cut in range(1, len(text.split(b" ok")[0]) + 1):
+        state = conditioner.start(prompt, True)
+        conditioner.commit(state, text[:cut], partial=True)
+        plan = conditioner.plan(state)
+        assert b"".join(conditioner._tokens[i] for i in plan_ids(plan)[len(prompt_ids) :]) + plan.pending == text[:cut]
+        # The canonical tokens that end within the cut text, then the one that holds the next byte.
+        ends = list(itertools.accumulate(len(conditioner._tokens[i]) for i in canonical))
+        done = next(k for k, end in enumerate(ends) if end > cut)
+        before, spanning = canonical[:done], conditioner._tokens[canonical[done]]
+        start = ends[done - 1] if done else 0
+        reachable = [
+            tokens == before and len(spanning) > len(rest) and spanning.startswith(rest)
+            for tokens, rest in _paths(conditioner, plan, len(prompt_ids))
+            if len(rest) == cut - start
+        ]
+        at_boundary = ends[done - 1] == cut if done else False
+        assert any(reachable) or (at_boundary and list(plan_ids(plan)[len(prompt_ids) :]) == before), (
+            char,
+            cut,
+            [conditioner._tokens[i] for i in canonical],
+            plan,
+        )
 
 
 def test_rollback_returns_to_the_state_of_fewer_pieces(conditioner: Conditioner) -> None:

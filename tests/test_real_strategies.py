@@ -100,3 +100,28 @@ def test_prefix_caching_changes_no_output_under_any_strategy(
     )
     assert [r.text for r in cached] == [r.text for r in plain]
     assert all(r.usage.completion_tokens >= 1 for r in cached)
+
+
+# --------------------------------------------------------------------------- characters split over tokens, chared
+
+
+def test_chared_keeps_split_emoji_whole(loop: LoopThread, workers: dict[str, WorkerProcess]) -> None:
+    """Gemma writes 🎉 as one token, SmolLM2 as three (b" \\xf0\\x9f", b"\\x8e", b"\\x89"): deciding character by
+    character, the ensemble writes no broken character after emoji in the prompt."""
+    config = {"strategy": "chared", **STRATEGIES["chared"]}
+    (result,) = serve(
+        loop, [workers[SMOL], workers[GEMMA]], ["Party time 🎉🎉 and then"], max_new_tokens=30, config=config
+    )
+    assert result.text.strip() and "\ufffd" not in result.text, result.text
+
+
+def test_chared_writes_the_indented_code_both_models_write(loop: LoopThread, workers: dict[str, WorkerProcess]) -> None:
+    """Indentation is a run of spaces each tokenizer writes as one token: decided a character at a time,
+    the spaces, then the code after them, as each model alone writes it (not only spaces)."""
+    prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""'
+    alone = [serve(loop, [workers[name]], [prompt], max_new_tokens=8)[0].text for name in (SMOL, GEMMA)]
+    common = alone[0][: next((k for k, (a, b) in enumerate(zip(*alone, strict=False)) if a != b), min(map(len, alone)))]
+    assert common.startswith("\n    if n"), alone  # both write the same indented line
+    config = {"strategy": "chared", **STRATEGIES["chared"]}
+    (result,) = serve(loop, [workers[SMOL], workers[GEMMA]], [prompt], max_new_tokens=30, config=config)
+    assert result.text.startswith(common), (result.text, common)

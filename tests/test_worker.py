@@ -352,7 +352,8 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -
         if j:
             reference.commit(state, pieces[j - 1])
         if parts is None:
-            assert reference.conditioner.plan(state).pending
+            plan = reference.conditioner.plan(state)
+            assert plan.pending or plan.inside  # inside one of its tokens, or inside a character
             continue
         _assert_close(_as_dict(runtime, parts), reference.next_bytes(state))
         checked += 1
