@@ -66,3 +66,28 @@ def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strat
     assert long.finish_reason in ("length", "stop") and long.usage.completion_tokens >= 1
     assert at_limit.finish_reason == "length" and 1 <= at_limit.usage.completion_tokens <= 8
     assert at_limit.usage.models[1].prompt_tokens > 512 or at_limit.usage.models[0].prompt_tokens > 512
+
+
+# --------------------------------------------------------------------------- SAFE's adaptive drafts change no output
+
+SAFE_PROMPTS = ["def fibonacci(n):\n", "Le chat est", "Party time 🎉🎉 let's"]
+
+
+@pytest.mark.timeout(900)  # nine greedy SAFE runs of 16 tokens: minutes on a loaded shared CPU
+def test_safe_adaptive_drafts_write_what_fixed_drafts_write(
+    loop: LoopThread, workers: dict[str, WorkerProcess]
+) -> None:
+    """Greedy SAFE decides each position alike whatever the draft's length: the drafter's token where the
+    models agree (or inside a verifier's token), the ensemble's where they do not. Adaptive drafts, fixed
+    five-token drafts and fixed one-token drafts write the same text."""
+    pair = [workers[SMOL], workers[GEMMA]]
+    texts = {}
+    for label, safe in (("adaptive", {}), ("fixed 5", {"adaptive": False}),
+                        ("fixed 1", {"adaptive": False, "draft_tokens": 1})):  # fmt: skip
+        config = {"strategy": "safe", "safe": safe}
+        served = serve(loop, pair, SAFE_PROMPTS, max_new_tokens=16, config=config)
+        texts[label] = [r.text for r in served]
+        if label == "adaptive":
+            ensembled = [r.usage.steps_ensembled for r in served]
+            assert all(0 < n < 16 for n in ensembled), ensembled  # the pair disagrees here and there
+    assert texts["adaptive"] == texts["fixed 5"] == texts["fixed 1"]
