@@ -7,16 +7,20 @@ import pytest
 from coordinator.strategies.draft_length import DraftLength
 
 
-def test_a_request_starts_at_the_upper_bound() -> None:
-    assert DraftLength(5).current == 5
-    assert DraftLength(3).current == 3
-    assert DraftLength(1).current == 1
+def test_a_request_starts_at_three_tokens_and_reaches_five_if_its_first_draft_is_kept() -> None:
+    assert [DraftLength(upper).current for upper in (1, 2, 3, 5, 64)] == [1, 2, 3, 3, 3]
+    length = DraftLength(5)
+    length.checked(3, ensembled=False)
+    assert length.current == 5
 
 
 def test_disagreements_shrink_the_draft_to_one_token() -> None:
     length = DraftLength(5)
+    for _ in range(20):
+        length.checked(1, ensembled=False)
+    assert length.current == 5
     length.checked(0, ensembled=True)
-    assert length.current == 2  # 0.9 -> 0.72: 0.72 ** 2 >= 1/2 > 0.72 ** 3
+    assert length.current == 3  # about 0.798: 0.798 ** 3 >= 1/2 > 0.798 ** 4
     length.checked(0, ensembled=True)
     assert length.current == 1
     for _ in range(10):
@@ -47,6 +51,8 @@ def test_accepted_positions_before_an_ensembled_one_count_as_agreement() -> None
 
 def test_at_the_bound_only_after_a_run_of_agreement() -> None:
     length = DraftLength(5)
+    assert not length.at_bound
+    length.checked(3, ensembled=False)
     assert length.at_bound
     length.checked(2, ensembled=True)
     assert not length.at_bound

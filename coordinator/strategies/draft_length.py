@@ -6,13 +6,15 @@ draft are never checked and do not count. `agreement` is an exponential moving a
 (weight AGREEMENT_WEIGHT per position, starting at START), so it follows the text the request is
 writing now. The next draft is the longest one likely to be accepted whole: the largest length L
 up to the upper bound (`safe.draft_tokens`) with agreement ** L >= 1/2, and at least one token.
-Drafts grow while they are accepted and shrink to one token after a few disagreements: with the
-defaults, one disagreement after a run of agreement halves the length (0.9 -> 0.72: 2 tokens), two
-bring it to one; it takes six agreeing positions in a row to grow from one token back to five.
+Drafts grow while they are accepted and shrink to one token after a disagreement or two: with the
+defaults a request's first draft has 3 tokens (5 after it if it is kept whole); after a long run of
+agreement one disagreement brings the length to 3 tokens, a second to 1; from there five agreeing
+positions in a row (more after a longer run of disagreement) bring it back to 5.
 
-The half: a draft of L tokens costs L drafter passes and a verifier pass in series, a one-token
-draft runs alongside the verifier's pass (SAFE's probe). Longer drafts pay off only when most of
-them is kept.
+The half: a draft of L tokens costs L drafter passes, then a pass of each verifier, and what
+follows its first disagreement is thrown away. Drafts kept whole at least half the time keep the
+expected forward passes per token below GaC's (one per model); where the models agree for long,
+they tend to 1 + (verifiers) / L.
 """
 
 from __future__ import annotations

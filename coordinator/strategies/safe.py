@@ -12,7 +12,8 @@ The draft length follows the agreement measured so far in the request (draft_len
 `draft_tokens`: where the models disagree often, drafts shrink to one token, so a disagreement
 throws no drafted work away, and a position costs a pass of each model, as in GaC. The ensemble at
 a drafted position reuses the rows the draft and the verification computed there (the workers keep
-them): the drafter's when it is the draft's first position, the verifiers' at every position.
+them): the verifiers' at every position, the drafter's at the draft's first one (unless it drafted
+ahead).
 
 While the verifiers check a draft, the drafter already drafts the next chunk as if this one were
 accepted (only after a draft that was, with drafts at their longest: the models have agreed for a
