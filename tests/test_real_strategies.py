@@ -82,7 +82,7 @@ def test_safe_adaptive_drafts_write_what_fixed_drafts_write(
     five-token drafts and fixed one-token drafts write the same text."""
     pair = [workers[SMOL], workers[GEMMA]]
     texts = {}
-    for label, safe in (("adaptive", {}), ("fixed 5", {"adaptive": False}),
+    for label, safe in (("adaptive", {"adaptive": True}), ("fixed 5", {"adaptive": False}),
                         ("fixed 1", {"adaptive": False, "draft_tokens": 1})):  # fmt: skip
         config = {"strategy": "safe", "safe": safe}
         served = serve(loop, pair, SAFE_PROMPTS, max_new_tokens=16, config=config)

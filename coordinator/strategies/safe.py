@@ -8,8 +8,8 @@ of it exceeds 0.5. These skip rules never change the ensemble's argmax. Drafts a
 position are discarded (the workers roll them back on their next message); the ensembled
 distribution is GaC or UniTE, optionally sharpened.
 
-The draft length follows the agreement measured so far in the request (draft_length.py), up to
-`draft_tokens`: where the models disagree often, drafts shrink to one token, so a disagreement
+With `adaptive`, the draft length follows the agreement measured so far in the request
+(draft_length.py), up to `draft_tokens`: where the models disagree often, drafts shrink to one token, so a disagreement
 throws no drafted work away, and a position costs a pass of each model, as in GaC. The ensemble at
 a drafted position reuses the rows the draft and the verification computed there (the workers keep
 them): the verifiers' at every position, the drafter's at the draft's first one (unless it drafted
@@ -50,7 +50,7 @@ class SafeSettings(StrategySettings):
         5, ge=1, le=64, description="the most tokens drafted per generate-verify cycle (the adaptive length's bound)"
     )
     adaptive: bool = Field(
-        True,
+        False,
         description="draft lengths follow the models' agreement so far (false: every draft is draft_tokens long)",
     )
     ensemble: Literal["gac", "unite"] = Field("gac", description="the distribution at an ensembled position")
@@ -89,12 +89,13 @@ class Safe(Strategy):
         self._accepted_last = True  # the last draft was accepted whole: worth drafting ahead
         self._ahead: asyncio.Task[Drafted | None] | None = None  # the next chunk, drafted speculatively
         self._length: DraftLength | None = None  # made at the first step, from the request's settings
+        self._disputed: int | None = None  # the drafted token at the position being ensembled (union id)
 
     async def step(self, ctx: StepContext) -> Decision:
         ahead = await self._take_ahead()
         if self._ensemble_next:
             self._ensemble_next = False
-            return await self._ensemble(ctx)
+            return await self._settle(ctx)
         settings = ctx.config.safe
         if self._length is None:
             self._length = DraftLength(settings.draft_tokens, settings.adaptive)
@@ -129,12 +130,13 @@ class Safe(Strategy):
             dists = [drafted.dists[j], *(d for d in at_j if d is not None)]
             if _agree(token, dists[1:], dists):
                 continue
-            self._length.checked(j, ensembled=True)
+            self._length.checked(j, ensembled=False)
+            self._disputed = token
             self._accepted_last = False
             self._ensemble_next = j > 0
             if j == 0:
                 await self._take_ahead()  # the drafter's session must be free before it is asked
-                return await self._ensemble(ctx)
+                return await self._settle(ctx)
             return Decision(pieces=tuple(drafted.pieces[:j]))
         self._length.checked(len(choices), ensembled=False)
         self._accepted_last = True
@@ -154,6 +156,16 @@ class Safe(Strategy):
             with contextlib.suppress(BaseException):
                 await self._ahead
             self._ahead = None
+
+    async def _settle(self, ctx: StepContext) -> Decision:
+        """Ensemble at the disputed drafted position; it counts as a disagreement for the draft length
+        only where the ensemble's most likely token is not the drafted one (the skip rules are
+        conservative: models that merely tokenize the text differently often still pick it)."""
+        decision = await self._ensemble(ctx)
+        assert self._length is not None
+        kept = decision.dist is not None and decision.dist.uids.size > 0 and decision.dist.top() == self._disputed
+        self._length.checked(int(kept), ensembled=not kept)
+        return decision
 
     async def _ensemble(self, ctx: StepContext) -> Decision:
         settings = ctx.config.safe
