@@ -1,6 +1,6 @@
 """Benchmarks: performance figures as ratios measured side by side in one run, each against a target.
 
-    python scripts/bench.py [--quick] [--json bench.json] [--only gac,cpu,streams,memory,strategies,engine,long_streams]
+    python scripts/bench.py [--quick] [--json bench.json] [--only FIGURE,...]   (figures below, and `safe`)
 
 The machine is shared and noisy, so no figure is an absolute time: each is a ratio of runs
 interleaved in one process (A, B, ensemble, A, B, ensemble, ...; medians), or a per-step cost
@@ -15,7 +15,10 @@ measured in-process. Figures:
             sessions per forward pass each worker achieved (its Prometheus histogram).
 4. memory   worker RSS after 500 and after 5,000 short requests (concurrency 16, embedded models).
 5. strategies  thresholded tokens/s against the fraction of steps ensembled; ME / GaC at saturation;
-            SAFE / its drafter; every other strategy's single-stream ms/token / GaC.
+            SAFE / its drafter and SAFE / GaC (ms/token, forward passes per token) with an agreeing and
+            a disagreeing verifier, and on the real pair (SmolLM2 drafting, Gemma 3 verifying, seven
+            everyday prompts, greedy, 24 tokens: scripts/bench_safe.py); every other strategy's
+            single-stream ms/token / GaC. `--only safe`: the SAFE figures alone.
 6. engine   the worker engine: one decode step of 16 sessions at 64 / 512 / 1,536 tokens of context /
             transformers' forward with a StaticCache written in place (same SmolLM2-shaped model, same
             shapes, one thread); on the real SmolLM2 in process (one thread): 16 streams whose 64- and
@@ -719,14 +722,17 @@ async def figure_me(
 async def figure_safe(
     workers: list[Worker], third: Callable[[], Awaitable[Worker]], rounds: int, tokens: int
 ) -> list[Figure]:
-    """SAFE ms/token / the drafter served alone, target <= 1.15, with the fraction of steps ensembled,
-    for two verifiers: a copy of the drafter (members that agree, SAFE's regime: what the
-    generate-verify cycle itself costs) and the other random model (members that disagree on
-    nearly every token: the worst case, where SAFE ensembles almost every position)."""
+    """SAFE ms/token / the drafter served alone, target <= 1.15, and SAFE / GaC ms/token and forward
+    passes per token on the same pair, target <= 1, with the fraction of steps ensembled, for two
+    verifiers: a copy of the drafter (members that agree, SAFE's regime: what the generate-verify
+    cycle itself costs) and the other random model (members that disagree on nearly every token:
+    the worst case, where SAFE ensembles almost every position). Runs interleaved: alone, SAFE, GaC."""
     drafter = workers[0]
     figures = []
     for label, verifier in (("agreeing", await third()), ("disagreeing", workers[1])):
-        ratios: list[float] = []
+        alone_ratios: list[float] = []
+        gac_ratios: list[float] = []
+        pass_ratios: list[float] = []
         frac: list[float] = []
         prompt = BENCH_PROMPTS[3]
         async with (
@@ -736,21 +742,77 @@ async def figure_safe(
             for r in range(rounds + 1):
                 base = await timed(alone, prompt, tokens)
                 safe = await timed(ens, prompt, tokens, strategy="safe")
+                gac = await timed(ens, prompt, tokens, strategy="gac")
                 if r:
-                    ratios.append(safe["ms_per_step"] / base["ms_per_step"])
+                    alone_ratios.append(safe["ms_per_step"] / base["ms_per_step"])
+                    gac_ratios.append(safe["ms_per_step"] / gac["ms_per_step"])
+                    pass_ratios.append(sum(safe["passes_per_step"].values()) / sum(gac["passes_per_step"].values()))
                     frac.append(safe["ensembled"])
-        figures.append(
+        ensembled = f"ensembled {100 * _median(frac):.0f}%"
+        figures += [
             Figure(
                 f"safe_ratio_{label}",
-                f"SAFE ms/token / drafter alone, {label} verifier (ensembled {100 * _median(frac):.0f}%)",
-                _median(ratios),
+                f"SAFE ms/token / drafter alone, {label} verifier ({ensembled})",
+                _median(alone_ratios),
                 "x",
                 "<=",
-                1.15,
-                {"ratios": ratios, "fraction_ensembled": frac},
-            )
-        )
+                1.15 if label == "agreeing" else None,
+                {"ratios": alone_ratios, "fraction_ensembled": frac},
+            ),
+            Figure(
+                f"safe_gac_{label}",
+                f"  SAFE / GaC ms/token, {label} verifier",
+                _median(gac_ratios),
+                "x",
+                "<=",
+                1.0,
+                {"ratios": gac_ratios},
+            ),
+            Figure(
+                f"safe_gac_passes_{label}",
+                f"  SAFE / GaC forward passes per token, {label} verifier",
+                _median(pass_ratios),
+                "x",
+                "<=",
+                1.0,
+                {"ratios": pass_ratios},
+            ),
+        ]
     return figures
+
+
+async def figure_safe_real(rounds: int, tokens: int) -> list[Figure]:
+    """SAFE / GaC on the real pair (SmolLM2 drafting, Gemma 3 verifying), seven everyday prompts,
+    greedy: the worst prompt's ms/token and forward passes per token ratios (scripts/bench_safe.py)."""
+    import bench_safe
+
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
+        result = await bench_safe.compare(rounds, tokens, Path(tmp))
+    prompts = result["prompts"]
+    worst = max(prompts, key=lambda p: p["ms_ratio"])
+    worst_passes = max(prompts, key=lambda p: p["passes_ratio"])
+    details = {"per_prompt": prompts}
+    return [
+        Figure(
+            "safe_gac_real",
+            f"SAFE / GaC ms/token, real pair, worst of {len(prompts)} prompts",
+            worst["ms_ratio"],
+            "x",
+            "<=",
+            1.0,
+            details,
+            note=f"worst: {worst['prompt']!r}; " + ", ".join(f"{p['ms_ratio']:.2f}" for p in prompts),
+        ),
+        Figure(
+            "safe_gac_passes_real",
+            "  SAFE / GaC forward passes per token, real pair, worst prompt",
+            worst_passes["passes_ratio"],
+            "x",
+            "<=",
+            1.0,
+            note=", ".join(f"{p['safe_passes_per_token']:.2f}/{p['gac_passes_per_token']:.2f}" for p in prompts),
+        ),
+    ]
 
 
 async def figure_other_strategies(workers: list[Worker], rounds: int, tokens: int) -> list[Figure]:
@@ -974,7 +1036,7 @@ async def figure_long_streams(quick: bool) -> list[Figure]:
 # ---------------------------------------------------------------------------------------------
 
 
-FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "engine", "long_streams")
+FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "safe", "engine", "long_streams")
 
 
 def machine() -> dict[str, Any]:
@@ -1009,11 +1071,14 @@ async def run_with_workers(args: argparse.Namespace, only: set[str], root: Path)
             figures += await figure_gac(workers, rounds=3 if q else 10, tokens=24 if q else 48)
         if "streams" in only:
             figures += await figure_streams(workers, rounds=1 if q else 2, tokens=12 if q else 24)
+        rounds, tokens = (1, 16) if q else (2, 32)
         if "strategies" in only:
-            rounds, tokens = (1, 16) if q else (2, 32)
             figures += await figure_threshold(workers, rounds, tokens)
             figures += await figure_me(workers, third, rounds, 12 if q else 16)
+        if only & {"strategies", "safe"}:
             figures += await figure_safe(workers, third, rounds, tokens)
+            figures += await figure_safe_real(rounds + 1, 24)
+        if "strategies" in only:
             figures += await figure_other_strategies(workers, rounds, tokens)
     finally:
         for w in workers + extra:
@@ -1027,7 +1092,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
     if unknown:
         raise SystemExit(f"--only: unknown figures {sorted(unknown)}, expected some of {FIGURES}")
     figures: list[Figure] = []
-    if only & {"gac", "streams", "strategies"}:
+    if only & {"gac", "streams", "strategies", "safe"}:
         with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
             figures += await run_with_workers(args, only, Path(tmp))
     if "engine" in only:

@@ -125,3 +125,31 @@ def test_chared_writes_the_indented_code_both_models_write(loop: LoopThread, wor
     config = {"strategy": "chared", **STRATEGIES["chared"]}
     (result,) = serve(loop, [workers[SMOL], workers[GEMMA]], [prompt], max_new_tokens=30, config=config)
     assert result.text.startswith(common), (result.text, common)
+
+
+# --------------------------------------------------------------------------- SAFE's adaptive drafts change no output
+
+SAFE_PROMPTS = ["def fibonacci(n):\n", "Le chat est", "Party time 🎉🎉 let's"]
+
+
+@pytest.mark.timeout(900)  # nine greedy SAFE runs of 16 tokens: minutes on a loaded shared CPU
+def test_safe_adaptive_drafts_write_what_fixed_drafts_write(
+    loop: LoopThread, workers: dict[str, WorkerProcess]
+) -> None:
+    """Greedy SAFE decides each position alike whatever the draft's length: the drafter's token where the
+    models agree (or inside a verifier's token), the ensemble's where they do not. Adaptive drafts, fixed
+    five-token drafts and fixed one-token drafts write the same text."""
+    pair = [workers[SMOL], workers[GEMMA]]
+    texts = {}
+    for label, safe in (
+        ("adaptive", {"adaptive": True}),
+        ("fixed 5", {"adaptive": False}),
+        ("fixed 1", {"adaptive": False, "draft_tokens": 1}),
+    ):
+        config = {"strategy": "safe", "safe": safe}
+        served = serve(loop, pair, SAFE_PROMPTS, max_new_tokens=16, config=config)
+        texts[label] = [r.text for r in served]
+        if label == "adaptive":
+            ensembled = [r.usage.steps_ensembled for r in served]
+            assert all(0 < n < 16 for n in ensembled), ensembled  # the pair disagrees here and there
+    assert texts["adaptive"] == texts["fixed 5"] == texts["fixed 1"]

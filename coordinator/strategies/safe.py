@@ -8,9 +8,17 @@ of it exceeds 0.5. These skip rules never change the ensemble's argmax. Drafts a
 position are discarded (the workers roll them back on their next message); the ensembled
 distribution is GaC or UniTE, optionally sharpened.
 
+With `adaptive`, the draft length follows the agreement measured so far in the request
+(draft_length.py), up to `draft_tokens`: where the models disagree often, drafts shrink to one token, so a disagreement
+throws no drafted work away, and a position costs a pass of each model, as in GaC. The ensemble at
+a drafted position reuses the rows the draft and the verification computed there (the workers keep
+them): the verifiers' at every position, the drafter's at the draft's first one (unless it drafted
+ahead).
+
 While the verifiers check a draft, the drafter already drafts the next chunk as if this one were
-accepted whole (only after a draft that was): where the models agree, verifying costs no
-time on the drafter's path; a speculative chunk that turns out wrong is discarded and rolled back.
+accepted (only after a draft that was, with drafts at their longest: the models have agreed for a
+while): where the models agree, verifying costs no time on the drafter's path; a speculative chunk
+that turns out wrong is discarded and rolled back.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from coordinator.strategies.base import Decision, Drafted, EnsembleView, StepContext, Strategy
+from coordinator.strategies.draft_length import DraftLength
 from coordinator.strategies.settings import NAMES_A_MODEL, Problem, StrategySettings
 from coordinator.strategies.unite import unite_step
 from coordinator.union_dist import UnionDist
@@ -37,7 +46,13 @@ class SafeSettings(StrategySettings):
         description="the drafting model's name (unset: the primary model, else the first)",
         json_schema_extra=NAMES_A_MODEL,
     )
-    draft_tokens: int = Field(5, ge=1, le=64, description="tokens drafted per generate-verify cycle")
+    draft_tokens: int = Field(
+        5, ge=1, le=64, description="the most tokens drafted per generate-verify cycle (the adaptive length's bound)"
+    )
+    adaptive: bool = Field(
+        False,
+        description="draft lengths follow the models' agreement so far (false: every draft is draft_tokens long)",
+    )
     ensemble: Literal["gac", "unite"] = Field("gac", description="the distribution at an ensembled position")
     sharpen: bool = Field(
         False, description="add the mass of extending tokens to a candidate when the top is below 0.5"
@@ -73,28 +88,39 @@ class Safe(Strategy):
         self._ensemble_next = False
         self._accepted_last = True  # the last draft was accepted whole: worth drafting ahead
         self._ahead: asyncio.Task[Drafted | None] | None = None  # the next chunk, drafted speculatively
+        self._length: DraftLength | None = None  # made at the first step, from the request's settings
+        self._disputed: int | None = None  # the drafted token at the position being ensembled (union id)
 
     async def step(self, ctx: StepContext) -> Decision:
         ahead = await self._take_ahead()
         if self._ensemble_next:
             self._ensemble_next = False
-            return await self._ensemble(ctx)
+            return await self._settle(ctx)
         settings = ctx.config.safe
+        if self._length is None:
+            self._length = DraftLength(settings.draft_tokens, settings.adaptive)
         drafter = self.drafter_index(ctx.config)
         if not ctx.alive[drafter]:
             return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
+        verifiers = [i for i in range(ctx.n_models) if i != drafter]
+        length = min(self._length.current, ctx.remaining)
         if ahead is None:
-            ahead = await ctx.draft(drafter, min(settings.draft_tokens, ctx.remaining), report_top_k=settings.top_k)
+            ahead = await ctx.draft(drafter, length, report_top_k=settings.top_k)
         drafted = ahead
         if drafted is None:
             return await self._ensemble(ctx)
         left = ctx.remaining - len(drafted.pieces)
-        if self._accepted_last and not drafted.ended and left > 0:
-            self._ahead = asyncio.create_task(
-                ctx.draft(drafter, min(settings.draft_tokens, left), settings.top_k, after=drafted.pieces)
-            )
-        verifiers = [i for i in range(ctx.n_models) if i != drafter]
+        # Drafting ahead pays where drafts are kept whole: after one that was, at the length's bound (on a
+        # shared CPU the discarded chunks of drafting ahead at lower agreement cost the verifier time).
+        if self._accepted_last and self._length.at_bound and not drafted.ended and left > 0:
+            ahead_length = min(settings.draft_tokens, left)
+            self._ahead = asyncio.create_task(ctx.draft(drafter, ahead_length, settings.top_k, after=drafted.pieces))
         scored = await ctx.score(verifiers, drafted.pieces, settings.top_k) if verifiers else {}
+        return await self._check(ctx, drafted, scored)
+
+    async def _check(self, ctx: StepContext, drafted: Drafted, scored: dict[int, list[UnionDist | None]]) -> Decision:
+        """Accept the drafted pieces up to the first position to ensemble; ensemble there (now, or next step)."""
+        assert self._length is not None
         choices = [*drafted.pieces, b""] if drafted.ended else drafted.pieces
         for j, piece in enumerate(choices):
             token = ctx.uid(piece)
@@ -104,12 +130,15 @@ class Safe(Strategy):
             dists = [drafted.dists[j], *(d for d in at_j if d is not None)]
             if _agree(token, dists[1:], dists):
                 continue
+            self._length.checked(j, ensembled=False)
+            self._disputed = token
             self._accepted_last = False
             self._ensemble_next = j > 0
             if j == 0:
                 await self._take_ahead()  # the drafter's session must be free before it is asked
-                return await self._ensemble(ctx)
+                return await self._settle(ctx)
             return Decision(pieces=tuple(drafted.pieces[:j]))
+        self._length.checked(len(choices), ensembled=False)
         self._accepted_last = True
         return Decision(pieces=tuple(drafted.pieces), end=drafted.ended)
 
@@ -127,6 +156,16 @@ class Safe(Strategy):
             with contextlib.suppress(BaseException):
                 await self._ahead
             self._ahead = None
+
+    async def _settle(self, ctx: StepContext) -> Decision:
+        """Ensemble at the disputed drafted position; it counts as a disagreement for the draft length
+        only where the ensemble's most likely token is not the drafted one (the skip rules are
+        conservative: models that merely tokenize the text differently often still pick it)."""
+        decision = await self._ensemble(ctx)
+        assert self._length is not None
+        kept = decision.dist is not None and decision.dist.uids.size > 0 and decision.dist.top() == self._disputed
+        self._length.checked(int(kept), ensembled=not kept)
+        return decision
 
     async def _ensemble(self, ctx: StepContext) -> Decision:
         settings = ctx.config.safe

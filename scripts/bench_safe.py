@@ -1,0 +1,156 @@
+"""SAFE against GaC on the real pair: SmolLM2-135M-Instruct drafting, Gemma 3 270M verifying.
+
+    python scripts/bench_safe.py [--rounds 3] [--tokens 24] [--json bench-safe.json]
+
+Seven everyday prompts, greedy, `--tokens` tokens each. The strategies run interleaved in one
+process (GaC, SAFE, GaC, SAFE, ... on each prompt; medians per prompt), so the machine's noise
+falls on both alike: the figures are ratios, SAFE ÷ GaC ms/token and forward passes per token, per
+prompt. It also writes each strategy's output text, to compare SAFE's output before and after a
+change (`--json`). `scripts/bench.py --only strategies` runs the same figure (`figure_safe_real`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import chorus  # noqa: E402
+from coordinator import cluster  # noqa: E402
+from coordinator.config import ModelSpec, parse_config  # noqa: E402
+
+# Everyday prompts a new user would try: facts, code, other languages and scripts, lists, chat.
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Le chat est",
+    "我爱北京",
+    "Party time 🎉🎉 let's",
+    "1. apples\n2.",
+    "Here is a short recipe for pancakes:",
+)
+SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
+
+
+def real_config(addresses: dict[str, str], paths: dict[str, Path]) -> Any:
+    """configs/real.yaml's ensemble (full float32 distributions, equal weights), SmolLM2 primary and drafter."""
+    models = [
+        {"name": "smollm2", "path": str(paths[SMOL]), "address": addresses[SMOL], "priority": "primary"},
+        {"name": "gemma3", "path": str(paths[GEMMA]), "address": addresses[GEMMA]},
+    ]
+    return parse_config(
+        {
+            "models": models,
+            "strategy": "gac",
+            "server": {"port": 0},
+            "transport": {"top_k": 0, "dtype": "float32"},
+            "safe": {"drafter": "smollm2"},
+            "limits": {"step_timeout_s": 60.0, "first_step_timeout_s": 120.0},
+        },
+        ROOT,
+    )
+
+
+async def _one(client: chorus.AsyncClient, prompt: str, strategy: str, tokens: int) -> dict[str, Any]:
+    started = asyncio.get_running_loop().time()
+    result = await client.generate(prompt=prompt, max_new_tokens=tokens, strategy=strategy, temperature=0.0)
+    wall = asyncio.get_running_loop().time() - started
+    steps = max(1, result.usage.steps)
+    return {
+        "text": result.text,
+        "ms_per_token": wall * 1e3 / steps,
+        "passes_per_token": sum(m.forward_passes for m in result.usage.models) / steps,
+        "ensembled": result.usage.steps_ensembled,
+        "steps": result.usage.steps,
+    }
+
+
+async def compare(rounds: int, tokens: int, log_dir: Path) -> dict[str, Any]:
+    """Per prompt: GaC's and SAFE's median ms/token and forward passes per token, their ratios, the texts."""
+    from bench import worker_output_to
+
+    from model_worker import catalog
+
+    paths = {name: catalog.prepare(name, log=False) for name in (SMOL, GEMMA)}
+    workers: dict[str, cluster.WorkerProcess] = {}
+    try:
+        for name in (SMOL, GEMMA):
+            spec = ModelSpec(name=name, path=str(paths[name]), max_model_len=2048)
+            with worker_output_to(log_dir / "workers.log"):
+                workers[name] = cluster.spawn_worker(spec, timeout=600, threads=1)
+        config = real_config({n: w.address for n, w in workers.items()}, paths)
+        running = await cluster.start_coordinator(config, [m.address for m in config.models], port=0)  # type: ignore[misc]
+        try:
+            async with chorus.AsyncClient(f"127.0.0.1:{running.port}", timeout=600) as client:
+                await _one(client, PROMPTS[0], "gac", 4)  # warm both workers
+                per_prompt = []
+                for prompt in PROMPTS:
+                    runs: dict[str, list[dict[str, Any]]] = {"gac": [], "safe": []}
+                    for _ in range(rounds):
+                        for strategy in runs:
+                            runs[strategy].append(await _one(client, prompt, strategy, tokens))
+                    per_prompt.append(_summary(prompt, runs))
+        finally:
+            await running.stop(grace=0)
+    finally:
+        for w in workers.values():
+            w.stop()
+    return {"rounds": rounds, "tokens": tokens, "prompts": per_prompt}
+
+
+def _summary(prompt: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    def med(strategy: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs[strategy]))
+
+    return {
+        "prompt": prompt,
+        "ms_ratio": med("safe", "ms_per_token") / med("gac", "ms_per_token"),
+        "passes_ratio": med("safe", "passes_per_token") / med("gac", "passes_per_token"),
+        **{f"{s}_{k}": med(s, k) for s in runs for k in ("ms_per_token", "passes_per_token", "ensembled")},
+        "texts": {s: runs[s][0]["text"] for s in runs},
+        "deterministic": all(len({r["text"] for r in runs[s]}) == 1 for s in runs),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'prompt':<40} {'GaC ms/tok':>10} {'SAFE ms/tok':>11} {'ms ratio':>8} "
+        f"{'GaC fp/tok':>10} {'SAFE fp/tok':>11} {'ensembled':>9}"
+    ]
+    for p in result["prompts"]:
+        lines.append(
+            f"{p['prompt'][:40]!r:<40} {p['gac_ms_per_token']:>10.0f} {p['safe_ms_per_token']:>11.0f} "
+            f"{p['ms_ratio']:>7.2f}x {p['gac_passes_per_token']:>10.2f} {p['safe_passes_per_token']:>11.2f} "
+            f"{p['safe_ensembled']:>9.0f}"
+        )
+    worst = max(p["ms_ratio"] for p in result["prompts"])
+    worst_passes = max(p["passes_ratio"] for p in result["prompts"])
+    lines.append(f"worst SAFE / GaC ms/token {worst:.2f}x, forward passes/token {worst_passes:.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per prompt and strategy")
+    parser.add_argument("--tokens", type=int, default=24, help="tokens generated per run")
+    parser.add_argument("--json", default="bench-safe.json", help="write the figures and texts here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-safe-") as tmp:
+        result = asyncio.run(compare(args.rounds, args.tokens, Path(tmp)))
+    print(report(result))
+    Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
