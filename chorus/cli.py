@@ -88,6 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--questions", choices=sorted(QUESTIONS), default="sums", help="the checkable prompts asked")
     demo.add_argument("--strategies", help="ensemble strategies to show, comma-separated (default: the config's)")
 
+    tune = sub.add_parser(
+        "tune", help="fit per-member weights, temperatures and the strategy to data; measure on a held-out split"
+    )
+    tune.add_argument("--config", required=True)
+    data = tune.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help='JSON lines of {"prompt" or "messages", "answer"} (graded on the first line)')
+    data.add_argument("--task", help="a real task of scripts/real_tasks.py (its own prompts and grading)")
+    tune.add_argument("--limit", type=int, help="use only the first N items")
+    tune.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
+    tune.add_argument("--json", help="also write the report as JSON here")
+    tune.add_argument("--dev-fraction", type=float, default=0.5, help="share of the items tuned on (default 0.5)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the dev/test split and the bootstrap")
+    tune.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    tune.add_argument("--max-new-tokens", type=int, help="per answer (default: the task's, else 16)")
+    tune.add_argument("--finalists", type=int, default=1, help="candidates per strategy measured for real on dev")
+
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
@@ -282,6 +298,43 @@ async def _demo_async(
         print(f"{label:<12} {right}/{len(questions)} right   {ms:.1f} ms/token")
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from chorus_tune import tasks
+    from chorus_tune.items import ItemsError, load_jsonl
+    from chorus_tune.tune import Options, tune, write_config
+    from coordinator import cluster
+
+    if not 0 < args.dev_fraction < 1:
+        raise SystemExit("--dev-fraction: must be between 0 and 1")
+    try:
+        if args.task is not None:
+            task = tasks.load(args.task, args.limit)
+            items, max_new, stop = task.items, task.max_new_tokens, task.stop
+        else:
+            items, max_new, stop = load_jsonl(Path(args.data))[: args.limit], 16, ("\n",)
+    except (ItemsError, tasks.TaskError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if len(items) < 2:
+        raise SystemExit("error: at least 2 items are needed (a dev and a test split)")
+    original = _load(args.config, local_workers=False)
+    config = _load(args.config)
+    options = Options(args.dev_fraction, args.seed, args.concurrency, args.max_new_tokens or max_new, stop,
+                      args.finalists)  # fmt: skip
+    with cluster.supervised_workers(config) as workers:
+        tuned, report = asyncio.run(tune(config, workers.addresses, items, options))
+    print("\n" + report.table())
+    print(f"\n{report.seconds:.0f} s in all")
+    write_config(original, tuned, Path(args.out), report)
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:
     models = config.models
     spec = models[index].model_copy(update={"priority": "supportive"})
@@ -321,6 +374,7 @@ _COMMANDS = {
     "models": _models,
     "prepare": _prepare,
     "demo": _demo,
+    "tune": _tune,
 }
 
 if __name__ == "__main__":
