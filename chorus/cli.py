@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=0)
     demo.add_argument("--questions", choices=sorted(QUESTIONS), default="sums", help="the checkable prompts asked")
     demo.add_argument("--strategies", help="ensemble strategies to show, comma-separated (default: the config's)")
+    demo.add_argument("--tuned", help="also show this config (e.g. written by `chorus tune`) over the same models")
 
     tune = sub.add_parser(
         "tune", help="fit per-member weights, temperatures and the strategy to data; measure on a held-out split"
@@ -221,10 +223,13 @@ def _demo(args: argparse.Namespace) -> int:
     from coordinator import cluster
 
     config = _load(args.config)
+    tuned = _load(args.tuned) if args.tuned else None
+    if tuned is not None and not set(tuned.model_names) <= set(config.model_names):
+        raise SystemExit(f"--tuned: its models {list(tuned.model_names)} are not all in {args.config}")
     strategies = args.strategies.split(",") if args.strategies else [config.strategy]
     with cluster.supervised_workers(config) as workers:
         addresses = workers.addresses
-        asyncio.run(_demo_async(config, addresses, args.port, QUESTIONS[args.questions](), strategies, workers))
+        asyncio.run(_demo_async(config, addresses, args.port, QUESTIONS[args.questions](), strategies, workers, tuned))
     return 0
 
 
@@ -260,18 +265,23 @@ async def _demo_async(
     questions: list[Question],
     strategies: list[str],
     workers: LocalWorkers | None = None,
+    tuned: EnsembleConfig | None = None,
 ) -> None:
+    from chorus_tune.bootstrap import single
     from coordinator import cluster
 
     names = list(config.model_names)
     runs = [(name, _solo(config, i), [addresses[i]], None) for i, name in enumerate(names)]
     runs += [(strategy, config, addresses, strategy) for strategy in strategies]
+    if tuned is not None:
+        runs.append(("tuned", tuned, [addresses[names.index(n)] for n in tuned.model_names], None))
     answers: dict[str, list[str]] = {}
     summary = []
     for label, cfg, addrs, strategy in runs:
         running = await cluster.start_coordinator(cfg, addrs, port, workers=workers)
         target = f"127.0.0.1:{running.port}"
-        right, tokens, elapsed = 0, 0, 0.0
+        right: list[bool] = []
+        tokens, elapsed = 0, 0.0
         answers[label] = []
         async with chorus.AsyncClient(target) as client:
             await client.generate(prompt=questions[0].prompt, max_new_tokens=2, strategy=strategy)  # warm-up
@@ -282,7 +292,7 @@ async def _demo_async(
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
                 ok = q.check(result.text)
-                right += ok
+                right.append(ok)
                 answers[label].append(f"{result.text.strip()[:18]} {'ok' if ok else 'WRONG'}")
         summary.append((label, right, 1e3 * elapsed / tokens))
         await running.stop(grace=0)
@@ -295,7 +305,9 @@ async def _demo_async(
         print(text.ljust(lead) + "".join(answers[label][j].ljust(width) for label in labels))
     print()
     for label, right, ms in summary:
-        print(f"{label:<12} {right}/{len(questions)} right   {ms:.1f} ms/token")
+        interval = single(right)  # bootstrap over these questions: few questions, wide intervals
+        print(f"{label:<12} {sum(right)}/{len(questions)} right ({interval.mean:.0%}, 95% interval "
+              f"{interval.low:.0%}-{interval.high:.0%})   {ms:.1f} ms/token")  # fmt: skip
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -323,8 +335,12 @@ def _tune(args: argparse.Namespace) -> int:
     config = _load(args.config)
     options = Options(args.dev_fraction, args.seed, args.concurrency, args.max_new_tokens or max_new, stop,
                       args.finalists)  # fmt: skip
-    with cluster.supervised_workers(config) as workers:
-        tuned, report = asyncio.run(tune(config, workers.addresses, items, options))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers it started
+    try:
+        with cluster.supervised_workers(config) as workers:
+            tuned, report = asyncio.run(tune(config, workers.addresses, items, options))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print("\n" + report.table())
     print(f"\n{report.seconds:.0f} s in all")
     write_config(original, tuned, Path(args.out), report)

@@ -137,3 +137,18 @@ def test_chorus_tune_refuses_bad_input(tmp_path: Path) -> None:
         main(missing)
     with pytest.raises(SystemExit, match="unknown task 'nope'; valid: lambada, common_knowledge"):
         main(["tune", "--config", config, "--task", "nope", "--out", str(tmp_path / "o")])
+
+
+def test_demo_shows_a_tuned_config_next_to_the_members(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = REPO / "models"
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text(
+        "strategy: threshold\nweights: score\nthreshold: 0.6\nmodels:\n"
+        f"- {{name: arith-bpe, path: {models / 'arith-bpe'}, priority: primary, score: 0.65, temperature: 0.8}}\n"
+        f"- {{name: arith-sp, path: {models / 'arith-sp'}, score: 0.35, temperature: 1.2}}\n"
+    )
+    config = str(REPO / "configs" / "default.yaml")
+    assert main(["--log-level", "WARNING", "demo", "--config", config, "--tuned", str(tuned)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "/6 right (" in line]
+    assert [row.split()[0] for row in rows] == ["arith-bpe", "arith-sp", "gac", "tuned"]
+    assert all("95% interval" in row for row in rows)
