@@ -137,7 +137,7 @@ async def tune(
     for strategy in ("gac", "threshold"):
         ranked = sorted((s for s in scored if s[2].strategy == strategy), key=lambda s: (-s[0], s[1]))
         for estimate, _, candidate in ranked[: options.finalists]:
-            label = f"tuned {candidate.describe(names)}"
+            label = candidate.describe(names)
             cfg = variant(config, candidate)
             configs[label] = (cfg, addresses)
             report.dev.append(Row(label, await run(cfg, addresses, dev)))
