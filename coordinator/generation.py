@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from coordinator.metrics import RequestMetrics
 from coordinator.stopping import Stopping
 from coordinator.strategies import STRATEGIES, Decision, Drafted
 from coordinator.types import Finished, GenerationRequest, ModelUsage, TextPiece, TokenLogprob, Usage
-from coordinator.union_dist import ExtraIds, UnionDist, choose, from_parts, mix
+from coordinator.union_dist import ExtraIds, UnionDist, choose, from_parts, mix, tempered
 from coordinator.union_vocab import END
 from coordinator.workers import Transport
 
@@ -52,6 +53,8 @@ class _Step:
         self.remaining = remaining
         self.alive = members.alive
         self.answers: dict[int, UnionDist] = {}  # model index -> its distribution this step
+        self.temperatures = [m.spec.temperature for m in ensemble.members]
+        self._log_shift = [0.0] * self.n_models  # per model: log of the last tempered answer's renormaliser
 
     @property
     def text(self) -> bytes:
@@ -79,7 +82,10 @@ class _Step:
             return None
         ahead = b"".join(after)  # speculative: text assumed to follow what is committed
         seed = int(self.rng.integers(2**63))
-        drafted = await self._members.draft(model, max_tokens, self.sampling, seed, report_top_k, ahead)
+        sampling = self.sampling
+        if sampling.temperature > 0 and self.temperatures[model] != 1.0:  # the worker draws from the tempered model
+            sampling = replace(sampling, temperature=sampling.temperature * self.temperatures[model])
+        drafted = await self._members.draft(model, max_tokens, sampling, seed, report_top_k, ahead)
         if drafted is None:
             return None
         return Drafted(drafted.pieces, drafted.ended, [self._dist(model, parts) for parts in drafted.dists])
@@ -96,12 +102,22 @@ class _Step:
     async def lookup(self, model: int, candidates: list[bytes]) -> np.ndarray | None:
         if not self._members.alive[model]:
             return None
-        return await self._members.lookup(model, candidates)
+        looked = await self._members.lookup(model, candidates)
+        temperature = self.temperatures[model]
+        if looked is None or temperature == 1.0:
+            return looked
+        return looked / temperature + self._log_shift[model]  # on the scale of the tempered answer
 
     def _dist(self, i: int, parts: Sequence[DistributionPart]) -> UnionDist:
+        """Model i's answer in the union, tempered by its configured temperature: every distribution a
+        strategy gets from a member (asked, drafted, scored) comes through here."""
         member = self._members.ensemble.members[i]
         assert member.vocab is not None  # checked ready before the first step
-        return from_parts(parts, member.index, member.vocab.tokens, self.extras)
+        dist = from_parts(parts, member.index, member.vocab.tokens, self.extras)
+        if self.temperatures[i] == 1.0:
+            return dist
+        dist, self._log_shift[i] = tempered(dist, self.temperatures[i])
+        return dist
 
     def mix(self, answers: Mapping[int, UnionDist]) -> UnionDist:
         weights = np.array([self.weights[i] for i in answers])

@@ -98,6 +98,21 @@ def from_parts(
     return _merge(uids, probs, extras.size)
 
 
+def tempered(dist: UnionDist, temperature: float) -> tuple[UnionDist, float]:
+    """dist ** (1 / temperature), scaled to keep the mass it had (1 for a full distribution; a top-k
+    answer keeps its shipped mass, redistributed among its entries), and the log of that scale (so a
+    log-probability x of the same model maps to x / temperature + scale)."""
+    total = dist.probs.sum()
+    if total <= 0:
+        return dist, 0.0
+    with np.errstate(divide="ignore"):
+        logp = np.log(dist.probs) / temperature
+    top = logp.max()
+    powered = np.exp(logp - top)
+    log_scale = float(np.log(total) - np.log(powered.sum()) - top)
+    return UnionDist(dist.uids, powered * np.exp(top + log_scale)), log_scale
+
+
 def mix(dists: Sequence[UnionDist], weights: Sequence[float], size: int) -> UnionDist:
     """Weighted sum of distributions (weights already normalised)."""
     if len(dists) == 1:

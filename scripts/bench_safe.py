@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import chorus  # noqa: E402
-from coordinator import cluster  # noqa: E402
+from chorus_local import cluster  # noqa: E402
 from coordinator.config import ModelSpec, parse_config  # noqa: E402
 
 # Everyday prompts a new user would try: facts, code, other languages and scripts, lists, chat.

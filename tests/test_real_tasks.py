@@ -53,3 +53,28 @@ def test_grader(rt: ModuleType) -> None:
     assert not quoted.check(" Nadine")
     name = rt.Item(id=2, prompt="...", answer="Shane")
     assert name.check(" shane") and not name.check(" Shane's")
+
+
+def test_common_knowledge_items(rt: ModuleType) -> None:
+    items = rt.load_common_knowledge()
+    assert len(items) == rt.CK_NUM_ITEMS == 1037
+    assert len({item.id for item in items}) == len(items) and max(item.id for item in items) < 1_000_000
+    assert rt.load_common_knowledge(50) == items[:50]  # deterministic, in the file's order
+    first = items[0]
+    assert first.prompt.endswith("\n\nThe number of legs of a cat is") and first.answer == "four"
+    assert first.prompt.count("\n\n") == 5  # five shots, then the open statement
+    for item in items:
+        assert item.answer.strip() and not item.prompt.endswith(" ") and item.prompt != "Answer:"
+        assert item.check(" " + item.answer)
+    assert rt.TASKS["common_knowledge"].stop == ("\n",)
+    assert "olmo_eval" not in sys.modules
+
+
+def test_short_answer_grader(rt: ModuleType) -> None:
+    item = rt.ShortAnswerItem(id=0, prompt="...", answer="four")
+    for right in [" four", "four", "\nfour", " Four legs", " four.", " four\n\nThe number", " a four", " the four,"]:
+        assert item.check(right), right
+    for wrong in ["", " fourteen", " 4", " five", " four_x", " a", " x\nfour"]:
+        assert not item.check(wrong), wrong
+    gauge = rt.ShortAnswerItem(id=1, prompt="...", answer="rain gauge")
+    assert gauge.check(" a rain gauge\n\nA type of") and not gauge.check(" rain")

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from coordinator.cluster import WorkerProcess
 
 import chorus
+from chorus_local.cluster import WorkerProcess
 from tests.agreeing_models import CONTINUATION, PROMPT, train_to_say
 from tests.cluster_helpers import LoopThread, coordinator, make_config, worker
 
