@@ -15,8 +15,10 @@ from typing import Protocol
 
 from chorus_common.types import Prompt
 
-# Leading bytes of a prompt that decide its replica: a few KV blocks' worth of text.
+# Leading bytes of a prompt that decide its replica: a few KV blocks' worth of text, counted in whole
+# chunks, so that short prompts sharing their beginning (a preamble, then a question) share a key.
 PREFIX_BYTES = 256
+CHUNK_BYTES = 64
 # The prefix's replica is skipped when it serves this many more requests than the least loaded one.
 MAX_IMBALANCE = 4
 
@@ -26,12 +28,14 @@ class Loaded(Protocol):
 
 
 def prefix_key(prompt: Prompt) -> bytes:
-    """The prompt's first PREFIX_BYTES bytes as the model sees them (messages in order, roles included)."""
+    """The prompt's first whole CHUNK_BYTES chunks, at most PREFIX_BYTES bytes, as the model sees them
+    (messages in order, roles included). A prompt shorter than a chunk has the empty key: such prompts
+    share little cache, and the imbalance rule spreads them when they pile up."""
     if prompt.text is not None:
         data = prompt.text.encode()
     else:
         data = b"".join(role.encode() + b"\0" + content.encode() + b"\0" for role, content in prompt.messages)
-    return data[:PREFIX_BYTES]
+    return data[: min(PREFIX_BYTES, len(data) // CHUNK_BYTES * CHUNK_BYTES)]
 
 
 def _weight(key: bytes, address: str) -> bytes:
@@ -41,7 +45,7 @@ def _weight(key: bytes, address: str) -> bytes:
 def choose(replicas: Sequence[tuple[str, Loaded]], key: bytes | None) -> int:
     """Index of the replica for a request with this prefix key (None: the least loaded)."""
     least = min(range(len(replicas)), key=lambda i: replicas[i][1].active)
-    if key is None or len(replicas) == 1:
+    if key is None or len(replicas) == 1:  # (the empty key is a key: short prompts meet on one replica)
         return least
     best = max(range(len(replicas)), key=lambda i: _weight(key, replicas[i][0]))
     if replicas[best][1].active - replicas[least][1].active >= MAX_IMBALANCE:
