@@ -25,7 +25,6 @@ def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
 
 @dataclass
 class PoolStats:
-    hits: int = 0  # blocks taken from the prefix cache instead of computed
     evictions: int = 0  # cached blocks whose space was reused
 
 

@@ -67,14 +67,6 @@ class KVLayout:
         when its text is shorter than the window)."""
         return sum(g.bytes_per_token for g in self.groups)
 
-    @property
-    def prefix_cacheable(self) -> bool:
-        return len(self.groups) == 1 and self.groups[0].window is None
-
-    @property
-    def why_not_prefix_cacheable(self) -> str:
-        return "sliding-window layers keep only their window, so a shared prefix's blocks are not all kept"
-
     def group_of(self) -> dict[int, int]:
         return {layer: g for g, group in enumerate(self.groups) for layer in group.layers}
 

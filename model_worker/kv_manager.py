@@ -5,23 +5,24 @@ sliding-window layers keep only their window (their blocks before it are release
 Each group has its own pool of blocks and storage; a session holds one block table per group. A block
 holds `block_size` consecutive positions of every layer of its group.
 
-Prefix caching (models whose layers all attend fully): a session's full blocks are registered under a
-content hash; a session whose tokens begin the same way holds those blocks instead of computing them.
+Prefix caching: a session's full blocks are registered, in every group, under a content hash of the
+tokens up to them; a session whose tokens begin the same way holds those blocks instead of computing
+them. A hit of P positions needs the full groups' blocks of the whole prefix, and the sliding groups'
+blocks of its last window only (as vLLM's hybrid cache manager does): the positions before it are never
+read again. Sliding pools hold little more than each session's window, so their blocks are evicted
+sooner, and a long shared prefix is then found only up to where its sliding blocks were kept.
 A block that is shared or registered is never written again: a session that truncates into it first
 copies the positions it keeps into a block of its own (copy on write).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from model_worker.kv_blocks import BlockPool, block_hash
 from model_worker.kv_layout import KVGroup, KVLayout
-
-log = logging.getLogger(__name__)
 
 # Positions a sliding-window group keeps past its window, so that a rollback of a few tokens (re-tokenized
 # tails, rejected drafts) does not need the positions already released; a longer one recomputes.
@@ -82,9 +83,8 @@ class KVManager:
                 self.values[layer] = uninitialized(shape, layout.dtype, device)
         for group in layout.groups:
             self._zero(group, [0])
-        self.prefix_caching = prefix_caching and layout.prefix_cacheable
-        if prefix_caching and not self.prefix_caching:
-            log.info("prefix caching is off for this model: %s", layout.why_not_prefix_cacheable)
+        self.prefix_caching = prefix_caching
+        self.hits = 0  # blocks (positions of every group) taken from the prefix cache
 
     # ------------------------------------------------------------------ capacity
 
@@ -209,46 +209,64 @@ class KVManager:
         `before` (rows wanted from there on must be computed). Returns how many tokens were taken."""
         if not self.prefix_caching or len(kv.ids) % self.block_size:
             return 0
-        bs, pool, (table,) = self.block_size, self.pools[0], self._tables(kv)
-        taken = 0
-        while len(kv.ids) + bs <= before and taken + bs <= len(tokens):
-            chunk = tokens[taken : taken + bs]
-            key = block_hash(kv.keys[-1] if kv.keys else b"", chunk)
-            block = pool.lookup(key)
-            if block is None:
+        bs, base = self.block_size, len(kv.ids) // self.block_size
+        # The longest run of blocks the full groups hold, with what each sliding group holds of it.
+        found: list[tuple[bytes, list[int | None]]] = []
+        parent = kv.keys[-1] if kv.keys else b""
+        while len(kv.ids) + (len(found) + 1) * bs <= before and (len(found) + 1) * bs <= len(tokens):
+            key = block_hash(parent, tokens[len(found) * bs : (len(found) + 1) * bs])
+            blocks = [pool.lookup(key) for pool in self.pools]
+            if any(b is None for g, b in zip(self.layout.groups, blocks, strict=True) if g.window is None):
                 break
-            pool.hold(block)
-            pool.stats.hits += 1
-            i = len(kv.ids) // bs
-            if i < len(table):  # a block reserved for these positions, not written yet: give it back
-                reserved = table[i]
-                table[i] = block
-                pool.release([reserved])  # type: ignore[list-item]
-            else:
-                table.append(block)
+            found.append((key, blocks))
+            parent = key
+        # The longest of these prefixes whose last window every sliding group holds.
+        m = len(found)
+        while m and not self._windows_held(found, base, m):
+            m -= 1
+        groups = list(zip(self.layout.groups, self.pools, self._tables(kv), strict=True))
+        for i, (key, blocks) in enumerate(found[:m]):
+            logical = base + i
+            for g, (group, pool, table) in enumerate(groups):
+                block = blocks[g] if logical >= self._first_kept_block(group, (base + m) * bs) else None
+                if block is not None:
+                    pool.hold(block)
+                if logical < len(table):  # a block reserved for these positions, not written yet: give it back
+                    reserved = table[logical]
+                    if reserved is not None:
+                        pool.release([reserved])
+                    table[logical] = block
+                else:
+                    table.append(block)
             kv.keys.append(key)
-            kv.ids.extend(chunk)
-            taken += bs
-        return taken
+            kv.ids.extend(tokens[i * bs : (i + 1) * bs])
+        self.hits += m
+        return m * bs
+
+    def _windows_held(self, found: list[tuple[bytes, list[int | None]]], base: int, m: int) -> bool:
+        """Whether every sliding group holds the blocks a text of the first m found blocks keeps."""
+        length = (base + m) * self.block_size
+        for g, group in enumerate(self.layout.groups):
+            if group.window is not None:
+                first = self._first_kept_block(group, length)
+                if any(blocks[g] is None for _, blocks in found[max(0, first - base) : m]):
+                    return False
+        return True
 
     def register_full_blocks(self, kv: SessionKV) -> None:
-        """Register the session's blocks that became full since the last call."""
+        """Register the session's blocks that became full since the last call, in every group that keeps them."""
         if not self.prefix_caching:
             return
-        bs, pool, (table,) = self.block_size, self.pools[0], self._tables(kv)
+        bs = self.block_size
         while len(kv.keys) < len(kv.ids) // bs:
             i = len(kv.keys)
             key = block_hash(kv.keys[-1] if kv.keys else b"", kv.ids[i * bs : (i + 1) * bs])
             kv.keys.append(key)
-            block = table[i]
-            assert block is not None
-            pool.register(block, key)
+            for pool, table in zip(self.pools, self._tables(kv), strict=True):
+                if i < len(table) and table[i] is not None:
+                    pool.register(table[i], key)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ reports
-
-    @property
-    def hits(self) -> int:
-        return sum(p.stats.hits for p in self.pools)
 
     @property
     def evictions(self) -> int:

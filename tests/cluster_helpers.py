@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from chorus.v1 import worker_pb2
 from chorus_local.cluster import RunningCoordinator, WorkerProcess, spawn_worker, start_coordinator
 from coordinator.config import EnsembleConfig, ModelSpec, parse_config
+from coordinator.workers import WorkerClient
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -56,3 +58,13 @@ def coordinator(loop: LoopThread, config: EnsembleConfig) -> Iterator[str]:
         yield f"127.0.0.1:{running.port}"
     finally:
         loop.run(running.stop(grace=0))
+
+
+async def prefix_hit_tokens(address: str) -> int:
+    """The tokens a worker has taken from its prefix cache so far (its Info report)."""
+    client = WorkerClient(address)
+    try:
+        info: worker_pb2.ModelInfo = await client.stub.Info(worker_pb2.InfoRequest())
+        return info.prefix_cache_hit_tokens
+    finally:
+        await client.close()

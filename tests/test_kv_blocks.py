@@ -113,7 +113,6 @@ def test_sessions_hold_the_blocks_they_use_and_give_them_back() -> None:
 def test_sliding_window_groups_keep_only_their_window_and_a_long_rollback_recomputes() -> None:
     window = 8
     kv = _manager(blocks=64, window=window)
-    assert not kv.prefix_caching  # sliding layers do not keep a shared prefix whole
     session = SessionKV()
     _fill(kv, session, list(range(200)))
     full, sliding = session.tables
@@ -124,6 +123,32 @@ def test_sliding_window_groups_keep_only_their_window_and_a_long_rollback_recomp
     assert len(session.ids) == 190
     kv.truncate(session, 60)  # past what the sliding layers kept: the session starts over
     assert session.ids == [] and all(not t for t in session.tables)
+
+
+def test_a_prefix_hit_needs_the_whole_prefix_of_full_groups_and_only_the_last_window_of_sliding_ones() -> None:
+    window = 8
+    kv = _manager(blocks=128, window=window)
+    text = list(range(200))
+    first = SessionKV()
+    _fill(kv, first, text)  # its sliding blocks before the window are released, and stay cached
+    # Drop what nobody holds in the sliding pool: only the first session's window is left there.
+    kv.pools[1].clear_cache()
+    again = SessionKV()
+    assert kv.match_prefix(again, [*text, 7], before=200) == 200 and kv.hits == 50
+    full, sliding = again.tables
+    assert full == first.tables[0][:50]
+    kept = kv._first_kept_block(kv.layout.groups[1], 200)
+    assert sliding[:kept] == [None] * kept and sliding[kept:] == first.tables[1][kept:50]
+    _fill(kv, again, [7])
+    assert _keys_at(kv, again, range(201)) == [float(t) for t in [*text, 7]]
+    # A shorter prefix would need sliding blocks nobody kept: none of it is taken.
+    assert kv.match_prefix(SessionKV(), [*text[:100], 5], before=100) == 0
+    # Without the eviction, the shorter prefix's window is still cached and it is found whole.
+    kv2 = _manager(blocks=128, window=window)
+    _fill(kv2, SessionKV(), text)
+    short = SessionKV()
+    assert kv2.match_prefix(short, [*text[:100], 5], before=100) == 100
+    assert all(b is not None for b in short.tables[1][kv2._first_kept_block(kv2.layout.groups[1], 100) :])
 
 
 def test_one_round_runs_every_decode_and_chunks_of_several_prompts_under_the_token_budget() -> None:

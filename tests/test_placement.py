@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import chorus
-from chorus.v1 import worker_pb2
 from chorus_common.types import Prompt
 from chorus_local.cluster import start_coordinator
 from coordinator import placement
-from coordinator.workers import WorkerClient
-from tests.cluster_helpers import MODELS, LoopThread, make_config, worker
+from tests.cluster_helpers import MODELS, LoopThread, make_config, prefix_hit_tokens, worker
 
 
 @dataclass
@@ -55,7 +53,7 @@ def test_requests_sharing_a_prefix_meet_their_cached_blocks_on_one_of_two_replic
             with chorus.Client(f"127.0.0.1:{running.port}", timeout=60) as client:
                 for question in ("1+2=", "3+4=", "5+6=", "7+8="):
                     client.generate(prompt=preamble + question, max_new_tokens=2)
-            hits = [loop.run(_hits(w.address)) for w in (a, b)]
+            hits = [loop.run(prefix_hit_tokens(w.address)) for w in (a, b)]
         finally:
             loop.run(running.stop(grace=0))
     finally:
@@ -63,12 +61,3 @@ def test_requests_sharing_a_prefix_meet_their_cached_blocks_on_one_of_two_replic
         b.stop()
     # All four went to one replica; the last three found the preamble's blocks there.
     assert sorted(hits)[0] == 0 and sorted(hits)[1] >= 3 * 3 * 16, hits
-
-
-async def _hits(address: str) -> int:
-    client = WorkerClient(address)
-    try:
-        info: worker_pb2.ModelInfo = await client.stub.Info(worker_pb2.InfoRequest())
-        return info.prefix_cache_hit_tokens
-    finally:
-        await client.close()

@@ -11,7 +11,7 @@ import pytest
 
 from chorus_local.cluster import WorkerProcess, spawn_worker
 from coordinator.config import ModelSpec
-from tests.cluster_helpers import LoopThread
+from tests.cluster_helpers import LoopThread, prefix_hit_tokens
 from tests.real_models import CONTEXT, GEMMA, SMOL, STRATEGIES, Real, document, serve
 
 pytestmark = pytest.mark.real
@@ -77,29 +77,40 @@ def test_prompts_past_the_window_and_at_the_context_limit_work_under_every_strat
 
 
 @pytest.fixture(scope="module")
-def smol_without_prefix_cache(real: dict[str, Real]) -> Iterator[WorkerProcess]:
-    spec = ModelSpec(name=SMOL, path=str(real[SMOL].path), max_model_len=CONTEXT)
-    worker = spawn_worker(spec, timeout=300, threads=1, options={"prefix_caching": False})
-    yield worker
-    worker.stop()
+def without_prefix_cache(real: dict[str, Real]) -> Iterator[dict[str, WorkerProcess]]:
+    spawned = {}
+    try:
+        for name in (SMOL, GEMMA):
+            spec = ModelSpec(name=name, path=str(real[name].path), max_model_len=CONTEXT)
+            spawned[name] = spawn_worker(spec, timeout=300, threads=1, options={"prefix_caching": False})
+        yield spawned
+    finally:
+        for worker in spawned.values():
+            worker.stop()
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_prefix_caching_changes_no_output_under_any_strategy(
-    loop: LoopThread, workers: dict[str, WorkerProcess], smol_without_prefix_cache: WorkerProcess, strategy: str
+    loop: LoopThread,
+    workers: dict[str, WorkerProcess],
+    without_prefix_cache: dict[str, WorkerProcess],
+    strategy: str,
 ) -> None:
-    """Prompts sharing a document past Gemma's window: SmolLM2 serves the second (and, across strategies,
-    every later one) from its prefix cache; the texts are those of a worker without one."""
+    """Prompts sharing a document past Gemma's window: both models serve the second (and, across strategies,
+    every later one) from their prefix caches (Gemma's sliding layers from the prefix's last window); the
+    texts are those of workers without one."""
     text = document()
     prompts = [text + " The first word", text + " In short,"]
     config = {"strategy": strategy, **STRATEGIES[strategy]}
     options = {"temperature": 0.05, "seed": 1} if strategy == "me" else {}
+    before = {name: loop.run(prefix_hit_tokens(workers[name].address)) for name in (SMOL, GEMMA)}
     cached = serve(loop, [workers[SMOL], workers[GEMMA]], prompts, max_new_tokens=8, config=config, **options)
-    plain = serve(
-        loop, [smol_without_prefix_cache, workers[GEMMA]], prompts, max_new_tokens=8, config=config, **options
-    )
+    plain_workers = [without_prefix_cache[SMOL], without_prefix_cache[GEMMA]]
+    plain = serve(loop, plain_workers, prompts, max_new_tokens=8, config=config, **options)
     assert [r.text for r in cached] == [r.text for r in plain]
     assert all(r.usage.completion_tokens >= 1 for r in cached)
+    for name in (SMOL, GEMMA):  # the shared document (past Gemma's 512-position window) came from the cache
+        assert loop.run(prefix_hit_tokens(workers[name].address)) - before[name] > 512, name
 
 
 # --------------------------------------------------------------------------- characters split over tokens, chared
