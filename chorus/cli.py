@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import chorus
-from chorus_common import logs
+from chorus_common import allocator, logs
 from chorus_common.lifecycle import serve_metrics, wait_for_signal
 from chorus_common.worker_args import WorkerArgs
 
@@ -158,6 +158,7 @@ async def _serve(
 ) -> None:
     from chorus_local import cluster
 
+    allocator.fix_mmap_threshold()
     running = await cluster.start_coordinator(config, addresses, port, workers=workers)
     if metrics_port is not None:
         bound = serve_metrics(config.server.host, metrics_port)

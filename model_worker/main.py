@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from chorus_common import logs
+from chorus_common import allocator, logs
 from chorus_common.lifecycle import serve_metrics, wait_for_signal
 from chorus_common.security import TlsFiles
 from chorus_common.worker_args import WorkerArgs
@@ -77,6 +77,7 @@ async def run(args: WorkerArgs) -> None:
 
 def serve(args: WorkerArgs) -> None:
     """Run the worker until SIGTERM; a model that fails to load ends it with one line and exit status 1."""
+    allocator.fix_mmap_threshold()
     try:
         asyncio.run(run(args))
     except LoadFailed as exc:

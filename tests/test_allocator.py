@@ -1,0 +1,44 @@
+"""Server processes fix glibc's mmap threshold, so a freed full distribution (1 MiB for Gemma 3) no longer
+lifts it: later buffers of that size stay mappings of their own, returned to the system when freed,
+instead of filling the heap (docs/load-test.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A buffer freed, then a slightly smaller one: is the second a mapping of its own (mallinfo2's hblkhd)?
+PROBE = """
+import ctypes, sys
+import numpy as np
+from chorus_common import allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+fixed = allocator.fix_mmap_threshold() if sys.argv[1] == "fix" else False
+first = np.ones(262144, dtype=np.float32)
+del first
+before = libc.mallinfo2().hblkhd
+second = np.ones(262144 - 16384, dtype=np.float32)
+print(fixed, libc.mallinfo2().hblkhd - before >= second.nbytes)
+"""
+
+
+def _probe(mode: str, env: dict[str, str] | None = None) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and mallinfo2")
+def test_a_fixed_threshold_keeps_megabyte_buffers_out_of_the_heap() -> None:
+    assert _probe("plain") == ["False", "False"]  # glibc's own rule: the freed buffer lifted the threshold
+    assert _probe("fix") == ["True", "True"]
+    # An operator's MALLOC_MMAP_THRESHOLD_ is left as it is.
+    assert _probe("fix", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4194304"})[0] == "False"
