@@ -9,8 +9,9 @@ LOCK := requirements/lock.txt
 .PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench-strategies-real bench bench-gpu clean images e2e chart-schema
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
-# (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls.
-$(STAMP): pyproject.toml $(LOCK) requirements/data.txt
+# (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls, and so does
+# a new top-level package (its __init__.py): the editable install maps the packages it found.
+$(STAMP): pyproject.toml $(LOCK) requirements/data.txt $(wildcard */__init__.py)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/data.txt
