@@ -24,7 +24,7 @@ from coordinator import metrics
 from coordinator.admission import Draining, Overloaded
 from coordinator.convert import InvalidRequest
 from coordinator.ensemble import NotReady
-from coordinator.members import WorkerFailed, WorkerLost
+from coordinator.members import WorkerDraining, WorkerFailed, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ STATUSES: dict[type[BaseException], Status] = {
     NotReady: Status("not_ready", _CODE.UNAVAILABLE, 503, _UNAVAILABLE, wait=True),
     # Retry on another coordinator, or with other workers: no need to wait.
     Draining: Status("draining", _CODE.UNAVAILABLE, 503, _UNAVAILABLE),
+    WorkerDraining: Status("worker_draining", _CODE.UNAVAILABLE, 503, _UNAVAILABLE),  # before WorkerLost: a subclass
     WorkerLost: Status("worker_lost", _CODE.UNAVAILABLE, 503, _UNAVAILABLE),
     WorkerFailed: Status("worker_failed", _CODE.INTERNAL, 500, "server_error"),
 }

@@ -34,7 +34,7 @@ class WorkerLost(Exception):
 class WorkerDraining(WorkerLost):
     """A member's worker is shutting down (draining): it refused or ended the request's session. Not lost:
     it ends on purpose, and a retry may find another replica (Kubernetes discovery drops a terminating pod
-    at once; the failure counts as worker_lost all the same)."""
+    at once). Counted as worker_draining."""
 
 
 class WorkerFailed(Exception):

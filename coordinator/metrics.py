@@ -30,7 +30,8 @@ FAILURE_REASONS = (
     "overloaded",  # RESOURCE_EXHAUSTED / 429: the coordinator at limits.max_running, or a worker's KV slots full
     "not_ready",  # a model has no ready worker: UNAVAILABLE / 503
     "draining",  # this coordinator is shutting down: UNAVAILABLE / 503
-    "worker_lost",  # a member's worker died, hung or shut down mid-request (policy fail): UNAVAILABLE / 503
+    "worker_lost",  # a member's worker died or hung mid-request (policy fail): UNAVAILABLE / 503
+    "worker_draining",  # a member's worker is shutting down and refused or ended the session: UNAVAILABLE / 503
     "worker_failed",  # a member's worker raised on the request (INTERNAL from the worker): INTERNAL / 500
     "deadline",  # the client's deadline passed: DEADLINE_EXCEEDED
     "cancelled",  # the client went away (cancelled the call, closed the connection)

@@ -373,7 +373,7 @@ def test_grpc_failures_are_counted_once_by_reason(
         worker.stop()  # its sessions end with it: drained, not lost
         with pytest.raises(chorus.Unavailable, match="shutting down"):
             list(stream)
-        assert counted.since() == {"worker_lost": 1}
+        assert counted.since() == {"worker_draining": 1}
 
 
 def _broken(*args: Any) -> Any:
