@@ -18,7 +18,6 @@ class PassStats:
     queue_ms: float  # from arrival to its first pass
     compute_ms: float  # in its passes
     queue_position: int  # feeds waiting ahead of it when it arrived
-    cached_tokens: int = 0  # tokens taken from the prefix cache instead of computed
 
 
 @dataclass
