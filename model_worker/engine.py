@@ -246,9 +246,7 @@ class Engine:
             return
         queue_ms = ((feed.started_at or time.perf_counter()) - feed.queued_at) * 1e3
         computed = len(feed.ids) - feed.cached
-        feed.future.set_result(
-            PassStats(computed, feed.batch_size, queue_ms, feed.compute_ms, feed.position)
-        )
+        feed.future.set_result(PassStats(computed, feed.batch_size, queue_ms, feed.compute_ms, feed.position))
 
     def _run(self, slices: list[Slice]) -> list[dict[int, torch.Tensor]]:
         """One forward pass over the slices (in the forward thread)."""
