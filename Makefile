@@ -25,7 +25,7 @@ lock:
 ## run: serve the two real models (SmolLM2-135M-Instruct, Gemma 3 270M), ask checkable questions, show
 ## each model's answer alone and the ensemble's (GaC and threshold), right or wrong, with ms/token
 run: $(STAMP) real-models
-	$(VENV)/bin/chorus demo --config configs/real.yaml --questions facts --strategies gac,threshold
+	$(VENV)/bin/chorus demo --config configs/real.yaml --questions knowledge --strategies gac --tuned configs/real-tuned.yaml
 
 ## run-tiny: the same on the embedded arithmetic models (no download, seconds)
 run-tiny: $(STAMP)

@@ -781,3 +781,11 @@ if hypothesis is not None:
             load_config(path)
         except ConfigError as exc:
             assert exc.problems
+
+
+def test_the_shipped_tuned_config_is_the_real_pair_tuned() -> None:
+    """configs/real-tuned.yaml (make run's tuned column) is `make bench-quality-real`'s common-knowledge pick:
+    the same models as configs/real.yaml, with the weights it fitted."""
+    real, tuned = load_config(CONFIGS / "real.yaml"), load_config(CONFIGS / "real-tuned.yaml")
+    assert [(m.name, m.path) for m in tuned.models] == [(m.name, m.path) for m in real.models]
+    assert "Written by `chorus tune`" in (CONFIGS / "real-tuned.yaml").read_text()

@@ -4,6 +4,7 @@ estimate; and `chorus tune` end to end on the embedded models."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,27 @@ def test_demo_shows_a_tuned_config_next_to_the_members(tmp_path: Path, capsys: p
     )
     config = str(REPO / "configs" / "default.yaml")
     assert main(["--log-level", "WARNING", "demo", "--config", config, "--tuned", str(tuned)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if "/6 right (" in line]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "/6 right (" in line]
     assert [row.split()[0] for row in rows] == ["arith-bpe", "arith-sp", "gac", "tuned"]
     assert all("95% interval" in row for row in rows)
+    # Then where the tuned config fixed a member's error, where it did not, and what nobody got: every
+    # question in exactly one of the three, or right everywhere.
+    counts = [int(re.search(rf"^{t} \((\d+)\)", out, re.M).group(1)) for t in _FIX_LINES]  # type: ignore[union-attr]
+    assert sum(counts) <= 6
+
+
+_FIX_LINES = ("tuned fixed a member's error", "tuned wrong where a member was right", "every run wrong")
+
+
+def test_the_demo_says_where_the_tuned_ensemble_fixed_a_member(capsys: pytest.CaptureFixture[str]) -> None:
+    from chorus.cli import _print_fixes
+
+    right = {"a": [True, False, True, False], "b": [False, False, True, True], "tuned": [True, False, False, True]}
+    _print_fixes(["q0", "q1", "q2", "q3"], ["a", "b"], right)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "tuned fixed a member's error (2): q0; q3",
+        "tuned wrong where a member was right (1): q2",
+        "every run wrong (1): q1",
+    ]
