@@ -175,7 +175,7 @@ class _Conversation:
                 if request.logprobs is not None:  # strategies that draft pieces are refused logprobs
                     top = request.logprobs
                     self.unsent.append(token_logprob(decision.dist, request.sampling, uid, top, self.extras))
-        self.members.written(bool(decision.pieces), step.answers, decision.dist, uid)
+        self.members.written(bool(decision.pieces), step.answers, decision.dist, uid, decision.authors)
         return chosen, end
 
     def commit(self, chosen: list[bytes], end: bool) -> Iterator[TextPiece]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
@@ -166,13 +166,21 @@ class Members:
         foreign, self.authored[i] = not self.authored[i], True
         return len(extra) - same, ahead[same:], foreign
 
-    def written(self, drafted: bool, answers: Mapping[int, UnionDist], dist: UnionDist | None, uid: int) -> None:
-        """Record who wrote this step's text. Drafted pieces: the model that drew them, which holds them
-        already. A drawn entry: each model whose own distribution gave it at least half the probability
-        the decision gave it (a model alone, or ensembled with itself, always; one that was outvoted, or
-        not asked, not)."""
+    def written(
+        self,
+        drafted: bool,
+        answers: Mapping[int, UnionDist],
+        dist: UnionDist | None,
+        uid: int,
+        authors: Collection[int] = (),
+    ) -> None:
+        """Record who wrote this step's text. Pieces a strategy chose: the model that drew them, which holds
+        them already, or the `authors`, whose own tokens they are (they take them as such; nobody else
+        does). A drawn entry: each model whose own distribution gave it at least half the probability the
+        decision gave it (a model alone, or ensembled with itself, always; one that was outvoted, or not
+        asked, not)."""
         if drafted:
-            self.authored = [False] * len(self.authored)
+            self.authored = [mine and i in authors for i, mine in enumerate(self.authored)]
         if dist is None or uid < 0:
             return
         needed = 0.5 * _share(dist, uid)

@@ -7,11 +7,38 @@ import pytest
 from coordinator.strategies.draft_length import DraftLength
 
 
-def test_a_request_starts_at_three_tokens_and_reaches_five_if_its_first_draft_is_kept() -> None:
-    assert [DraftLength(upper).current for upper in (1, 2, 3, 5, 64)] == [1, 2, 3, 3, 3]
+def test_a_request_starts_in_lockstep_and_drafts_after_four_agreeing_positions() -> None:
+    assert [DraftLength(upper).current for upper in (1, 2, 3, 5, 64)] == [1, 1, 1, 1, 1]
     length = DraftLength(5)
-    length.checked(3, ensembled=False)
-    assert length.current == 5
+    for _ in range(3):
+        assert length.lockstep
+        length.checked(1, ensembled=False)
+    assert length.lockstep and length.current == 4  # below the bound: still every model at once
+    length.checked(1, ensembled=False)
+    assert not length.lockstep and length.current == 5
+
+
+def test_lockstep_below_the_bound_only_with_adaptive_lengths() -> None:
+    length = DraftLength(5)
+    for _ in range(20):
+        length.checked(1, ensembled=False)
+    assert not length.lockstep
+    length.checked(0, ensembled=True)  # one disagreement after a long run of agreement
+    assert length.current == 3 and length.lockstep
+    runs = []
+    for start in (0.0, 0.5):
+        length.agreement, n = start, 0
+        while length.lockstep:
+            length.checked(1, ensembled=False)
+            n += 1
+        runs.append(n)
+    assert runs == [10, 7]  # agreeing positions in a row that bring drafting back
+    assert not DraftLength(5, adaptive=False).lockstep
+    assert DraftLength(1).lockstep and DraftLength(1, adaptive=False).current == 1
+    two = DraftLength(2)
+    assert two.lockstep
+    two.checked(2, ensembled=False)
+    assert not two.lockstep and two.current == 2
 
 
 def test_disagreements_shrink_the_draft_to_one_token() -> None:
@@ -52,7 +79,7 @@ def test_accepted_positions_before_an_ensembled_one_count_as_agreement() -> None
 def test_at_the_bound_only_after_a_run_of_agreement() -> None:
     length = DraftLength(5)
     assert not length.at_bound
-    length.checked(3, ensembled=False)
+    length.checked(4, ensembled=False)
     assert length.at_bound
     length.checked(2, ensembled=True)
     assert not length.at_bound

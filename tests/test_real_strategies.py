@@ -150,29 +150,34 @@ def test_chared_writes_code_after_indentation_others_wrote(loop: LoopThread, wor
     assert result.text[4:5].isalpha(), result.text
 
 
-# --------------------------------------------------------------------------- SAFE's adaptive drafts change no output
+# --------------------------------------------------------------------------- SAFE: drafts and lockstep
 
 SAFE_PROMPTS = ["def fibonacci(n):\n", "Le chat est", "Party time 🎉🎉 let's"]
 
 
-@pytest.mark.timeout(900)  # nine greedy SAFE runs of 16 tokens: minutes on a loaded shared CPU
-def test_safe_adaptive_drafts_write_what_fixed_drafts_write(
+@pytest.mark.timeout(900)  # twelve greedy runs of 16 tokens: minutes on a loaded shared CPU
+def test_safe_drafts_decide_alike_whatever_their_length_and_lockstep_decides_as_gac(
     loop: LoopThread, workers: dict[str, WorkerProcess]
 ) -> None:
-    """Greedy SAFE decides each position alike whatever the draft's length: the drafter's token where the
-    models agree (or inside a verifier's token), the ensemble's where they do not. Adaptive drafts, fixed
-    five-token drafts and fixed one-token drafts write the same text."""
+    """Greedy SAFE with fixed drafts decides each drafted position alike whatever the draft's length: the
+    drafter's token where the models agree (or inside a verifier's token), the ensemble's where they do
+    not; fixed five-token and one-token drafts write the same text. Adaptive SAFE (the default) steps in
+    lockstep where this pair disagrees: each position asks both models at once and, with equal weights,
+    decides as GaC does, so it writes GaC's text, at GaC's forward passes per token at most."""
     pair = [workers[SMOL], workers[GEMMA]]
-    texts = {}
-    for label, safe in (
-        ("adaptive", {"adaptive": True}),
-        ("fixed 5", {"adaptive": False}),
-        ("fixed 1", {"adaptive": False, "draft_tokens": 1}),
+    served = {}
+    for label, config in (
+        ("adaptive", {"strategy": "safe"}),
+        ("fixed 5", {"strategy": "safe", "safe": {"adaptive": False}}),
+        ("fixed 1", {"strategy": "safe", "safe": {"adaptive": False, "draft_tokens": 1}}),
+        ("gac", {"strategy": "gac"}),
     ):
-        config = {"strategy": "safe", "safe": safe}
-        served = serve(loop, pair, SAFE_PROMPTS, max_new_tokens=16, config=config)
-        texts[label] = [r.text for r in served]
-        if label == "adaptive":
-            ensembled = [r.usage.steps_ensembled for r in served]
-            assert all(0 < n < 16 for n in ensembled), ensembled  # the pair disagrees here and there
-    assert texts["adaptive"] == texts["fixed 5"] == texts["fixed 1"]
+        served[label] = serve(loop, pair, SAFE_PROMPTS, max_new_tokens=16, config=config)
+    texts = {label: [r.text for r in results] for label, results in served.items()}
+    assert texts["fixed 5"] == texts["fixed 1"]
+    assert texts["adaptive"] == texts["gac"]
+    ensembled = [r.usage.steps_ensembled for r in served["adaptive"]]
+    assert all(0 < n < 16 for n in ensembled), ensembled  # the pair disagrees here and there
+    for safe, gac in zip(served["adaptive"], served["gac"], strict=True):
+        passes = [sum(m.forward_passes for m in r.usage.models) / r.usage.steps for r in (safe, gac)]
+        assert passes[0] <= passes[1], passes

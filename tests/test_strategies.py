@@ -224,8 +224,9 @@ def test_safe_with_twins_never_ensembles_and_equals_the_drafter(
     assert _texts(alone)[1:3] == ["75", "93"]
     for r in twins:
         assert r.usage.steps_ensembled == 0
-        # The verifier runs once per draft of up to 5 tokens, not once per token.
-        assert r.usage.models[1].forward_passes <= math.ceil(r.usage.steps / 5)
+        # A request starts in lockstep (a pass of each model per position) until four positions agreed;
+        # then the verifier runs once per draft of up to 5 tokens, not once per token.
+        assert r.usage.models[1].forward_passes <= 4 + math.ceil((r.usage.steps - 4) / 5)
 
 
 def test_safe_ensembles_only_where_models_disagree(loop: LoopThread, pair: list[WorkerProcess]) -> None:
@@ -240,6 +241,24 @@ def test_safe_ensembles_only_where_models_disagree(loop: LoopThread, pair: list[
     again = _generate(loop, pair, PROMPTS, config={"strategy": "safe"}, max_new_tokens=16)
     first = _generate(loop, pair, PROMPTS, config={"strategy": "safe"}, max_new_tokens=16)
     assert _texts(again) == _texts(first)
+
+
+def test_safe_in_lockstep_costs_a_gac_step_per_position_and_writes_what_gac_writes(
+    loop: LoopThread, pair: list[WorkerProcess]
+) -> None:
+    """With drafts of one token at most, adaptive SAFE never drafts: each position asks both models at
+    once, as GaC does. Greedy, with equal weights, it then decides every position as GaC does (the
+    drafter's token where the verifier agrees is GaC's argmax too), at the same forward passes per model;
+    a one-token draft instead runs the drafter, then the verifier, in sequence."""
+    gac = _generate(loop, pair, PROMPTS, config={"strategy": "gac"}, max_new_tokens=12)
+    config = {"strategy": "safe", "safe": {"draft_tokens": 1}}
+    lockstep = _generate(loop, pair, PROMPTS, config=config, max_new_tokens=12)
+    assert _texts(lockstep) == _texts(gac)
+    for s, g in zip(lockstep, gac, strict=True):
+        assert s.usage.steps == g.usage.steps
+        assert [m.forward_passes for m in s.usage.models] == [m.forward_passes for m in g.usage.models]
+        assert s.usage.steps_ensembled <= g.usage.steps_ensembled  # where the models agree, nothing is mixed
+    assert 0 < sum(r.usage.steps_ensembled for r in lockstep) < sum(r.usage.steps_ensembled for r in gac)
 
 
 # --------------------------------------------------------------------------- chared

@@ -108,6 +108,10 @@ class Decision:
     ensembled: bool = False  # more than one model decided `dist`
     pieces: tuple[bytes, ...] = ()  # tokens already chosen (e.g. a model's accepted draft)
     end: bool = False  # end of sequence after the pieces
+    # Models that take the pieces as their own tokens, not holding them yet (SAFE in lockstep: the drafter,
+    # whose most likely token they are, and each model that gave them a GaC author's share); the others
+    # take them as text others wrote. Empty: the pieces were drawn inside a worker that holds them already.
+    authors: frozenset[int] = frozenset()
 
 
 class Strategy(ABC):

@@ -1,27 +1,33 @@
 """SAFE's draft length, following the agreement measured so far in the request.
 
-Every drafted position the verifiers check counts as agreement (accepted: the models agree, or it
-is inside a verifier's token) or not (ensembled); positions after the first ensembled one of a
-draft are never checked and do not count. `agreement` is an exponential moving average of these
-(weight AGREEMENT_WEIGHT per position, starting at START), so it follows the text the request is
-writing now. The next draft is the longest one likely to be accepted whole: the largest length L
-up to the upper bound (`safe.draft_tokens`) with agreement ** L >= 1/2, and at least one token.
-Drafts grow while they are accepted and shrink to one token after a disagreement or two: with the
-defaults a request's first draft has 3 tokens (5 after it if it is kept whole); after a long run of
-agreement one disagreement brings the length to 3 tokens, a second to 1; from there five agreeing
-positions in a row (more after a longer run of disagreement) bring it back to 5.
+Every position the verifiers check counts as agreement (the skip rule accepted the drafter's token:
+the models agree, or it is inside a verifier's token) or not (the position was ensembled, whatever
+the ensemble then picked: the draft stopped there); positions after the first ensembled one of a
+draft are never checked and do not count. Positions SAFE decides in lockstep (below) count alike.
+`agreement` is an exponential moving average of these (weight AGREEMENT_WEIGHT per position,
+starting at START), so it follows the text the request is writing now. The draft length is the
+longest one likely to be accepted whole: the largest length L up to the upper bound
+(`safe.draft_tokens`) with agreement ** L >= 1/2, and at least one token.
 
-The half: a draft of L tokens costs L drafter passes, then a pass of each verifier, and what
-follows its first disagreement is thrown away. Drafts kept whole at least half the time keep the
-expected forward passes per token below GaC's (one per model); where the models agree for long,
-they tend to 1 + (verifiers) / L.
+SAFE drafts only at the bound; below it, it steps in lockstep (`DraftLength.lockstep`): every model
+is asked at once for its distribution at the position, as in GaC. A draft of L tokens costs L
+drafter passes and then a pass of each verifier, one after the other, and what follows its first
+disagreement is thrown away: on members that each take a CPU core (or a GPU) that is more time per
+token than a GaC step unless most drafts are kept whole; at the bound the drafter drafts the next
+chunk while the verifiers check this one, which takes the verification off its path. A request
+starts in lockstep (START: one token); four agreeing positions in a row bring drafts of five tokens
+(with the default bound), one disagreement after a long run of agreement brings lockstep back, and
+from a run of disagreement seven to ten agreeing positions in a row bring drafting back.
+
+The half: drafts kept whole at least half the time keep the expected forward passes per token
+below GaC's (one per model); where the models agree for long, they tend to 1 + (verifiers) / L.
 """
 
 from __future__ import annotations
 
 import math
 
-START = 0.8  # the first draft of a request: 3 tokens (0.8 ** 3 > 1/2); five after it if it is kept whole
+START = 0.7  # a request starts in lockstep; four agreeing positions bring drafts of five tokens
 AGREEMENT_WEIGHT = 0.2  # weight of the newest position in the moving average
 WHOLE = 0.5  # the chance a draft is accepted whole that its length aims at
 
@@ -45,6 +51,14 @@ class DraftLength:
         if agreement <= WHOLE:
             return 1
         return max(1, min(self.upper, math.floor(math.log(WHOLE) / math.log(agreement) + 1e-9)))
+
+    @property
+    def lockstep(self) -> bool:
+        """Adaptive, and below the bound (or at one token): SAFE asks every model at once instead of
+        drafting (safe.py). Drafts are only drawn at the bound, where the next one is drafted while the
+        verifiers check this one; a shorter draft costs its drafter passes, then the verifiers' pass,
+        in sequence."""
+        return self.adaptive and self.current < max(2, self.upper)
 
     @property
     def at_bound(self) -> bool:

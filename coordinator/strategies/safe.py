@@ -8,9 +8,20 @@ of it exceeds 0.5. These skip rules never change the ensemble's argmax. Drafts a
 position are discarded (the workers roll them back on their next message); the ensembled
 distribution is GaC or UniTE, optionally sharpened.
 
-With `adaptive`, the draft length follows the agreement measured so far in the request
-(draft_length.py), up to `draft_tokens`: where the models disagree often, drafts shrink to one token, so a disagreement
-throws no drafted work away, and a position costs a pass of each model, as in GaC. The ensemble at
+With `adaptive` (the default), SAFE drafts only where the models have agreed for a while: the
+draft length follows the agreement measured so far in the request (draft_length.py), and drafts are
+drawn only at its upper bound, `draft_tokens`. Below it SAFE steps in lockstep: every model is asked
+for its distribution at the position at once, as GaC asks them (a short draft costs the drafter's
+passes, then the verifiers' pass after them: more passes of latency per token than GaC's one where
+its tail is thrown away). Skip rule (b) then reads those answers: the drafter's own most likely token
+(its draw, when sampling) where the verifiers agree with it, else the ensemble of the same answers,
+with no further call; with equal weights and greedy decoding that is GaC's choice at every position.
+Rule (a) needs the verifiers to have seen the drafted token, so in lockstep every position is checked
+against their next-bytes distributions, which extend a verifier's open last token (token healing) as
+GaC's do. Every lockstep position feeds the draft length like a checked drafted one, so drafting
+resumes once the models agree again. A position in lockstep costs what a GaC step does: one pass of
+each model, concurrently. `adaptive: false`: every draft is `draft_tokens` long, and every position
+is drafted. The ensemble at
 a drafted position reuses the rows the draft and the verification computed there (the workers keep
 them): the verifiers' at every position, the drafter's at the draft's first one (unless it drafted
 ahead).
@@ -33,8 +44,8 @@ from pydantic import Field
 from coordinator.strategies.base import Decision, Drafted, EnsembleView, StepContext, Strategy
 from coordinator.strategies.draft_length import DraftLength
 from coordinator.strategies.settings import NAMES_A_MODEL, Problem, StrategySettings
-from coordinator.strategies.unite import unite_step
-from coordinator.union_dist import UnionDist
+from coordinator.strategies.unite import unite_of
+from coordinator.union_dist import UnionDist, choose
 
 _SHARPEN_BELOW = 0.5
 _SHARPEN_CANDIDATES = 8
@@ -50,8 +61,9 @@ class SafeSettings(StrategySettings):
         5, ge=1, le=64, description="the most tokens drafted per generate-verify cycle (the adaptive length's bound)"
     )
     adaptive: bool = Field(
-        False,
-        description="draft lengths follow the models' agreement so far (false: every draft is draft_tokens long)",
+        True,
+        description="draft only where the models have agreed for a while, elsewhere ask every model at once "
+        "per position, as GaC does (false: every position is drafted, every draft draft_tokens long)",
     )
     ensemble: Literal["gac", "unite"] = Field("gac", description="the distribution at an ensembled position")
     sharpen: bool = Field(
@@ -89,7 +101,6 @@ class Safe(Strategy):
         self._accepted_last = True  # the last draft was accepted whole: worth drafting ahead
         self._ahead: asyncio.Task[Drafted | None] | None = None  # the next chunk, drafted speculatively
         self._length: DraftLength | None = None  # made at the first step, from the request's settings
-        self._disputed: int | None = None  # the drafted token at the position being ensembled (union id)
 
     async def step(self, ctx: StepContext) -> Decision:
         ahead = await self._take_ahead()
@@ -103,6 +114,8 @@ class Safe(Strategy):
         if not ctx.alive[drafter]:
             return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
         verifiers = [i for i in range(ctx.n_models) if i != drafter]
+        if ahead is None and verifiers and self._length.lockstep:
+            return await self._lockstep(ctx, drafter, verifiers)
         length = min(self._length.current, ctx.remaining)
         if ahead is None:
             ahead = await ctx.draft(drafter, length, report_top_k=settings.top_k)
@@ -131,7 +144,6 @@ class Safe(Strategy):
             if _agree(token, dists[1:], dists):
                 continue
             self._length.checked(j, ensembled=False)
-            self._disputed = token
             self._accepted_last = False
             self._ensemble_next = j > 0
             if j == 0:
@@ -141,6 +153,26 @@ class Safe(Strategy):
         self._length.checked(len(choices), ensembled=False)
         self._accepted_last = True
         return Decision(pieces=tuple(drafted.pieces), end=drafted.ended)
+
+    async def _lockstep(self, ctx: StepContext, drafter: int, verifiers: list[int]) -> Decision:
+        """Every model's distribution at the position, asked concurrently (GaC's step); the drafter's token
+        where the verifiers agree with it (skip rule b), else the ensemble of the same answers."""
+        assert self._length is not None
+        answers = await self._ask_all(ctx)
+        mine = answers.get(drafter)
+        if mine is None or mine.uids.size == 0:  # the drafter's worker was lost just now (policy degrade)
+            return await self._ensemble_of(ctx, answers)
+        token = choose(mine, ctx.sampling, ctx.rng)  # what it would draw itself (greedy: its most likely token)
+        theirs: list[UnionDist | None] = [answers[i] for i in verifiers if i in answers]
+        agreed = _agree(token, theirs, [mine, *theirs])
+        self._length.checked(int(agreed), ensembled=not agreed)  # as it would have stopped a draft there, or not
+        # Drafts resume only after a run of agreeing positions: the first one is drafted ahead of too.
+        self._accepted_last = agreed
+        if agreed:
+            if ctx.union.is_end(token):
+                return Decision(end=True)
+            return Decision(pieces=(ctx.bytes_of(token),), authors=_authors(ctx, answers, token, drafter))
+        return await self._ensemble_of(ctx, answers)
 
     async def _take_ahead(self) -> Drafted | None:
         """The speculative next chunk, if one was drafted and the chunk before it was accepted whole."""
@@ -158,21 +190,28 @@ class Safe(Strategy):
             self._ahead = None
 
     async def _settle(self, ctx: StepContext) -> Decision:
-        """Ensemble at the disputed drafted position; it counts as a disagreement for the draft length
-        only where the ensemble's most likely token is not the drafted one (the skip rules are
-        conservative: models that merely tokenize the text differently often still pick it)."""
-        decision = await self._ensemble(ctx)
+        """Ensemble at the disputed drafted position. It counts as a disagreement for the draft length
+        whatever the ensemble picks there: the skip rule stopped the draft at it, and what the length
+        weighs is how far drafts get."""
         assert self._length is not None
-        kept = decision.dist is not None and decision.dist.uids.size > 0 and decision.dist.top() == self._disputed
-        self._length.checked(int(kept), ensembled=not kept)
-        return decision
+        self._length.checked(0, ensembled=True)
+        return await self._ensemble(ctx)
 
     async def _ensemble(self, ctx: StepContext) -> Decision:
+        return await self._ensemble_of(ctx, await self._ask_all(ctx))
+
+    @staticmethod
+    async def _ask_all(ctx: StepContext) -> dict[int, UnionDist]:
+        """Every model's distribution at the position, concurrently, as the ensemble needs it."""
+        unite = ctx.config.safe.ensemble == "unite"
+        return await ctx.ask(range(ctx.n_models), top_k=ctx.config.unite.top_k if unite else None)
+
+    async def _ensemble_of(self, ctx: StepContext, answers: dict[int, UnionDist]) -> Decision:
+        """The ensembled distribution of the models' answers at the position (GaC or UniTE), maybe sharpened."""
         settings = ctx.config.safe
         if settings.ensemble == "unite":
-            decision = await unite_step(ctx, ctx.config.unite.top_k)
+            decision = await unite_of(ctx, answers)
         else:
-            answers = await ctx.ask(range(ctx.n_models))
             decision = Decision(ctx.mix(answers), ensembled=len(answers) > 1)
         if settings.sharpen and decision.dist is not None and decision.dist.max_prob() < _SHARPEN_BELOW:
             return Decision(_sharpen(decision.dist.normalized(), ctx), ensembled=decision.ensembled)
@@ -185,6 +224,15 @@ def _agree(token: int, verifiers: list[UnionDist | None], everyone: list[UnionDi
         return True
     probs = [_prob(d, token) for d in everyone if d is not None]
     return float(np.mean(probs)) > 0.5
+
+
+def _authors(ctx: StepContext, answers: dict[int, UnionDist], token: int, drafter: int) -> frozenset[int]:
+    """Who takes the drafter's token as its own in lockstep: the drafter, and each model GaC would count
+    as an author had it chosen the token (its own share of it is at least half the weighted mix's)."""
+    shares = {i: _prob(d, token) / max(float(d.probs.sum()), 1e-300) for i, d in answers.items()}
+    weights = {i: ctx.weights[i] for i in answers}
+    mixed = sum(weights[i] * shares[i] for i in answers) / sum(weights.values())
+    return frozenset({drafter, *(i for i in answers if shares[i] >= 0.5 * mixed)})
 
 
 def _prob(dist: UnionDist, uid: int) -> float:

@@ -29,7 +29,11 @@ class Unite(Strategy):
 
 async def unite_step(ctx: StepContext, top_k: int) -> Decision:
     """One UniTE step over every model (also SAFE's ensemble at a position)."""
-    answers = await ctx.ask(range(ctx.n_models), top_k=top_k)
+    return await unite_of(ctx, await ctx.ask(range(ctx.n_models), top_k=top_k))
+
+
+async def unite_of(ctx: StepContext, answers: dict[int, UnionDist]) -> Decision:
+    """UniTE over the models' top-k answers at this step (asked with UniTE's top_k)."""
     candidates = np.unique(np.concatenate([d.uids for d in answers.values()]))
     models = list(answers)
     rows = await asyncio.gather(*(_logprobs(ctx, i, answers[i], candidates) for i in models))
