@@ -107,8 +107,9 @@ def test_every_strategy_degrades_without_a_killed_worker(
         )
         result = future.result(90)
     # "length": max_new_tokens, or the context filling first (this random model writes odd bytes that
-    # re-tokenize into more tokens than union steps).
-    assert result.finish_reason == "length"
+    # re-tokenize into more tokens than union steps); "stop": me sampled end-of-sequence, which a kill at
+    # another moment (a loaded machine) can bring within reach of the low temperature. Either way it went on.
+    assert result.finish_reason in ("length", "stop")
     assert result.usage.lost_models == ("endless-b",)
     survivor, victim = result.usage.models
     assert result.usage.completion_tokens >= LONG // 2  # it went on long after the loss
