@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Container, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -60,23 +60,19 @@ class _Step:
     def text(self) -> bytes:
         return bytes(self._members.text)  # copied only for the strategies that read it
 
-    async def ask(
-        self, models: Sequence[int], top_k: int | None = None, partial: bool = False, own: Container[int] = ()
-    ) -> dict[int, UnionDist]:
+    async def ask(self, models: Sequence[int], top_k: int | None = None, partial: bool = False) -> dict[int, UnionDist]:
         transport = self._members.ensemble.transport
         if top_k is not None:
             transport = Transport(top_k=top_k, half=transport.half)
-        answers = await self._members.each(
-            models, lambda i: self._ask_one(i, transport, partial and i not in own, i in own)
-        )
+        answers = await self._members.each(models, lambda i: self._ask_one(i, transport, partial))
         self.answers.update(answers)
         return answers
 
     def top_choices(self) -> dict[int, int]:
         return {i: d.top() for i, d in self.answers.items() if d.uids.size}
 
-    async def _ask_one(self, i: int, transport: Transport, partial: bool, own: bool = False) -> UnionDist | None:
-        parts = await self._members.step(i, transport, partial, own)
+    async def _ask_one(self, i: int, transport: Transport, partial: bool) -> UnionDist | None:
+        parts = await self._members.step(i, transport, partial)
         return None if parts is None else self._dist(i, parts)
 
     async def draft(

@@ -190,14 +190,11 @@ class Members:
 
     # --- the calls strategies make, through the step's view ---------------------------------------
 
-    async def step(
-        self, i: int, transport: Transport, partial: bool, own: bool = False
-    ) -> list[DistributionPart] | None:
-        """Model i's next-bytes distribution after the text; None if its worker was lost. `own`: the text
-        appended is one of the model's tokens, drawn from it (the strategy knows; authorship does not)."""
+    async def step(self, i: int, transport: Transport, partial: bool) -> list[DistributionPart] | None:
+        """Model i's next-bytes distribution after the text; None if its worker was lost."""
         rollback, append, foreign = self.sync(i)
         started = time.perf_counter()
-        call = self.sessions[i].step(append, transport, rollback, partial or (foreign and not own))
+        call = self.sessions[i].step(append, transport, rollback, partial or foreign)
         step = await self.guarded(i, call, self.step_budget(i))
         if step is None:
             return None

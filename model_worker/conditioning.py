@@ -23,7 +23,6 @@ import contextlib
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -297,8 +296,6 @@ class Conditioner:
         toks, _, pending = self._tail_tokens(state)
         if pending:
             toks, pending = self._spell_pending(toks, pending)
-        elif tail.endswith(b" "):
-            toks = self._spell_space_before_word(state, toks, tail)
         inside = bool(split_utf8(tail)[1])
         return Plan(state.fixed, n, tuple(toks), pending, self._levels(toks, pending, tail), inside)
 
@@ -312,7 +309,7 @@ class Conditioner:
         start = len(tail) - len(pending) - len(self._tokens[toks[-1]])  # where the last token starts
         depth = 1
         char = _last_char_start(tail)
-        if tail[char] >= 0x80 or tail[char:] == b" ":  # a character of several bytes, or a space spelt alone
+        if tail[char] >= 0x80:  # a character of several bytes: the tokens that hold part of it
             while depth < len(toks) and start > char:
                 depth += 1
                 start -= len(self._tokens[toks[-depth]])
@@ -327,24 +324,6 @@ class Conditioner:
         if pending:
             opened = max(opened, 1)
         return tuple(reversed(levels[:opened]))
-
-    def _spell_space_before_word(self, state: TextState, toks: list[int], tail: bytes) -> list[int]:
-        """The tail's tokens where it ends in a space that the tokenizer gives to the word after it: a GPT-2 style
-        pre-tokenizer spells "    if" as b"   ", b" if", and a tail of four spaces alone as b"    ", a token it
-        never writes before a word (after it SmolLM2 expects a line break, not code). Such a tail is spelt as the
-        tokenizer spells it before a word, up to the space, and the space as its own token; that token and the one
-        before it stay open (_levels), so the tokens after the text before the space (b" if"), those extending
-        the run (b"     ") and those after the space alone all count. Unchanged where the space stays apart
-        from a word (SentencePiece writes b"    ", b"if") or no token is a space alone."""
-        space = self.ids_by_bytes.get(b" ")
-        if not space:
-            return toks
-        probe = tail + b"a"  # a word after the space
-        ids, lengths = self._encode_tail(state, probe)
-        ends = list(accumulate(lengths))
-        if len(tail) - 1 not in ends or b"".join(self._tokens[i] for i in ids) != probe:
-            return toks  # the space is not where a token starts
-        return [*ids[: ends.index(len(tail) - 1) + 1 if len(tail) > 1 else 0], space[0]]
 
     def _spell_pending(self, toks: list[int], pending: bytes) -> tuple[list[int], bytes]:
         """The tail's tokens and pending bytes once the pending bytes (an incomplete character) are spelt with the

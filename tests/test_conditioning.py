@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from model_worker.conditioning import Conditioner, Plan, PrefixIndex, TextState, split_utf8
 from model_worker.token_bytes import token_byte_table
@@ -182,40 +180,3 @@ def test_rollback_returns_to_the_state_of_fewer_pieces(conditioner: Conditioner)
         assert state.generated == expected.generated
         assert plan_ids(conditioner.plan(state))[: len(state.fixed)] == state.fixed
         assert _spelled(conditioner, state) + state.tail == state.generated
-
-
-def test_a_run_of_spaces_keeps_the_tokenizers_spelling_before_a_word_reachable() -> None:
-    """A GPT-2 style pre-tokenizer gives the last space of a run to the word after it ("    if" is b"   ",
-    b" if"), and spells the run alone as one token it never writes before a word. Indentation written by
-    others, cut where the word follows (and inside the run): the canonical tokens of the indented line stay
-    reachable (the next one follows the plan's tokens, or extends an open level's bytes). Not after three
-    spaces, where b"   " ends and b" if" follows: the plan is one spelling, the one for a word next
-    (CharED asks a model whose own token ended there after that token)."""
-    corpus = ["def f(n):\n    if n:\n        return n\n    return 0\n"] * 3 + ["a = 1    \nb = 2    \n"] * 3
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + 60, initial_alphabet=alphabet, show_progress=False)
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
-    tokens, special = token_byte_table(tokenizer, len(tokenizer))
-    c = Conditioner(tokenizer, tokens, special)
-    prompt, text = "def f(n):", b"    if n:"
-    prompt_ids = c.encode(prompt, False)
-    canonical = c.encode(prompt + text.decode(), False)[len(prompt_ids) :]
-    assert [tokens[i] for i in canonical][:2] == [b"   ", b" if"]  # the premise
-    assert c.ids_by_bytes.get(b"    ")  # and the run alone is a token
-    for cut in (1, 2, 4):
-        state = c.start(prompt, False)
-        c.commit(state, text[:cut], partial=True)
-        plan = c.plan(state)
-        ends = list(itertools.accumulate(len(tokens[i]) for i in canonical))
-        done = next(k for k, end in enumerate(ends) if end > cut)
-        before, spanning = canonical[:done], tokens[canonical[done]]
-        start = ends[done - 1] if done else 0
-        assert any(
-            toks == before and len(spanning) > len(rest) and spanning.startswith(rest)
-            for toks, rest in _paths(c, plan, len(prompt_ids))
-            if len(rest) == cut - start
-        ), (cut, [tokens[i] for i in plan_ids(plan)[len(prompt_ids) :]], plan.levels)

@@ -138,18 +138,6 @@ def test_chared_writes_the_indented_code_both_models_write(loop: LoopThread, wor
     assert result.text.startswith(common), (result.text, common)
 
 
-def test_chared_writes_code_after_indentation_others_wrote(loop: LoopThread, workers: dict[str, WorkerProcess]) -> None:
-    """After a docstring and a line break, Gemma alone writes '    if n ...' (b"    " as one token) and SmolLM2
-    '```'. SmolLM2 spells four spaces alone as a token it never writes before a word (then it expects a line
-    break): read that way, the ensemble wrote spaces only (32 of them). The run spelt as SmolLM2 spells it
-    before a word, the ensemble writes the indented line."""
-    prompt = 'def fibonacci(n):\n    """Return the nth Fibonacci number."""\n'
-    config = {"strategy": "chared", **STRATEGIES["chared"]}
-    (result,) = serve(loop, [workers[SMOL], workers[GEMMA]], [prompt], max_new_tokens=16, config=config)
-    assert result.text.startswith("    ") and result.text.strip(), result.text
-    assert result.text[4:5].isalpha(), result.text
-
-
 # --------------------------------------------------------------------------- SAFE: drafts and lockstep
 
 SAFE_PROMPTS = ["def fibonacci(n):\n", "Le chat est", "Party time 🎉🎉 let's"]

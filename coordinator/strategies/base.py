@@ -10,7 +10,7 @@ A strategy object lives for one conversation, so it may keep state between steps
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -62,14 +62,10 @@ class StepContext(Protocol):
     text: bytes  # the text generated so far
     alive: Sequence[bool]  # per model: its worker is still there (policy degrade)
 
-    async def ask(
-        self, models: Sequence[int], top_k: int | None = None, partial: bool = False, own: Container[int] = ()
-    ) -> dict[int, UnionDist]:
+    async def ask(self, models: Sequence[int], top_k: int | None = None, partial: bool = False) -> dict[int, UnionDist]:
         """The listed models' next-bytes distributions in the union, asked concurrently (top_k
         overrides the configured transport). `partial`: the text committed since may end inside a
-        token (a character, not a token, was chosen), so each model's last token stays open. `own`:
-        models for which the text committed since they were last asked is one of their own tokens
-        (the strategy knows it drew it from them): at their boundary it is that token. A model
+        token (a character, not a token, was chosen), so each model's last token stays open. A model
         whose worker was lost (policy degrade) is missing from the answer; if no model is left at
         all, this raises."""
         ...

@@ -4,11 +4,7 @@ Each model's next-token distribution gives a marginal over the next character (t
 entries that start with it); the weighted average picks the character; each model's table is then
 filtered to the entries that go on past that character, and it is asked again only when entries
 that end at the character hold a noticeable share of its mass (their continuation is unknown
-until the model runs; `chared.requery_mass`, 0 = always ask then, which is exact). Where a token
-that ends there holds most of a model's mass, the model is asked after that token, as the paper
-appends a completed token: the text since it was last asked is committed as its own token, not
-re-spelt (a tokenizer spells a run of spaces one way before a word, another at the end of a text,
-and a token it never writes before a word, followed by code, lost the code). Independent of
+until the model runs; `chared.requery_mass`, 0 = always ask then, which is exact). Independent of
 vocabularies: only bytes meet. A character split over byte tokens is a key of its own bytes.
 """
 
@@ -42,9 +38,6 @@ class Chared(Strategy):
     def __init__(self) -> None:
         self._tables: list[Table | None] = []
         self._mark = 0  # length of the text when the last character was decided
-        # Models asked again because one of their tokens ended where the text ends (most of what they kept):
-        # the text since they were last asked is that token, theirs, not a piece to re-spell.
-        self._completed: set[int] = set()
 
     async def step(self, ctx: StepContext) -> Decision:
         if not self._tables:
@@ -54,8 +47,7 @@ class Chared(Strategy):
         need = [i for i, t in enumerate(self._tables) if t is None and ctx.alive[i]]
         marginals: dict[int, Table] = {}
         if need:
-            own, self._completed = self._completed, set()
-            for i, dist in (await ctx.ask(need, partial=True, own=own)).items():
+            for i, dist in (await ctx.ask(need, partial=True)).items():
                 self._tables[i], marginals[i] = _table(ctx, dist)
         for i, table in enumerate(self._tables):
             if table is not None and ctx.alive[i] and i not in marginals:
@@ -86,8 +78,6 @@ class Chared(Strategy):
             kept = sum(rest.values())
             requery = kept <= 0 or (ended > 0 and ended >= requery_mass * (kept + ended))
             self._tables[i] = None if requery else rest
-            if requery and ended > kept:
-                self._completed.add(i)
 
 
 def _table(ctx: StepContext, dist: UnionDist) -> tuple[Table, Table]:
