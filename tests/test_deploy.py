@@ -537,20 +537,7 @@ def test_strategy_settings_reach_the_rendered_config(helm: str) -> None:
         True,
     )
     assert Safe.drafter_index(config) == 1 and config.unite.top_k == 12
-    bad = subprocess.run(
-        [
-            helm,
-            "template",
-            "chorus",
-            str(CHART),
-            "-f",
-            str(CHART / "ci" / "safe-values.yaml"),
-            "--set",
-            "ensemble.strategy=mixture",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _render_safe_values(helm, "--set", "ensemble.strategy=mixture")
     assert bad.returncode != 0 and "strategy" in bad.stderr
 
 
@@ -559,20 +546,7 @@ def test_member_temperature_reaches_the_rendered_config(helm: str) -> None:
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     config = parse_config(yaml.safe_load(config_map["data"]["config.yaml"]), ROOT)
     assert [m.temperature for m in config.models][:2] == [0.7, 1.0]
-    bad = subprocess.run(
-        [
-            helm,
-            "template",
-            "chorus",
-            str(CHART),
-            "-f",
-            str(CHART / "ci" / "safe-values.yaml"),
-            "--set-json",
-            "models[0].temperature=0",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _render_safe_values(helm, "--set-json", "models[0].temperature=0")
     assert bad.returncode != 0 and "/models/0/temperature" in bad.stderr and "string" not in bad.stderr
 
 
@@ -950,3 +924,9 @@ def test_every_default_value_lands_on_a_typed_schema() -> None:
         for part in key.split("."):
             node = _resolve(node["properties"][part])
         assert node == quantity, key
+
+
+def _render_safe_values(helm: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with ci/safe-values.yaml and `extra`, whether or not it renders."""
+    command = [helm, "template", "chorus", str(CHART), "-f", str(CHART / "ci" / "safe-values.yaml"), *extra]
+    return subprocess.run(command, capture_output=True, text=True)

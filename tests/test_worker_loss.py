@@ -99,17 +99,18 @@ def test_every_strategy_degrades_without_a_killed_worker(
     loop: LoopThread, pair: list[WorkerProcess], strategy: str
 ) -> None:
     """Drafting (me, safe), scoring (safe), lookups (unite) and kept tables (chared) survive a lost worker."""
-    # me samples; a low temperature keeps end-of-sequence (never the top logit here) from being drawn.
-    sampling = {"temperature": 0.05, "seed": 3} if strategy == "me" else {}
+    # me samples. End-of-sequence has logit 0 here, never the top one, but a random tiny model's logits are
+    # small: at 0.05 it came within reach once in a loaded run (the kill lands at another moment, the text
+    # differs); at 0.01 a gap of 0.1 is a factor e^-10 per step.
+    sampling = {"temperature": 0.01, "seed": 3} if strategy == "me" else {}
     with coordinator(loop, make_config(pair)) as target:
         future = _hit_mid_generation(
             target, pair[1], signal.SIGKILL, on_worker_loss="degrade", strategy=strategy, **sampling
         )
         result = future.result(90)
     # "length": max_new_tokens, or the context filling first (this random model writes odd bytes that
-    # re-tokenize into more tokens than union steps); "stop": me sampled end-of-sequence, which a kill at
-    # another moment (a loaded machine) can bring within reach of the low temperature. Either way it went on.
-    assert result.finish_reason in ("length", "stop")
+    # re-tokenize into more tokens than union steps).
+    assert result.finish_reason == "length"
     assert result.usage.lost_models == ("endless-b",)
     survivor, victim = result.usage.models
     assert result.usage.completion_tokens >= LONG // 2  # it went on long after the loss
