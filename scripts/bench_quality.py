@@ -218,6 +218,8 @@ async def _bench(config: EnsembleConfig, addresses: list[str], task: Task, args:
         solo_accuracy.append(row.accuracy or 0.0)
     best = max(everything, key=lambda i: solo_accuracy[i])
     for strategy, cls in STRATEGIES.items():
+        if args.strategies and strategy not in args.strategies:
+            continue
         primary = best if cls.needs_primary else None
         label = f"{strategy} ({len(names)} models" + (f", primary {names[best]})" if primary is not None else ")")
         row = Row(label, strategy, names, names[primary] if primary is not None else None)
@@ -228,7 +230,7 @@ async def _bench(config: EnsembleConfig, addresses: list[str], task: Task, args:
             rows.append(row)
             continue
         await run(row, variant, addresses)
-    if any(r.decoding != "greedy" for r in rows):
+    if any(r.decoding != "greedy" for r in rows) and not args.strategies:
         # Baselines for the sampled rows: the same sampling on each model alone and on GaC.
         for i, name in enumerate(names):
             await run(Row(f"{name} alone", "gac", [name]), _variant(config, [i], "gac", None), [addresses[i]], True)
@@ -275,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=300, help="problems per run (default 300)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     parser.add_argument("--json", type=Path, default=Path("bench-quality.json"), help="where to write the rows")
+    parser.add_argument(
+        "--strategies",
+        type=lambda text: [s for s in text.split(",") if s],
+        default=[],
+        help="comma-separated strategies run after the members alone (default: all, and the sampled baselines)",
+    )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.strategies) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
 
     try:
         config = load_config(args.config)
