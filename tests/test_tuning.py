@@ -14,6 +14,7 @@ from chorus.cli import main
 from chorus_tune import bootstrap
 from chorus_tune.calibration import ONE, TEMPERATURES, FirstStep, fit_temperature, summarize
 from chorus_tune.items import Item, ItemsError, load_jsonl, split
+from chorus_tune.measure import forced_whitespace, gold_uids
 from chorus_tune.search import Candidate, first_step_correct, weight_grid
 from coordinator.config import load_config
 from coordinator.union_dist import UnionDist
@@ -109,6 +110,38 @@ def test_first_step_estimate_follows_the_strategy() -> None:
     assert not first_step_correct(Candidate("threshold", (0.2, 0.8), t1, primary=0, threshold=0.6), steps, gold)
     assert first_step_correct(Candidate("threshold", (0.2, 0.8), t1, primary=0, threshold=0.8), steps, gold)
     assert weight_grid(2)[0] == (0.5, 0.5) and all(sum(w) == pytest.approx(1) for w in weight_grid(3))
+
+
+class _Union:
+    """The part of a union vocabulary the first-step measurement reads."""
+
+    def __init__(self, entries: list[bytes]) -> None:
+        self.entries = entries
+
+    def bytes_of(self, uid: int) -> bytes:
+        return self.entries[uid]
+
+    def lookup(self, data: bytes) -> int | None:
+        return self.entries.index(data) if data in self.entries else None
+
+
+def test_the_first_step_of_an_answer_is_past_the_whitespace_every_member_writes() -> None:
+    """After "4 * 8 =" comes " " then "32" in both members' tokens: the step that only writes the space
+    tells nothing, so the one after it is measured, against the gold answer without the space."""
+    union = _Union([b" ", b"3", b"32", b" 3", b"\n", b"4"])
+    ensemble = type("E", (), {"union": union})()
+    item = Item("32", prompt="4 * 8 =")
+    space_first = [UnionDist(np.array([0, 3], dtype=np.int64), np.array([0.9, 0.1])) for _ in range(2)]
+    assert forced_whitespace(ensemble, space_first, item, b"") == b" "  # type: ignore[arg-type]
+    assert forced_whitespace(ensemble, space_first, item, b" ") is None  # "  32" is no gold continuation
+    split_tops = [space_first[0], UnionDist(np.array([0, 3], dtype=np.int64), np.array([0.1, 0.9]))]
+    assert forced_whitespace(ensemble, split_tops, item, b"") is None  # one member would write " 3": no agreement
+    digit_first = [UnionDist(np.array([1, 5], dtype=np.int64), np.array([0.6, 0.4])) for _ in range(2)]
+    assert forced_whitespace(ensemble, digit_first, item, b"") is None  # not whitespace: the answer starts here
+    newline_first = [UnionDist(np.array([4], dtype=np.int64), np.array([1.0])) for _ in range(2)]
+    assert forced_whitespace(ensemble, newline_first, item, b"") is None  # the gold does not go on with "\n"
+    assert list(gold_uids(ensemble, item)) == [0, 1, 2, 3]  # type: ignore[arg-type]
+    assert list(gold_uids(ensemble, item, b" ")) == [1, 2]  # type: ignore[arg-type]
 
 
 def test_chorus_tune_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
