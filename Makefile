@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Exact versions and hashes of everything every extra needs (CPU torch); `make lock` writes it.
 LOCK := requirements/lock.txt
 
-.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench-strategies-real bench bench-gpu clean images e2e chart-schema
+.PHONY: run run-tiny up test test-fast real-models lint lock checkov format protos models check-models load-test bench-quality bench-quality-real bench-tune-file bench-strategies-real bench bench-gpu clean images e2e chart-schema
 
 # The lock, hash-checked, then the project alone: nothing unpinned or unhashed is downloaded
 # (the build backend is in the lock too). A change to the lock or pyproject.toml reinstalls, and so does
@@ -122,6 +122,14 @@ bench-quality-real: $(STAMP) real-models
 		$(VENV)/bin/chorus --log-level WARNING tune --config configs/real.yaml --task $$task \
 			--limit $(BENCH_QUALITY_REAL_LIMIT) --out bench-tuned-$$task.yaml --json bench-tune-$$task.json || exit 1; \
 	done
+
+## bench-tune-file: chorus tune on a data file that is none of its tasks, as a user's own data: OLMo's basic-skills
+## arithmetic written as JSON lines (BENCH_TUNE_FILE_LIMIT items, graded by the first line); bench-tune-arithmetic.json
+BENCH_TUNE_FILE_LIMIT ?= 400
+bench-tune-file: $(STAMP) real-models
+	$(PY) scripts/real_tasks.py --export-arithmetic arithmetic.jsonl --limit $(BENCH_TUNE_FILE_LIMIT)
+	$(VENV)/bin/chorus --log-level WARNING tune --config configs/real.yaml --data arithmetic.jsonl --max-new-tokens 6 \
+		--out bench-tuned-arithmetic.yaml --json bench-tune-arithmetic.json
 
 ## bench-strategies-real: every strategy (and each model alone) untuned on the first BENCH_STRATEGIES_REAL_LIMIT
 ## LAMBADA items, with ms/token and forward passes (table + bench-strategies-real.json)

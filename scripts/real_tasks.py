@@ -44,7 +44,14 @@ output's first line, casefolded, an optional leading article (a, an, the) droppe
 answer or starts with it followed by a non-word character ("four legs" is right for "four", "fourteen"
 is not).
 
+A third set is not a task of ``chorus tune`` at all but a data file, to tune on as a user would on data of
+their own (``chorus tune --data``): OLMo's "basic skills: arithmetic" (same package,
+``basic_skills_arithmetic/rc_5shot``; 1,047 items), each a 5-shot prompt of worked sums ("8 + 12 = 20")
+ending in an open one ("4 * 8 ="), the answer its gold result ("32"), graded as every ``--data`` file is:
+the output's first line, stripped, equal to the answer.
+
     python scripts/real_tasks.py [--task lambada|common_knowledge] [--limit 3]   # print a few items
+    python scripts/real_tasks.py --export-arithmetic FILE [--limit N]          # write the JSON-lines file
 """
 
 from __future__ import annotations
@@ -177,11 +184,41 @@ TASKS = {
 }
 
 
+# --------------------------------------------------------------------------- arithmetic, as a data file
+
+ARITHMETIC_DATA_FILE = ("oe_eval_tasks", "basic_skills_arithmetic", "rc_5shot", "requests.jsonl.gz")
+
+
+def arithmetic_rows(limit: int | None = None) -> list[dict[str, str]]:
+    """The first ``limit`` arithmetic items as ``{"prompt", "answer"}`` rows (the prompt ends in "=")."""
+    rows: list[dict[str, str]] = []
+    seen: set[int] = set()
+    with gzip.open(data_path(ARITHMETIC_DATA_FILE), "rt", encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            row = json.loads(line)
+            doc_id = int(row["doc_id"])
+            if doc_id >= _UNCONDITIONAL or doc_id in seen:
+                continue
+            seen.add(doc_id)
+            doc = row["doc"]
+            rows.append({"prompt": row["request"]["context"], "answer": doc["choices"][doc["gold"]]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="lambada")
-    parser.add_argument("--limit", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=None, help="items (default: 3 printed, every one exported)")
+    parser.add_argument("--export-arithmetic", type=Path, metavar="FILE", help="write the arithmetic data file")
     args = parser.parse_args()
+    if args.export_arithmetic:
+        rows = arithmetic_rows(args.limit)
+        args.export_arithmetic.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"wrote {len(rows)} items to {args.export_arithmetic}")
+        return
+    args.limit = 3 if args.limit is None else args.limit
     for item in TASKS[args.task].load(args.limit):
         print(f"--- #{item.id} answer={item.answer!r}\n{item.prompt}\n")
 

@@ -6,6 +6,7 @@ No model: the data file and the grader only.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -78,3 +79,19 @@ def test_short_answer_grader(rt: ModuleType) -> None:
         assert not item.check(wrong), wrong
     gauge = rt.ShortAnswerItem(id=1, prompt="...", answer="rain gauge")
     assert gauge.check(" a rain gauge\n\nA type of") and not gauge.check(" rain")
+
+
+def test_arithmetic_exports_a_data_file_chorus_tune_reads(rt: ModuleType, tmp_path: Path) -> None:
+    """`make bench-tune-file`'s data: distinct 5-shot sums as {"prompt", "answer"} lines that chorus tune
+    loads as any user's file, graded by the first line."""
+    from chorus_tune.items import load_jsonl
+
+    rows = rt.arithmetic_rows(50)
+    assert len(rows) == 50 and len({r["prompt"] for r in rows}) == 50
+    assert rows[0] == {"prompt": rows[0]["prompt"], "answer": "32"} and rows[0]["prompt"].endswith("\n\n4 * 8 =")
+    assert all(r["prompt"].endswith("=") and r["answer"].strip() for r in rows)
+    path = tmp_path / "arithmetic.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    items = load_jsonl(path)
+    assert [i.answer for i in items] == [r["answer"] for r in rows]
+    assert items[0].is_correct(" 32\n\n5 * 8 = 40") and not items[0].is_correct(" 320")
