@@ -41,6 +41,16 @@ class ExtraIds:
             self.bytes_by_id[new] = data
         return self.by_bytes[data]
 
+    def tails(self, index: np.ndarray, tokens: list[bytes], skip: int, ids: np.ndarray) -> np.ndarray:
+        """The ids of tokens[i][skip:] for these token ids (the union's cached lookups, request-local ids for
+        tails that are no union entry)."""
+        found = self.union.tail_ids(index, tokens, skip, ids)
+        if found is None:
+            return np.fromiter((self.uid(tokens[i][skip:]) for i in ids.tolist()), np.int64, ids.size)
+        for j in np.flatnonzero(found < 0).tolist():
+            found[j] = self.uid(tokens[int(ids[j])][skip:])
+        return found
+
     def bytes_of(self, uid: int) -> bytes:
         if uid < self.union.size:
             return self.union.bytes_of(uid)
@@ -90,8 +100,8 @@ def from_parts(
         if part.skip_bytes == 0:
             u = index if part.ids is None else index[part.ids]
         else:
-            ids = range(len(index)) if part.ids is None else part.ids.tolist()
-            u = np.fromiter((extras.uid(tokens[i][part.skip_bytes :]) for i in ids), dtype=np.int64)
+            ids = np.arange(len(index)) if part.ids is None else part.ids.astype(np.int64)
+            u = extras.tails(index, tokens, part.skip_bytes, ids)
         keep = u >= 0
         uids.append(u[keep])
         probs.append(p[keep])

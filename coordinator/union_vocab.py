@@ -49,6 +49,7 @@ class UnionVocab:
         self.index = index
         self.size: int = len(self._bytes)
         self._dense: list[DenseMap | None] = [None] * len(index)
+        self._tails: dict[tuple[int, int], np.ndarray] = {}
 
     def bytes_of(self, uid: int) -> bytes:
         """The bytes of a union entry; END is b""."""
@@ -73,18 +74,43 @@ class UnionVocab:
         ids = np.fromiter((keys.setdefault(first_char(b), len(keys)) for b in self._bytes), np.int64, self.size)
         return ids, list(keys)
 
+    def _model_of(self, index: np.ndarray) -> int | None:
+        return next((m for m, own in enumerate(self.index) if own is index), None)
+
     def dense_map(self, index: np.ndarray) -> DenseMap | None:
         """The (cached) DenseMap of a model whose index array this is; None for an array not in self.index."""
-        for m, own in enumerate(self.index):
-            if own is index:
-                found = self._dense[m]
-                if found is None:
-                    found = self._dense[m] = DenseMap(own)
-                return found
-        return None
+        m = self._model_of(index)
+        if m is None:
+            return None
+        found = self._dense[m]
+        if found is None:
+            found = self._dense[m] = DenseMap(index)
+        return found
+
+    def tail_ids(self, index: np.ndarray, tokens: list[bytes], skip: int, ids: np.ndarray) -> np.ndarray | None:
+        """Union ids of tokens[i][skip:] for these token ids of the model whose index array this is (-1 where
+        those bytes are no union entry), in a new array; None for an array not in self.index.
+
+        A model whose last token stays open sends the tokens extending it with their first `skip` bytes
+        already written: for a short open prefix such as a space that is a large part of its vocabulary,
+        so each token's tail is looked up once per (model, skip) and kept."""
+        m = self._model_of(index)
+        if m is None:
+            return None
+        known = self._tails.get((m, skip))
+        if known is None:
+            known = self._tails[(m, skip)] = np.full(index.size, _UNKNOWN, dtype=np.int64)
+        found = known[ids]
+        missing = ids[found == _UNKNOWN]
+        if missing.size:
+            get = self._ids.get
+            known[missing] = np.fromiter((get(tokens[i][skip:], -1) for i in missing.tolist()), np.int64, missing.size)
+            found = known[ids]
+        return found
 
 
 MAX_RANKS = 8  # DenseMap.more holds at most this many ranks
+_UNKNOWN = -2  # a tail not looked up yet (tail_ids)
 
 
 class DenseMap:

@@ -46,3 +46,41 @@ def test_fast_paths_equal_the_general_merge(dtype: str, seed: int) -> None:
         [d.uids for d in general], [d.probs * w for d, w in zip(general, weights, strict=True)], extras.size
     )
     assert np.array_equal(fast_mix.uids, slow_mix.uids) and np.array_equal(fast_mix.probs, slow_mix.probs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_open_token_tails_map_as_one_lookup_per_token_would(seed: int) -> None:
+    """Tokens extending a model's open last token arrive with `skip_bytes` already written: their tails map
+    (through the union's kept lookups) to exactly the ids of a lookup per token, request-local ids for tails
+    no model has as a token included, on a first and a repeated step, sparse and dense."""
+    rng = np.random.default_rng(seed)
+    vocabs = _vocabs(rng, 2, 500)
+    union = UnionVocab(vocabs)
+
+    def reference(m: int, ids: np.ndarray, skip: int, extras: ExtraIds) -> np.ndarray:
+        return np.array([extras.uid(vocabs[m].tokens[i][skip:]) for i in ids.tolist()], dtype=np.int64)
+
+    for m, vocab in enumerate(vocabs):
+        for skip in (1, 2):
+            ids = np.flatnonzero([len(t) > skip for t in vocab.tokens]).astype(np.uint32)
+            logprobs = np.log(rng.dirichlet(np.ones(ids.size))).astype("<f4")
+            sparse = DistributionPart(skip_bytes=skip, log_scale=-0.5, ids=ids, logprobs=logprobs)
+            dense = DistributionPart(
+                skip_bytes=skip, log_scale=0.0, ids=None, logprobs=np.full(len(vocab.tokens), -9.0, "<f4")
+            )
+            for part in (sparse, dense, sparse):  # the repeat reads what the first lookups kept
+                fast, slow = ExtraIds(union), ExtraIds(union)
+                got = from_parts([part], union.index[m], vocab.tokens, fast)
+                every = np.arange(len(vocab.tokens)) if part.ids is None else part.ids.astype(np.int64)
+                uids = reference(m, every, skip, slow)
+                p = np.exp(part.logprobs.astype(np.float64) + part.log_scale)
+                want = _merge([uids[uids >= 0]], [p[uids >= 0]], slow.size)
+                assert np.array_equal(got.uids, want.uids) and np.array_equal(got.probs, want.probs)
+                assert fast.by_bytes == slow.by_bytes  # the same request-local ids, in the same order
+    # An index array that is not the union's own (a copy) takes the per-token path, with the same result.
+    extras = ExtraIds(union)
+    part = DistributionPart(
+        skip_bytes=1, log_scale=0.0, ids=np.array([3, 4, 5], np.uint32), logprobs=np.zeros(3, "<f4")
+    )
+    copied = from_parts([part], union.index[0].copy(), vocabs[0].tokens, extras)
+    assert np.array_equal(copied.uids, from_parts([part], union.index[0], vocabs[0].tokens, extras).uids)
