@@ -10,7 +10,9 @@ distribution is GaC or UniTE, optionally sharpened.
 
 With `adaptive` (the default), SAFE drafts only where the models have agreed for a while: the
 draft length follows the agreement measured so far in the request (draft_length.py), and drafts are
-drawn only at its upper bound, `draft_tokens`. Below it SAFE steps in lockstep: every model is asked
+drawn only at its upper bound, `draft_tokens`, and only whole (at a request's tail, where fewer tokens are
+left than the bound, SAFE steps in lockstep too: a one-token draft costs a drafter pass, then a verifier
+pass, in sequence). Below the bound SAFE steps in lockstep: every model is asked
 for its distribution at the position at once, as GaC asks them (a short draft costs the drafter's
 passes, then the verifiers' pass after them: more passes of latency per token than GaC's one where
 its tail is thrown away). Skip rule (b) then reads those answers: the drafter's own most likely token
@@ -114,9 +116,11 @@ class Safe(Strategy):
         if not ctx.alive[drafter]:
             return await self._ensemble(ctx)  # no drafter left (policy degrade): ensemble every step
         verifiers = [i for i in range(ctx.n_models) if i != drafter]
-        if ahead is None and verifiers and self._length.lockstep:
-            return await self._lockstep(ctx, drafter, verifiers)
         length = min(self._length.current, ctx.remaining)
+        # In lockstep below the bound, and at a request's tail, where the tokens left cut a draft short of it.
+        cut_short = self._length.adaptive and length < settings.draft_tokens
+        if ahead is None and verifiers and (self._length.lockstep or cut_short):
+            return await self._lockstep(ctx, drafter, verifiers)
         if ahead is None:
             ahead = await ctx.draft(drafter, length, report_top_k=settings.top_k)
         drafted = ahead
@@ -125,7 +129,9 @@ class Safe(Strategy):
         left = ctx.remaining - len(drafted.pieces)
         # Drafting ahead pays where drafts are kept whole: after one that was, at the length's bound (on a
         # shared CPU the discarded chunks of drafting ahead at lower agreement cost the verifier time).
-        if self._accepted_last and self._length.at_bound and not drafted.ended and left > 0:
+        # Adaptive drafts ahead are whole too: a shorter one's verification would cost more than lockstep.
+        whole = left >= settings.draft_tokens or not self._length.adaptive
+        if self._accepted_last and self._length.at_bound and not drafted.ended and left > 0 and whole:
             ahead_length = min(settings.draft_tokens, left)
             self._ahead = asyncio.create_task(ctx.draft(drafter, ahead_length, settings.top_k, after=drafted.pieces))
         scored = await ctx.score(verifiers, drafted.pieces, settings.top_k) if verifiers else {}
