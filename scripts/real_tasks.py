@@ -150,13 +150,14 @@ class ShortAnswerItem(Item):
         return short_answer_correct(self.answer, output)
 
 
-def load_common_knowledge(limit: int | None = None) -> list[Item]:
-    """The first ``limit`` common-knowledge items (all 1,037 when None), in the file's order."""
-    items: list[Item] = []
+def basic_skills(parts: tuple[str, ...], limit: int | None = None) -> list[tuple[int, str, str]]:
+    """(doc_id, prompt, gold answer) of the first ``limit`` items of an OLMo basic-skills ``rc_5shot`` file: the
+    first request of each real doc_id (the file holds one per choice, and normalisation requests)."""
+    out: list[tuple[int, str, str]] = []
     seen: set[int] = set()
-    with gzip.open(data_path(CK_DATA_FILE), "rt", encoding="utf-8") as f:
+    with gzip.open(data_path(parts), "rt", encoding="utf-8") as f:
         for line in f:
-            if limit is not None and len(items) >= limit:
+            if limit is not None and len(out) >= limit:
                 break
             row = json.loads(line)
             doc_id = int(row["doc_id"])
@@ -164,10 +165,13 @@ def load_common_knowledge(limit: int | None = None) -> list[Item]:
                 continue
             seen.add(doc_id)
             doc = row["doc"]
-            items.append(
-                ShortAnswerItem(id=doc_id, prompt=row["request"]["context"], answer=doc["choices"][doc["gold"]])
-            )
-    return items
+            out.append((doc_id, row["request"]["context"], doc["choices"][doc["gold"]]))
+    return out
+
+
+def load_common_knowledge(limit: int | None = None) -> list[Item]:
+    """The first ``limit`` common-knowledge items (all 1,037 when None), in the file's order."""
+    return [ShortAnswerItem(id=i, prompt=p, answer=a) for i, p, a in basic_skills(CK_DATA_FILE, limit)]
 
 
 @dataclass(frozen=True)
@@ -191,20 +195,7 @@ ARITHMETIC_DATA_FILE = ("oe_eval_tasks", "basic_skills_arithmetic", "rc_5shot", 
 
 def arithmetic_rows(limit: int | None = None) -> list[dict[str, str]]:
     """The first ``limit`` arithmetic items as ``{"prompt", "answer"}`` rows (the prompt ends in "=")."""
-    rows: list[dict[str, str]] = []
-    seen: set[int] = set()
-    with gzip.open(data_path(ARITHMETIC_DATA_FILE), "rt", encoding="utf-8") as f:
-        for line in f:
-            if limit is not None and len(rows) >= limit:
-                break
-            row = json.loads(line)
-            doc_id = int(row["doc_id"])
-            if doc_id >= _UNCONDITIONAL or doc_id in seen:
-                continue
-            seen.add(doc_id)
-            doc = row["doc"]
-            rows.append({"prompt": row["request"]["context"], "answer": doc["choices"][doc["gold"]]})
-    return rows
+    return [{"prompt": p, "answer": a} for _, p, a in basic_skills(ARITHMETIC_DATA_FILE, limit)]
 
 
 def main() -> None:
