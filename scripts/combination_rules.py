@@ -71,7 +71,9 @@ def confidence_rules(n: int) -> dict[str, Weights]:
 
 
 def prompt_nats_per_byte(config: EnsembleConfig, items: Sequence[Item]) -> np.ndarray:
-    """[item, member]: the prompt's mean log-likelihood per byte under each member (its first token unscored)."""
+    """[item, member]: each member's log-likelihood of the prompt's tokens after its first one, over the
+    whole prompt's bytes (the first token, unscored, is a BOS for Gemma and a text token for SmolLM2: its
+    bytes stay in the denominator)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

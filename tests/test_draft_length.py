@@ -7,6 +7,14 @@ import pytest
 from coordinator.strategies.draft_length import DraftLength
 
 
+def _after_long_agreement() -> DraftLength:
+    """A length at the default bound after twenty agreeing positions in a row."""
+    length = DraftLength(5)
+    for _ in range(20):
+        length.checked(1, ensembled=False)
+    return length
+
+
 def test_a_request_starts_in_lockstep_and_drafts_after_four_agreeing_positions() -> None:
     assert [DraftLength(upper).current for upper in (1, 2, 3, 5, 64)] == [1, 1, 1, 1, 1]
     length = DraftLength(5)
@@ -19,9 +27,7 @@ def test_a_request_starts_in_lockstep_and_drafts_after_four_agreeing_positions()
 
 
 def test_lockstep_below_the_bound_only_with_adaptive_lengths() -> None:
-    length = DraftLength(5)
-    for _ in range(20):
-        length.checked(1, ensembled=False)
+    length = _after_long_agreement()
     assert not length.lockstep
     length.checked(0, ensembled=True)  # one disagreement after a long run of agreement
     assert length.current == 3 and length.lockstep
@@ -42,9 +48,7 @@ def test_lockstep_below_the_bound_only_with_adaptive_lengths() -> None:
 
 
 def test_disagreements_shrink_the_draft_to_one_token() -> None:
-    length = DraftLength(5)
-    for _ in range(20):
-        length.checked(1, ensembled=False)
+    length = _after_long_agreement()
     assert length.current == 5
     length.checked(0, ensembled=True)
     assert length.current == 3  # about 0.798: 0.798 ** 3 >= 1/2 > 0.798 ** 4

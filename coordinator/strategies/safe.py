@@ -10,20 +10,17 @@ distribution is GaC or UniTE, optionally sharpened.
 
 With `adaptive` (the default), SAFE drafts only where the models have agreed for a while: the
 draft length follows the agreement measured so far in the request (draft_length.py), and drafts are
-drawn only at its upper bound, `draft_tokens`, and only whole (at a request's tail, where fewer tokens are
-left than the bound, SAFE steps in lockstep too: a one-token draft costs a drafter pass, then a verifier
-pass, in sequence). Below the bound SAFE steps in lockstep: every model is asked
-for its distribution at the position at once, as GaC asks them (a short draft costs the drafter's
-passes, then the verifiers' pass after them: more passes of latency per token than GaC's one where
-its tail is thrown away). Skip rule (b) then reads those answers: the drafter's own most likely token
-(its draw, when sampling) where the verifiers agree with it, else the ensemble of the same answers,
-with no further call; with equal weights and greedy decoding that is GaC's choice at every position.
-Rule (a) needs the verifiers to have seen the drafted token, so in lockstep every position is checked
-against their next-bytes distributions, which extend a verifier's open last token (token healing) as
-GaC's do. Every lockstep position feeds the draft length like a checked drafted one, so drafting
-resumes once the models agree again. A position in lockstep costs what a GaC step does: one pass of
-each model, concurrently. `adaptive: false`: every draft is `draft_tokens` long, and every position
-is drafted. The ensemble at
+drawn only at its upper bound, `draft_tokens`, and only whole. Elsewhere (below the bound, and at a
+request's tail, where fewer tokens are left than the bound) SAFE steps in lockstep: every model is
+asked for its distribution at the position at once, as GaC asks them, one concurrent pass each, where
+a short draft costs the drafter's passes and then the verifiers' pass, in sequence. Skip rule (b) then
+reads those answers: the drafter's own most likely token (its draw, when sampling) where the verifiers
+agree with it, else the ensemble of the same answers, with no further call; with equal weights and
+greedy decoding that is GaC's choice at every position. Rule (a) needs the verifiers to have seen the
+drafted token, so in lockstep every position is checked against their next-bytes distributions, which
+extend a verifier's open last token (token healing) as GaC's do. Every lockstep position feeds the
+draft length like a checked drafted one, so drafting resumes once the models agree again.
+`adaptive: false`: every draft is `draft_tokens` long, and every position is drafted. The ensemble at
 a drafted position reuses the rows the draft and the verification computed there (the workers keep
 them): the verifiers' at every position, the drafter's at the draft's first one (unless it drafted
 ahead).

@@ -24,16 +24,12 @@ class Unite(Strategy):
     Settings = UniteSettings
 
     async def step(self, ctx: StepContext) -> Decision:
-        return await unite_step(ctx, ctx.config.unite.top_k)
-
-
-async def unite_step(ctx: StepContext, top_k: int) -> Decision:
-    """One UniTE step over every model (also SAFE's ensemble at a position)."""
-    return await unite_of(ctx, await ctx.ask(range(ctx.n_models), top_k=top_k))
+        return await unite_of(ctx, await ctx.ask(range(ctx.n_models), top_k=ctx.config.unite.top_k))
 
 
 async def unite_of(ctx: StepContext, answers: dict[int, UnionDist]) -> Decision:
-    """UniTE over the models' top-k answers at this step (asked with UniTE's top_k)."""
+    """UniTE over the models' top-k answers at this step (asked with UniTE's top_k; also SAFE's ensemble
+    at a position)."""
     candidates = np.unique(np.concatenate([d.uids for d in answers.values()]))
     models = list(answers)
     rows = await asyncio.gather(*(_logprobs(ctx, i, answers[i], candidates) for i in models))
