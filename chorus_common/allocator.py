@@ -7,12 +7,16 @@ the heap and its per-thread arenas, whose holes are seldom given back: a server'
 creeps for minutes under load (measured with scripts/load_test.py: the coordinator's floor grew from 180
 to 335 MB in 65 s, against 151 to 170 MB with the threshold fixed). Setting the threshold fixes it, as
 MALLOC_MMAP_THRESHOLD_ does, and stops the adjustment.
+
+Loading leaves the heap full of holes too (a tokenizer's JSON parsed into Python objects, then freed):
+`give_back_free_memory` returns them once loading is over.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import sys
@@ -23,17 +27,35 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 256 * 1024
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc (it has mallopt and malloc_trim; musl has neither), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - present only in glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (unless MALLOC_MMAP_THRESHOLD_ already does); whether it was set."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     if mallopt(M_MMAP_THRESHOLD, threshold) != 1:
         log.debug("mallopt(M_MMAP_THRESHOLD) refused")
         return False
     return True
+
+
+def give_back_free_memory() -> bool:
+    """Collect garbage, then hand the heap's free pages back to the system (glibc's malloc_trim); whether
+    anything was given back."""
+    gc.collect()
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

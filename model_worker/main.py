@@ -66,6 +66,7 @@ async def run(args: WorkerArgs) -> None:
         cuda_graphs=args.cuda_graphs,
     )
     await asyncio.to_thread(runtime.engine.warm_up)
+    allocator.give_back_free_memory()  # what loading parsed and dropped (tokenizer files, weight buffers)
     await server.ready(runtime)
     if args.port_file:
         with open(args.port_file, "w") as fh:

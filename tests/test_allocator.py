@@ -42,3 +42,37 @@ def test_a_fixed_threshold_keeps_megabyte_buffers_out_of_the_heap() -> None:
     assert _probe("fix") == ["True", "True"]
     # An operator's MALLOC_MMAP_THRESHOLD_ is left as it is.
     assert _probe("fix", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4194304"})[0] == "False"
+
+
+# 200 MB of malloc'd buffers (bytes over pymalloc's 512-byte limit) freed but for the last, which pins the
+# heap's top: free() cannot shrink the heap past it; handing the free pages back must.
+TRIM_PROBE = """
+import sys
+from chorus_common import allocator
+
+def anon_mb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) // 1024
+
+buffers = [bytes(2000) + i.to_bytes(4, "little") for i in range(100_000)]
+last = buffers[-1]
+del buffers
+before = anon_mb()
+given = allocator.give_back_free_memory() if sys.argv[1] == "trim" else False
+print(given, before - anon_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_free_heap_pages_are_given_back_after_loading() -> None:
+    def probe(mode: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True, check=True)
+        given, freed = done.stdout.split()
+        return given, int(freed)
+
+    kept, not_freed = probe("keep")
+    given, freed = probe("trim")
+    assert kept == "False" and not_freed < 20  # free() alone kept the pages (the pinned top)
+    assert given == "True"
+    assert freed > 100, freed  # MB: the freed buffers' pages left the process

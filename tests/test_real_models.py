@@ -120,3 +120,24 @@ def test_a_gguf_file_is_served_as_its_converted_directory(real: dict[str, Real])
         direct = loaded.model(ids).logits[0, -1]
         converted = real[SMOL].model(ids).logits[0, -1]
     assert torch.allclose(direct, converted, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the tokenizer's resident copies
+
+
+def test_the_worker_tokenizer_drops_its_build_tables_and_tokenizes_as_before(real: dict[str, Real]) -> None:
+    """Gemma's tokenizer class keeps the vocabulary and merges it built its backend from (~150 MB of a
+    worker's memory); the worker drops them, and tokenizes and decodes exactly as before."""
+    from transformers import AutoTokenizer
+
+    from model_worker.loading import drop_build_tables
+
+    tokenizer = drop_build_tables(AutoTokenizer.from_pretrained(catalog.resolve(f"catalog:{GEMMA}")))
+    assert not tokenizer._vocab and not tokenizer._merges  # the copies are gone
+    reference = real[GEMMA].tokenizer
+    assert reference._vocab and reference._merges  # (the reference keeps them: the class still makes them)
+    for text in [*EVERYDAY.values(), document(), "<start_of_turn>user\nhi<end_of_turn>\n<unused3> ▁▁ \t\n"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == reference(text)["input_ids"]
+        assert tokenizer.decode(ids) == reference.decode(ids)
+    assert tokenizer.get_vocab() == reference.get_vocab()
