@@ -194,6 +194,7 @@ def test_demo_shows_a_tuned_config_next_to_the_members(tmp_path: Path, capsys: p
     models = REPO / "models"
     tuned = tmp_path / "tuned.yaml"
     tuned.write_text(
+        "# Written by `chorus tune`; chosen on the dev split: threshold\n# held-out test: 90 items\n"
         "strategy: threshold\nweights: score\nthreshold: 0.6\nmodels:\n"
         f"- {{name: arith-bpe, path: {models / 'arith-bpe'}, priority: primary, score: 0.65, temperature: 0.8}}\n"
         f"- {{name: arith-sp, path: {models / 'arith-sp'}, score: 0.35, temperature: 1.2}}\n"
@@ -208,6 +209,10 @@ def test_demo_shows_a_tuned_config_next_to_the_members(tmp_path: Path, capsys: p
     # question in exactly one of the three, or right everywhere.
     counts = [int(re.search(rf"^{t} \((\d+)\)", out, re.M).group(1)) for t in _FIX_LINES]  # type: ignore[union-attr]
     assert sum(counts) <= 6
+    # Last, what chorus tune measured for the tuned config on its held-out split, from the config's header.
+    assert out.rstrip().endswith(
+        f"{tuned} says:\n  Written by `chorus tune`; chosen on the dev split: threshold\n  held-out test: 90 items"
+    )
 
 
 _FIX_LINES = ("tuned fixed a member's error", "tuned wrong where a member was right", "every run wrong")
@@ -224,3 +229,17 @@ def test_the_demo_says_where_the_tuned_ensemble_fixed_a_member(capsys: pytest.Ca
         "tuned wrong where a member was right (1): q2",
         "every run wrong (1): q1",
     ]
+
+
+def test_the_demos_knowledge_questions_are_held_out_by_the_bench_that_tunes_its_config() -> None:
+    """`make run` shows configs/real-tuned.yaml, copied from `make bench-quality-real`'s common-knowledge pick:
+    its questions must come from the split that command holds out (same items, dev fraction and seed)."""
+    from chorus.cli import KNOWLEDGE_DEV_FRACTION
+
+    recipe = (REPO / "Makefile").read_text().split("\nbench-quality-real:", 1)[1].split("\n\n", 1)[0]
+    command = next(line for line in recipe.replace("\\\n", " ").splitlines() if "--task common_knowledge" in line)
+    assert "--limit" not in command  # every item, as the demo loads them
+    assert f"--dev-fraction {KNOWLEDGE_DEV_FRACTION}" in command
+    assert "--seed" not in command  # the default, 0, as the demo splits
+    # and the shipped pick is that command's (1,037 items, a quarter dev: 778 held out)
+    assert "held-out test: 778 items" in (REPO / "configs" / "real-tuned.yaml").read_text()
