@@ -8,6 +8,7 @@ can vote for; other special tokens (BOS, pad, chat markers) are not text and get
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,7 +50,7 @@ class UnionVocab:
         self.index = index
         self.size: int = len(self._bytes)
         self._dense: list[DenseMap | None] = [None] * len(index)
-        self._tails: dict[tuple[int, int], np.ndarray] = {}
+        self._tails: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # the latest TAIL_TABLES used
 
     def bytes_of(self, uid: int) -> bytes:
         """The bytes of a union entry; END is b""."""
@@ -93,23 +94,30 @@ class UnionVocab:
 
         A model whose last token stays open sends the tokens extending it with their first `skip` bytes
         already written: for a short open prefix such as a space that is a large part of its vocabulary,
-        so each token's tail is looked up once per (model, skip) and kept."""
+        so each token's tail is looked up once per (model, skip) and kept, in a table as long as the
+        vocabulary; only the TAIL_TABLES used last are kept (short skips, a space or two, come back all the
+        time; every longer one would otherwise hold its megabyte for the coordinator's lifetime)."""
         m = self._model_of(index)
         if m is None:
             return None
         known = self._tails.get((m, skip))
         if known is None:
-            known = self._tails[(m, skip)] = np.full(index.size, _UNKNOWN, dtype=np.int64)
+            known = self._tails[(m, skip)] = np.full(index.size, _UNKNOWN, dtype=np.int32)
+            if len(self._tails) > TAIL_TABLES:
+                self._tails.popitem(last=False)
+        else:
+            self._tails.move_to_end((m, skip))
         found = known[ids]
         missing = ids[found == _UNKNOWN]
         if missing.size:
             get = self._ids.get
-            known[missing] = np.fromiter((get(tokens[i][skip:], -1) for i in missing.tolist()), np.int64, missing.size)
+            known[missing] = np.fromiter((get(tokens[i][skip:], -1) for i in missing.tolist()), np.int32, missing.size)
             found = known[ids]
-        return found
+        return found.astype(np.int64)
 
 
 MAX_RANKS = 8  # DenseMap.more holds at most this many ranks
+TAIL_TABLES = 16  # (model, skip) tables of tail_ids kept: 1 MiB each for Gemma 3's 262,144 tokens
 _UNKNOWN = -2  # a tail not looked up yet (tail_ids)
 
 

@@ -84,3 +84,26 @@ def test_open_token_tails_map_as_one_lookup_per_token_would(seed: int) -> None:
     )
     copied = from_parts([part], union.index[0].copy(), vocabs[0].tokens, extras)
     assert np.array_equal(copied.uids, from_parts([part], union.index[0], vocabs[0].tokens, extras).uids)
+
+
+def test_the_union_keeps_only_the_latest_tail_tables() -> None:
+    """A table of tail lookups is as long as the model's vocabulary: a coordinator that met every skip length
+    would keep them all for its lifetime (the load test saw its memory creep). Only the TAIL_TABLES used last
+    are kept, and a lookup after its table was dropped is still exact."""
+    from coordinator.union_vocab import TAIL_TABLES
+
+    vocabs = [ModelVocab(tokens=[b" " * n + b"ab"[: n % 3] for n in range(1, 60)], special=[False] * 59, eos_ids=[])]
+    union = UnionVocab(vocabs)
+    index, tokens = union.index[0], vocabs[0].tokens
+    ids = np.arange(len(tokens))
+
+    def exact(skip: int) -> np.ndarray:
+        return np.array([union.lookup(t[skip:]) or -1 if len(t) > skip else -1 for t in tokens], np.int64)
+
+    for skip in range(1, 3 * TAIL_TABLES):
+        assert np.array_equal(union.tail_ids(index, tokens, skip, ids), exact(skip))
+        assert len(union._tails) == min(skip, TAIL_TABLES)
+    union.tail_ids(index, tokens, 3 * TAIL_TABLES - TAIL_TABLES, ids)  # the oldest kept, used again: kept
+    union.tail_ids(index, tokens, 1, ids)  # dropped long ago: made again, exact, evicting the least recent
+    assert (0, 2 * TAIL_TABLES) in union._tails and (0, 2 * TAIL_TABLES + 1) not in union._tails
+    assert np.array_equal(union.tail_ids(index, tokens, 1, ids), exact(1))
