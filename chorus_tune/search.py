@@ -13,15 +13,17 @@ from chorus_tune.calibration import ONE, TEMPERATURES, FirstStep
 # Shares of the weight one member may get (the rest split equally among the others).
 WEIGHT_SHARES = (0.2, 0.35, 0.65, 0.8)
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+UNITE_TOP_K = (3, 5, 10, 20)  # UniTE's union top-k: which candidates the members vote among
 
 
 @dataclass(frozen=True)
 class Candidate:
-    strategy: str  # gac | threshold
+    strategy: str  # gac | threshold | unite
     weights: tuple[float, ...]  # normalised
     temperatures: tuple[int, ...]  # indices in TEMPERATURES, one per member
     primary: int | None = None
     threshold: float = 0.5
+    top_k: int = 0  # unite: each member's top-k entries form the candidates
 
     def describe(self, names: Sequence[str]) -> str:
         temps = ", ".join(
@@ -29,7 +31,8 @@ class Candidate:
             for n, t, w in zip(names, self.temperatures, self.weights, strict=True)
         )
         gate = f", primary {names[self.primary]}, threshold {self.threshold:g}" if self.primary is not None else ""
-        return f"{self.strategy} ({temps}{gate})"
+        union = f", top-{self.top_k}" if self.strategy == "unite" else ""
+        return f"{self.strategy} ({temps}{gate}{union})"
 
 
 def weight_grid(n: int) -> list[tuple[float, ...]]:
@@ -42,19 +45,22 @@ def weight_grid(n: int) -> list[tuple[float, ...]]:
 
 
 def candidates(n: int, fitted: Sequence[int], primary: int) -> list[Candidate]:
-    """gac and threshold (with `primary`) over the weight grid, each with the fitted temperatures and
-    with none (temperature 1)."""
+    """gac, threshold (with `primary`) and unite (over UNITE_TOP_K) over the weight grid, each with the
+    fitted temperatures and with none (temperature 1)."""
     out: list[Candidate] = []
     for temps in dict.fromkeys([tuple(fitted), (ONE,) * n]):
         for weights in weight_grid(n):
             out.append(Candidate("gac", weights, temps))
             out.extend(Candidate("threshold", weights, temps, primary, t) for t in THRESHOLDS)
+            out.extend(Candidate("unite", weights, temps, top_k=k) for k in UNITE_TOP_K)
     return out
 
 
 def first_step_correct(candidate: Candidate, steps: Sequence[FirstStep], gold: np.ndarray) -> bool:
     """Whether the candidate's greedy first step (over the members' kept entries) starts the gold answer."""
     t = candidate.temperatures
+    if candidate.strategy == "unite":
+        return _unite_correct(candidate, steps, gold)
     if candidate.primary is not None:
         p = candidate.primary
         probs = steps[p].tempered(t[p])
@@ -65,6 +71,26 @@ def first_step_correct(candidate: Candidate, steps: Sequence[FirstStep], gold: n
     unique, inverse = np.unique(uids, return_inverse=True)
     mixed = np.bincount(inverse, weights=weighted, minlength=unique.size)
     return bool(np.isin(unique[np.argmax(mixed)], gold))
+
+
+def _unite_correct(candidate: Candidate, steps: Sequence[FirstStep], gold: np.ndarray) -> bool:
+    """UniTE's greedy first step (coordinator/strategies/unite.py): the candidates are the members' top-k
+    entries; each member's probabilities are a softmax over the candidates only, and the weighted mean
+    decides. A candidate outside a member's kept entries takes the smallest kept probability (the worker's
+    lookup of its own spelling of those bytes is not in the summary; it is at most that, or near it)."""
+    tempered = [s.tempered(ti) for s, ti in zip(steps, candidate.temperatures, strict=True)]
+    tops = [s.uids[: candidate.top_k] for s in steps]  # kept most likely first
+    pool = np.unique(np.concatenate(tops))
+    mixed = np.zeros(pool.size)
+    for s, p, w in zip(steps, tempered, candidate.weights, strict=True):
+        if not p.size:
+            continue
+        order = np.argsort(s.uids)
+        at = np.searchsorted(s.uids, pool, sorter=order).clip(max=s.uids.size - 1)
+        found = s.uids[order[at]] == pool
+        own = np.where(found, p[order[at]], p.min())
+        mixed += w * own / own.sum()
+    return bool(pool.size) and bool(np.isin(pool[np.argmax(mixed)], gold))
 
 
 def first_step_accuracy(

@@ -109,7 +109,14 @@ def variant(config: EnsembleConfig, candidate: search.Candidate) -> EnsembleConf
         )
         for i, (spec, t, w) in enumerate(zip(config.models, candidate.temperatures, candidate.weights, strict=True))
     )
-    update = {"models": models, "strategy": candidate.strategy, "weights": "score", "threshold": candidate.threshold}
+    update: dict[str, Any] = {
+        "models": models,
+        "strategy": candidate.strategy,
+        "weights": "score",
+        "threshold": candidate.threshold,
+    }
+    if candidate.strategy == "unite":
+        update["unite"] = config.unite.model_copy(update={"top_k": candidate.top_k})
     return config.model_copy(update=update)
 
 
@@ -154,7 +161,7 @@ async def tune(
     # Candidates, filtered by their first-step accuracy; the finalists run for real.
     pool = search.candidates(n, fitted, best) if n > 1 else []
     scored = [(search.first_step_accuracy(c, steps, golds), i, c) for i, c in enumerate(pool)]
-    for strategy in ("gac", "threshold"):
+    for strategy in ("gac", "threshold", "unite"):
         ranked = sorted((s for s in scored if s[2].strategy == strategy), key=lambda s: (-s[0], s[1]))
         for estimate, _, candidate in ranked[: options.finalists]:
             label = candidate.describe(names)
@@ -196,8 +203,11 @@ def write_config(original: EnsembleConfig, tuned: EnsembleConfig, path: Path, re
     by_name = {m.name: m for m in original.models}
     keep = ("temperature", "score", "priority")
     models = tuple(by_name[m.name].model_copy(update={k: getattr(m, k) for k in keep}) for m in tuned.models)
-    # One member kept (the best alone): its strategy sections as `alone` made them (no other drafter).
+    # One member kept (the best alone): its strategy sections as `alone` made them (no other drafter);
+    # unite picked: its union top-k.
     sections = {} if len(models) == len(original.models) else {s: getattr(tuned, s) for s in SECTIONS}
+    if tuned.strategy == "unite":
+        sections["unite"] = original.unite.model_copy(update={"top_k": tuned.unite.top_k})
     update = {"models": models, "strategy": tuned.strategy, "weights": tuned.weights, "threshold": tuned.threshold}
     config = original.model_copy(update={**update, **sections})
     data = config.model_dump(mode="json", exclude_defaults=True)

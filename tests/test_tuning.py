@@ -112,6 +112,38 @@ def test_first_step_estimate_follows_the_strategy() -> None:
     assert weight_grid(2)[0] == (0.5, 0.5) and all(sum(w) == pytest.approx(1) for w in weight_grid(3))
 
 
+def test_first_step_estimate_of_unite_votes_among_the_members_top_k() -> None:
+    """UniTE's candidates are the members' top-k entries, each member's softmax over them only: entry 2, the
+    second choice of both, wins GaC's average, but not a vote among the first choices (1 and 4), where the
+    member that has not kept a candidate gives it its smallest kept probability."""
+    a = summarize(UnionDist(np.array([1, 2, 3], dtype=np.int64), np.array([0.5, 0.3, 0.2])), np.array([1]))
+    b = summarize(UnionDist(np.array([2, 4, 5], dtype=np.int64), np.array([0.35, 0.4, 0.25])), np.array([1]))
+    steps, t1, equal = [a, b], (ONE, ONE), (0.5, 0.5)
+    assert first_step_correct(Candidate("gac", equal, t1), steps, np.array([2]))
+    assert first_step_correct(Candidate("unite", equal, t1, top_k=1), steps, np.array([1]))
+    assert first_step_correct(Candidate("unite", equal, t1, top_k=2), steps, np.array([1]))  # 1: .375, 2: .325
+    assert first_step_correct(Candidate("unite", (0.2, 0.8), t1, top_k=1), steps, np.array([4]))
+    # Members that keep every candidate: at a top-k covering them all, UniTE's vote is GaC's average.
+    a = summarize(UnionDist(np.array([1, 2, 4], dtype=np.int64), np.array([0.5, 0.3, 0.2])), np.array([1]))
+    b = summarize(UnionDist(np.array([1, 2, 4], dtype=np.int64), np.array([0.1, 0.5, 0.4])), np.array([1]))
+    for strategy in ("gac", "unite"):
+        assert first_step_correct(Candidate(strategy, equal, t1, top_k=3), [a, b], np.array([2]))  # .3, .4, .3
+
+
+def test_a_unite_pick_is_written_with_its_top_k(tmp_path: Path) -> None:
+    from chorus_tune.tune import Report, variant, write_config
+
+    config = load_config(REPO / "configs" / "default.yaml")
+    pick = Candidate("unite", (0.65, 0.35), (ONE, ONE), top_k=5)
+    tuned = variant(config, pick)
+    assert tuned.strategy == "unite" and tuned.unite.top_k == 5
+    out = tmp_path / "tuned.yaml"
+    write_config(config, tuned, out, Report(list(config.model_names), 1, 1, [1.0, 1.0], chosen="unite"))
+    written = load_config(out)
+    assert written.strategy == "unite" and written.unite.top_k == 5
+    assert [m.score for m in written.models] == [0.65, 0.35]
+
+
 class _Union:
     """The part of a union vocabulary the first-step measurement reads."""
 
