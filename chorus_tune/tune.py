@@ -161,7 +161,7 @@ async def tune(
     # Candidates, filtered by their first-step accuracy; the finalists run for real.
     pool = search.candidates(n, fitted, best) if n > 1 else []
     scored = [(search.first_step_accuracy(c, steps, golds), i, c) for i, c in enumerate(pool)]
-    for strategy in ("gac", "threshold", "unite"):
+    for strategy in dict.fromkeys(c.strategy for c in pool):
         ranked = sorted((s for s in scored if s[2].strategy == strategy), key=lambda s: (-s[0], s[1]))
         for estimate, _, candidate in ranked[: options.finalists]:
             label = candidate.describe(names)

@@ -107,13 +107,15 @@ class UnionVocab:
                 self._tails.popitem(last=False)
         else:
             self._tails.move_to_end((m, skip))
-        found = known[ids]
-        missing = ids[found == _UNKNOWN]
-        if missing.size:
+        found = known[ids].astype(np.int64)
+        unknown = found == _UNKNOWN
+        if unknown.any():
+            missing = ids[unknown]
             get = self._ids.get
-            known[missing] = np.fromiter((get(tokens[i][skip:], -1) for i in missing.tolist()), np.int32, missing.size)
-            found = known[ids]
-        return found.astype(np.int64)
+            looked = np.fromiter((get(tokens[i][skip:], -1) for i in missing.tolist()), np.int64, missing.size)
+            known[missing] = looked
+            found[unknown] = looked
+        return found
 
 
 MAX_RANKS = 8  # DenseMap.more holds at most this many ranks
