@@ -6,6 +6,9 @@
 - conditioning_cpu: the worker's per-step CPU outside the forward pass (committing the piece, re-tokenizing
   the open tail, the plan) at 100 and at 2,000 tokens of text, for text the model wrote itself and for
   text written by another tokenizer (re-tokenized canonically).
+- engine_burst: S streams of random L-token prompts arriving together at the engine (scheduler, paged KV,
+  model runner: no tokenizer, so it runs on models of real shapes with random weights, as on the GPU):
+  the median gap between tokens over their first 12 and over the rest, against one bare decode forward.
 Models are built from configs with random weights (the weights do not change the cost).
 """
 
@@ -221,9 +224,57 @@ def burst(runtime: Any, prompt_tokens: int, streams: int = 16, tokens: int = 24)
         return arrivals
 
     arrivals = asyncio.run(run())
+    return _gaps(arrivals, runtime.loaded.model, prompt_tokens, runtime.loaded.device)
+
+
+def engine_burst(
+    model: Any, device: torch.device, prompt_tokens: int, streams: int = 16, tokens: int = 24, seed: int = 0
+) -> dict[str, float]:
+    """burst() through the engine alone: `streams` sessions of random `prompt_tokens`-token prompts (no shared
+    prefix) arrive together, then each feeds back its most likely token. The worker's defaults: token budget
+    and prefill chunk, prefix caching, CUDA graphs on CUDA."""
+    import asyncio
+
+    from model_worker.engine import Engine
+    from model_worker.kv_layout import KVLayout
+    from model_worker.kv_manager import KVManager
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(10, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(streams)]
+    layout = KVLayout.of(model.config, next(model.parameters()).dtype)
+    kv = KVManager(layout, 0, streams, prompt_tokens + tokens + 1, 16, device)
+    engine = Engine(model, device, kv, "bench", cuda_graphs=device.type == "cuda")
+    engine.warm_up()
+
+    async def stream(prompt: list[int], arrivals: list[float]) -> None:
+        cache = engine.new_cache(prompt)
+        assert cache is not None, "the pool holds every stream"
+        new = prompt[len(cache.ids) :]
+        for _ in range(tokens):
+            position = len(cache.ids) + len(new) - 1
+            await engine.forward(cache, new, {position})
+            arrivals.append(time.perf_counter())
+            new = [int(cache.rows[position].argmax())]
+            cache.keep_rows(set())
+        engine.release(cache)
+
+    async def run() -> list[list[float]]:
+        engine.start()
+        arrivals: list[list[float]] = [[] for _ in prompts]
+        await asyncio.gather(*(stream(p, a) for p, a in zip(prompts, arrivals, strict=True)))
+        await engine.stop()
+        return arrivals
+
+    return _gaps(asyncio.run(run()), model, prompt_tokens, device)
+
+
+def _gaps(arrivals: list[list[float]], model: Any, prompt_tokens: int, device: torch.device) -> dict[str, float]:
+    """Median gaps between a stream's tokens, over its first 12 (the burst) and the rest (steady state), against
+    a bare decode forward of as many sessions at that context (a StaticCache forward, measured now)."""
     first = [b - a for times in arrivals for a, b in itertools.pairwise(times[:12])]
     steady = [b - a for times in arrivals for a, b in itertools.pairwise(times[12:])]
-    static = StaticDecode(runtime.loaded.model, streams, prompt_tokens + 12, runtime.loaded.device)
+    static = StaticDecode(model, len(arrivals), prompt_tokens + 12, device)
     static.step()
     bare = statistics.median(static.step() for _ in range(5))
     return {

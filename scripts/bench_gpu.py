@@ -16,6 +16,10 @@ side by side in one run (medians):
    distributions, against the sum of the two engines' steps alone, at batch 1 and 32;
 3. ME / GaC tokens/s at saturation (batch 32): ME draws one model per token (weights 1:1, seeded) and the
    other catches up on the tokens it missed in its next pass; GaC runs both every token.
+4. burst (issue 19's target, whose premise is a GPU's: a pass carrying a prefill chunk costs about a decode
+   pass): 16 streams whose 64- and 1,536-token prompts arrive together at the engine of the first member,
+   the median gap between tokens over their first 12 and over the rest, against a bare batch-16 decode
+   forward (a StaticCache forward); targets 1.3x and 1.15x.
 It finishes in under 8 minutes on one H200.
 """
 
@@ -205,6 +209,10 @@ def me_figure(models: dict[str, Any], device: torch.device, context: int, tokens
     }
 
 
+def burst_figures(model: Any, device: torch.device, lengths: tuple[int, ...], streams: int) -> list[dict[str, Any]]:
+    return [bench_engine.engine_burst(model, device, length, streams) for length in lengths]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| figure | value |", "| --- | --- |"]
     for r in report["members"]:
@@ -220,6 +228,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"| ME / GaC tokens/s at batch 32 | {me['ratio']:.2f}x ({me['me_tok_s']:.0f} vs {me['gac_tok_s']:.0f}) |"
     )
+    first = report["members"][0]["model"]
+    for r in report["burst"]:
+        lines.append(
+            f"| {first}, {report['burst_streams']} streams of {r['prompt_tokens']}-token prompts arriving together: "
+            f"median gap over the first 12 tokens / bare decode forward (target 1.3x); after them (target 1.15x) | "
+            f"{r['burst_ratio']:.2f}x ({r['burst_gap_ms']:.1f} vs {r['bare_forward_ms']:.1f} ms); "
+            f"{r['steady_ratio']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -235,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if tiny:
         configs = {n: {**c, **TINY} for n, c in configs.items()}
     rounds, context, me_tokens = (2, 32, 8) if tiny else (10, 512, 128)
+    burst_lengths, streams = ((16, 48), 4) if tiny else ((64, 1536), 16)
     started = time.perf_counter()
     models = {n: bench_engine.random_model(c, dtype, str(device)) for n, c in configs.items()}
     report: dict[str, Any] = {
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         report["members"] += member_figures(name, configs[name], model, device, dtype, (1, 8, 32), context, rounds)
     report["gac"] = gac_figures(models, configs, device, context, rounds)
     report["me"] = me_figure(models, device, context, me_tokens)
+    report["burst_streams"] = streams
+    report["burst"] = burst_figures(next(iter(models.values())), device, burst_lengths, streams)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     report["table"] = markdown(report)
     print(f"\nChorus GPU bench, {report['device']}, {report['dtype']}, {report['elapsed_s']:.0f} s\n")
