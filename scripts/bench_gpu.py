@@ -209,10 +209,6 @@ def me_figure(models: dict[str, Any], device: torch.device, context: int, tokens
     }
 
 
-def burst_figures(model: Any, device: torch.device, lengths: tuple[int, ...], streams: int) -> list[dict[str, Any]]:
-    return [bench_engine.engine_burst(model, device, length, streams) for length in lengths]
-
-
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| figure | value |", "| --- | --- |"]
     for r in report["members"]:
@@ -265,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     report["gac"] = gac_figures(models, configs, device, context, rounds)
     report["me"] = me_figure(models, device, context, me_tokens)
     report["burst_streams"] = streams
-    report["burst"] = burst_figures(next(iter(models.values())), device, burst_lengths, streams)
+    first = next(iter(models.values()))
+    report["burst"] = [bench_engine.engine_burst(first, device, length, streams) for length in burst_lengths]
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     report["table"] = markdown(report)
     print(f"\nChorus GPU bench, {report['device']}, {report['dtype']}, {report['elapsed_s']:.0f} s\n")

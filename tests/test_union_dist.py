@@ -98,7 +98,8 @@ def test_the_union_keeps_only_the_latest_tail_tables() -> None:
     ids = np.arange(len(tokens))
 
     def exact(skip: int) -> np.ndarray:
-        return np.array([union.lookup(t[skip:]) or -1 if len(t) > skip else -1 for t in tokens], np.int64)
+        found = [union.lookup(t[skip:]) if len(t) > skip else None for t in tokens]
+        return np.array([-1 if uid is None else uid for uid in found], np.int64)
 
     for skip in range(1, 3 * TAIL_TABLES):
         assert np.array_equal(union.tail_ids(index, tokens, skip, ids), exact(skip))
