@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from model_worker import paged_attention
+from model_worker import paged_attention, vocab_projection
 from model_worker.kv_manager import KVManager
 from model_worker.paged_attention import GatheredDecodes, PassCache, PassPlan, SeqAttention
 from model_worker.scheduler import Slice
@@ -52,6 +52,7 @@ class ModelRunner:
         self.layers = int(config.num_hidden_layers)
         self.group_of = kv.layout.group_of()
         model.set_attn_implementation(paged_attention.NAME)
+        vocab_projection.few_rows(model)  # CPU float32: a few rows' logits at one row's cost
         self.static = StaticDecoder(self, cuda_graphs=cuda_graphs and device.type == "cuda")
 
     # ------------------------------------------------------------------ ragged passes

@@ -27,7 +27,10 @@ measured in-process. Figures:
             warm time to first token (prefix cache); 32 concurrent 200-token sessions at a KV budget of
             4 x 4,096 tokens, failures; the worker's per-step CPU outside the forward (commit,
             re-tokenize the open tail, plan) at 2,000 / at 100 tokens of text (scripts/bench_engine.py).
-7. long_streams  16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread, a
+7. few_rows  a decode pass of 2 / 3 / 4 / 8 sessions of a Gemma 3-shaped model (random weights, CPU, one
+            thread) with the output layer computing a few rows as weight @ rows.T / with nn.Linear
+            (model_worker/vocab_projection.py; target <= 1.0x).
+8. long_streams  16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread, a
             1 s step timeout): failures (target 0), time to first token and inter-token latency.
 
 Prints a table (figure, value, target, PASS/MISS) and writes it with the details as JSON.
@@ -897,6 +900,29 @@ def figure_engine(quick: bool) -> list[Figure]:
     return figures
 
 
+def figure_few_rows(quick: bool) -> list[Figure]:
+    """A decode pass of a few sessions of a Gemma 3-shaped model (the widest output layer of the real pair):
+    the output layer computing a few rows as weight @ rows.T / nn.Linear (CPU, one thread)."""
+    import bench_engine
+    import torch
+
+    torch.set_num_threads(1)
+    model = bench_engine.random_model(bench_engine.GEMMA3)
+    return [
+        Figure(
+            f"few_rows_{r['sessions']}",
+            f"decode pass of {r['sessions']} sessions, Gemma 3 shape: output layer as weight @ rows.T / nn.Linear",
+            r["ratio"],
+            "x",
+            "<=",
+            1.0,
+            r,
+            note=f"{r['few_rows_ms']:.0f} vs {r['plain_ms']:.0f} ms",
+        )
+        for r in bench_engine.few_rows_ratio(model, rounds=3 if quick else 10)
+    ]
+
+
 def _real_engine_figures(quick: bool) -> list[Figure]:
     """The engine on the real SmolLM2 in process (one thread): bursts, prefix reuse, capacity by blocks."""
     import bench_engine
@@ -1036,7 +1062,7 @@ async def figure_long_streams(quick: bool) -> list[Figure]:
 # ---------------------------------------------------------------------------------------------
 
 
-FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "safe", "engine", "long_streams")
+FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "safe", "engine", "few_rows", "long_streams")
 
 
 def machine() -> dict[str, Any]:
@@ -1098,6 +1124,8 @@ async def run(args: argparse.Namespace) -> list[Figure]:
     if "engine" in only:
         # Its real-model figures run engines on event loops of their own (asyncio.run): not on this one.
         figures += await asyncio.to_thread(figure_engine, args.quick)
+    if "few_rows" in only:
+        figures += figure_few_rows(args.quick)
     if "long_streams" in only:
         figures += await figure_long_streams(args.quick)
     if "cpu" in only:

@@ -9,6 +9,9 @@
 - engine_burst: S streams of random L-token prompts arriving together at the engine (scheduler, paged KV,
   model runner: no tokenizer, so it runs on models of real shapes with random weights, as on the GPU):
   the median gap between tokens over their first 12 and over the rest, against one bare decode forward.
+- few_rows_ratio: a decode pass of 2, 3, 4 and 8 sessions through the engine with the output layer that
+  computes a few rows as weight @ rows.T (model_worker/vocab_projection.py) against the plain nn.Linear,
+  interleaved, medians.
 Models are built from configs with random weights (the weights do not change the cost).
 """
 
@@ -33,6 +36,24 @@ SMOLLM2 = {
     "max_position_embeddings": 8192,
     "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+
+# Gemma 3 270M's shape (18 layers, 5 of 6 sliding over 512 positions, hidden 640, 262,144 tokens).
+GEMMA3 = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True,
 }
 
@@ -141,6 +162,33 @@ def decode_step_ratio(
             {"context": context, "sessions": sessions, "engine_ms": e * 1e3, "static_ms": s * 1e3, "ratio": e / s}
         )
         del engine, static
+    return out
+
+
+def few_rows_ratio(
+    model: Any, sessions: tuple[int, ...] = (2, 3, 4, 8), context: int = 64, rounds: int = 10
+) -> list[dict[str, float]]:
+    """Per session count: median decode pass (ms) with the few-rows output layer and with the plain one,
+    and their ratio (with / without), on the CPU."""
+    from model_worker import vocab_projection
+
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for n in sessions:
+            engine = EngineDecode(model, n, context, device)
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for r in range(rounds + 1):
+                for on in (True, False) if r % 2 else (False, True):
+                    vocab_projection.few_rows(model, on)
+                    elapsed = engine.step()
+                    if r:  # the first round warms both up
+                        times[on].append(elapsed)
+            with_, without = statistics.median(times[True]), statistics.median(times[False])
+            out.append({"sessions": n, "few_rows_ms": with_ * 1e3, "plain_ms": without * 1e3, "ratio": with_ / without})
+            del engine
+    finally:
+        vocab_projection.few_rows(model, True)
     return out
 
 
