@@ -3,12 +3,12 @@
 A pass wants the logits of 2 to 8 rows when a few sessions decode together, or when a draft is verified.
 torch's CPU BLAS (MKL, torch 2.13) multiplies so few rows by a tall weight 2-3x slower than it multiplies
 one: Gemma 3's 262,144 x 640 output layer takes 66 ms for one row but 137 / 224 ms for 2 / 3 rows, while
-the same product written the other way round, weight @ rows.T, streams the weight once (60 / 62 ms; from
-9 rows on the plain product is as fast or faster). The hidden layers' small matrices are faster the plain
+the same product written the other way round, weight @ rows.T, streams the weight once (60 / 62 ms; at
+10-24 rows the plain product is the faster one). The hidden layers' small matrices are faster the plain
 way at every size, so only the output layer is changed. (With two threads the plain product of 2-64 rows
 runs on one of them while weight @ rows.T uses both: the rule, measured with one thread as the benches run
-workers, leaves that gain above 8 rows untaken.) `scripts/bench.py --only engine` measures it
-(`engine_few_rows_*`: a decode pass of 2, 3, 4 and 8 sessions of a Gemma 3-shaped model, with / without).
+workers, leaves that gain above 8 rows untaken.) `scripts/bench.py --only few_rows` measures it (a decode
+pass of 2, 3, 4 and 8 sessions of a Gemma 3-shaped model, with / without).
 
 The sums run in another order, so the logits differ from the plain product's in their last bits (as those
 of any two batch shapes already do); one row, and more than 8, go through the plain product unchanged.
