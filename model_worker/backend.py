@@ -32,6 +32,7 @@ class KVReport:
     blocks: int  # in the pool (its full-attention group, for models with several)
     blocks_free: int  # free or cached (an allocation may evict cached ones)
     held_bytes: int  # memory of the blocks sessions hold
+    cached_bytes: int  # memory of the blocks kept for prefix hits that no session holds
     usage: float  # held blocks / blocks, 0-1 (the fullest group)
     prefix_hit_tokens: int  # tokens taken from the prefix cache since start
 

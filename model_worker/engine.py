@@ -114,6 +114,7 @@ class Engine:
             kv.pools[0].blocks - 1,
             kv.pools[0].available,
             kv.held_bytes(),
+            kv.cached_bytes(),
             kv.usage(),
             kv.hits * kv.block_size,
         )

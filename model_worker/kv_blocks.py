@@ -54,6 +54,11 @@ class BlockPool:
     def held(self) -> int:
         return self.blocks - self.available
 
+    @property
+    def cached(self) -> int:
+        """Registered blocks nobody holds: kept for a later prefix hit until their space is needed."""
+        return len(self._cached)
+
     def allocate(self, n: int, after: int | None = None) -> list[int] | None:
         """n blocks, or None if fewer are available (nothing is taken then). Free blocks first, lowest and
         contiguous with `after` where possible; then the least recently released cached ones (evicted)."""

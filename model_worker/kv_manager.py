@@ -281,3 +281,10 @@ class KVManager:
             (p.held - 1) * self.block_size * g.bytes_per_token
             for g, p in zip(self.layout.groups, self.pools, strict=True)
         )
+
+    def cached_bytes(self) -> int:
+        """Memory of the blocks kept for prefix hits that no session holds. On CPU their pages stay resident:
+        with distinct prompts this grows toward the pool's size (the KV budget), then evictions begin."""
+        return sum(
+            p.cached * self.block_size * g.bytes_per_token for g, p in zip(self.layout.groups, self.pools, strict=True)
+        )

@@ -17,6 +17,12 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("chorus_worker_queue_depth", "Steps waiting for the next forward pass.", ["model_name"])
 SESSIONS = Gauge("chorus_worker_sessions", "Open sessions (each holds a KV cache).", ["model_name"])
 KV_CACHE_BYTES = Gauge("chorus_worker_kv_cache_bytes", "Memory of the KV blocks the sessions hold.", ["model_name"])
+KV_CACHED_BYTES = Gauge(
+    "chorus_worker_kv_prefix_cached_bytes",
+    "Memory of the KV blocks kept for prefix-cache hits that no session holds (on CPU resident: it grows "
+    "toward the KV budget with distinct prompts, then the least recently used are reused).",
+    ["model_name"],
+)
 # vLLM's vllm:kv_cache_usage_perc (also a fraction, 0-1, despite its name).
 KV_USAGE = Gauge(
     "chorus_worker_kv_usage_ratio",

@@ -115,6 +115,7 @@ class Runtime:
         # Read at scrape time: nothing on the step path.
         metrics.SESSIONS.labels(loaded.name).set_function(lambda: len(self.sessions))
         metrics.KV_CACHE_BYTES.labels(loaded.name).set_function(self.kv_cache_bytes)
+        metrics.KV_CACHED_BYTES.labels(loaded.name).set_function(lambda: self.engine.report().cached_bytes)
         metrics.KV_USAGE.labels(loaded.name).set_function(lambda: self.engine.report().usage)
 
     def kv_cache_bytes(self) -> int:

@@ -67,13 +67,14 @@ def test_released_registered_blocks_stay_cached_until_space_is_needed_least_rece
     keys = [block_hash(b"", [i] * BS) for i in range(3)]
     for block, key in zip(blocks, keys, strict=True):
         pool.register(block, key)
+    assert pool.cached == 0
     pool.release([blocks[1]])
     pool.release([blocks[0]])  # released last: evicted last
-    assert pool.available == 2 and pool.lookup(keys[0]) == blocks[0]
-    assert pool.allocate(1) == [blocks[1]] and pool.stats.evictions == 1
+    assert pool.available == 2 and pool.cached == 2 and pool.lookup(keys[0]) == blocks[0]
+    assert pool.allocate(1) == [blocks[1]] and pool.stats.evictions == 1 and pool.cached == 1
     assert pool.lookup(keys[1]) is None and pool.lookup(keys[0]) == blocks[0]
     pool.hold(blocks[0])  # a hit takes it out of the cache's eviction order
-    assert pool.available == 0 and pool.allocate(1) is None
+    assert pool.available == 0 and pool.cached == 0 and pool.allocate(1) is None
 
 
 def test_a_prefix_is_shared_and_a_truncation_into_a_shared_block_copies_it() -> None:

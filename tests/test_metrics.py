@@ -82,7 +82,12 @@ def test_worker_metrics(loop: LoopThread) -> None:
         held = -(-fed // info.kv_block_size)
         assert during[("chorus_worker_kv_usage_ratio", label)] == pytest.approx(held / info.kv_blocks)
         assert during[("chorus_worker_kv_cache_bytes", label)] == info.kv_cache_bytes > 0
+        assert during[("chorus_worker_kv_prefix_cached_bytes", label)] == 0
         _wait_for(lambda: scrape(port)[("chorus_worker_kv_usage_ratio", label)] == 0, "the session's KV was not freed")
+        # Its full blocks stay cached for a later prefix hit (the partial last one is freed): their memory shows.
+        per_block = info.kv_cache_bytes // held
+        cached = scrape(port)[("chorus_worker_kv_prefix_cached_bytes", label)]
+        assert fed // info.kv_block_size >= 1 and cached == (fed // info.kv_block_size) * per_block
 
         before = scrape(port)
         with coordinator(loop, make_config([worker])) as target, chorus.Client(target, timeout=60) as client:
