@@ -106,6 +106,7 @@ def worker_args(spec: ModelSpec, **options: Any) -> WorkerArgs:
         "quantization": spec.quantization,
         "max_memory": max_memory,
         "max_model_len": spec.max_model_len,
+        "kv_budget_mib": spec.kv_budget_mib,
     }
     return WorkerArgs(**{**given, **options})
 

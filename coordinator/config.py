@@ -191,6 +191,9 @@ class ModelSpec(_Section):
     quantization: Literal["none", "8bit", "4bit"] = "none"  # GaC key; the worker needs CUDA and bitsandbytes
     max_memory: dict[int | str, int | str] | None = None  # accelerate format
     max_model_len: int = Field(0, ge=0)  # tokens a session may hold, prompt included; 0 = the model's context
+    # The KV pool of the worker `chorus up` starts (its --kv-budget-mib; 0 = auto). On CPU it bounds what the
+    # prefix cache keeps resident; a worker at an address has its own flag.
+    kv_budget_mib: float = Field(0.0, ge=0.0)
     num_gpus: float | None = Field(None, ge=0)  # GaC key; informational
     # Calibration: the member's next-token distribution is taken to the power 1/temperature (and
     # renormalised) before any strategy sees it; 1 = as the model gives it. `chorus tune` fits it.
@@ -312,6 +315,9 @@ class _Ensemble(_Section):
                 msg = "missing: required for a model without an address (the worker `chorus up` starts loads it)"
                 problems.append((("models", i, "path"), msg))
             if model.address is not None:
+                if model.kv_budget_mib:
+                    msg = "sizes the KV pool of a worker `chorus up` starts; a running worker's is its --kv-budget-mib"
+                    problems.append((("models", i, "kv_budget_mib"), msg))
                 if model.address in seen_addresses:
                     msg = f"same address as model {seen_addresses[model.address]}"
                     problems.append((("models", i, "address"), msg))

@@ -342,6 +342,16 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["models[1].address: same address as model 0"],
     ),
     (
+        "KV budget of a running worker",
+        {"models": [{"path": "a"}, {"path": "b", "address": "h:1", "kv_budget_mib": 512}]},
+        ["models[1].kv_budget_mib: sizes the KV pool of a worker `chorus up` starts; a running worker"],
+    ),
+    (
+        "negative KV budget",
+        {"models": two(kv_budget_mib=-1)},
+        ["models[1].kv_budget_mib: must be greater than or equal to 0 (got -1)"],
+    ),
+    (
         "bad max_memory size",
         {"models": two(max_memory={0: "lots"})},
         ["models[1].max_memory: entry 0: size must be like '24GiB'"],

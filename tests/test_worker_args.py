@@ -91,7 +91,7 @@ def test_spawn_worker_passes_a_models_config_entry_and_options_over_it() -> None
 def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -> None:
     """A ModelSpec field named like a WorkerArgs field is passed on (path is --model)."""
     shared = set(ModelSpec.model_fields) & {f.name for f in dataclasses.fields(WorkerArgs)}
-    assert shared >= {"name", "device", "dtype", "quantization", "max_memory", "max_model_len"}
+    assert shared >= {"name", "device", "dtype", "quantization", "max_memory", "max_model_len", "kv_budget_mib"}
     spec = ModelSpec(
         name="m",
         path="/m",
@@ -100,6 +100,7 @@ def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -
         quantization="4bit",
         max_memory={0: "20GiB"},
         max_model_len=2048,
+        kv_budget_mib=512.0,
     )
     args = worker_args(spec)
     for name in shared:
