@@ -2,6 +2,7 @@
 
     python scripts/load_test.py [--config configs/default.yaml] [--clients 64] [--seconds 60]
                                 [--warmup 5] [--phases 4] [--max-growth 0.03]
+                                [--prompt-tokens N] [--kv-budget-mib MIB]
 
 Starts the config's workers and a coordinator, each in its own process (`chorus coordinator
 --port 0 --worker NAME=ADDRESS ...`, so the memory measured is the server's, not this process's
@@ -19,6 +20,10 @@ phase ceil(phases/2) to the last, each process's floor may grow by at most `--ma
 since the warm-up is reported, not checked). Exits 1 on that, or on any unexpected error
 (RESOURCE_EXHAUSTED is expected past capacity: it tells clients to back off). `--trace-memory` also
 prints, after each phase, the coordinator's Python heap and where it grew most (tracemalloc).
+
+Requests are short sums unless `--prompt-tokens N` sends prompts of about N tokens that no other request
+shares: then the workers' prefix caches fill, and on a CPU each worker grows to about its idle size plus its
+KV pool (`--kv-budget-mib`, over the config's `kv_budget_mib`) before levelling off (docs/load-test.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -65,16 +71,24 @@ def _rss_mb(pids: dict[str, int]) -> dict[str, float]:
     return {name: psutil.Process(pid).memory_info().rss / 2**20 for name, pid in pids.items()}
 
 
+def prompt_of(rng: random.Random, tokens: int) -> str:
+    """A short sum (`tokens` 0), or a prompt of about `tokens` tokens that no other request shares: random
+    six-digit numbers, which the real pair's tokenizers write a digit per token."""
+    if not tokens:
+        return f"{rng.randrange(100)}+{rng.randrange(100)}="
+    return "Add up: " + " ".join(str(rng.randrange(100_000, 1_000_000)) for _ in range(max(1, tokens // 7))) + " ="
+
+
 async def _client(
-    target: str, until: float, max_new: int, seed: int, timeout: float, latencies: list[float], codes: Counter
+    target: str, until: float, args: argparse.Namespace, seed: int, latencies: list[float], codes: Counter
 ) -> None:
     rng = random.Random(seed)
-    async with chorus.AsyncClient(target, timeout=timeout) as client:
+    async with chorus.AsyncClient(target, timeout=args.timeout) as client:
         while time.monotonic() < until:
-            a, b = rng.randrange(100), rng.randrange(100)
+            prompt = prompt_of(rng, args.prompt_tokens)
             started = time.perf_counter()
             try:
-                await client.generate(prompt=f"{a}+{b}=", max_new_tokens=max_new)
+                await client.generate(prompt=prompt, max_new_tokens=args.max_new_tokens)
                 codes["OK"] += 1
                 latencies.append(time.perf_counter() - started)
             except chorus.ChorusError as exc:
@@ -128,13 +142,14 @@ def _start_coordinator(
     return process, int(match.group(1))
 
 
+_SEEDS = itertools.count()  # every client of every phase its own: prompts of one phase do not come back
+
+
 async def _load(target: str, args: argparse.Namespace, seconds: float) -> tuple[list[float], Counter]:
     latencies: list[float] = []
     codes: Counter = Counter()
     until = time.monotonic() + seconds
-    await asyncio.gather(
-        *(_client(target, until, args.max_new_tokens, i, args.timeout, latencies, codes) for i in range(args.clients))
-    )
+    await asyncio.gather(*(_client(target, until, args, next(_SEEDS), latencies, codes) for _ in range(args.clients)))
     return latencies, codes
 
 
@@ -222,6 +237,15 @@ def main() -> int:
         "--max-growth", type=float, default=0.03, help="largest RSS growth over the later phases (0.03 = 3%%)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=0,
+        help="0: short sums (a+b=); N: distinct prompts of about N tokens, so the workers' prefix caches fill",
+    )
+    parser.add_argument(
+        "--kv-budget-mib", type=float, help="every worker's KV pool, over the config's kv_budget_mib (0 = auto)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="each request's deadline, seconds")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument(
@@ -231,6 +255,9 @@ def main() -> int:
     if args.phases < 2:
         parser.error("--phases: at least 2 (the check compares the later half of the run)")
     config = load_config(args.config)
+    if args.kv_budget_mib is not None:
+        models = [m.model_copy(update={"kv_budget_mib": args.kv_budget_mib}) for m in config.models]
+        config = config.model_copy(update={"models": models})
     workers = cluster.spawn_workers(config)
     coordinator = None
     try:

@@ -38,3 +38,15 @@ def test_a_leak_fails_however_small_the_pools(load_test: ModuleType) -> None:
 def test_the_later_half_starts_at_the_middle_phase(load_test: ModuleType) -> None:
     # 4 phases: from phase 2 to phase 4, whatever the warm-up and phase 1 did.
     assert load_test.later_half_growth_pct([1.0, 50.0, 100.0, 100.0, 110.0]) == 10.0
+
+
+def test_long_prompts_are_distinct_and_about_as_long_as_asked(load_test: ModuleType) -> None:
+    """--prompt-tokens N: prompts no other request shares (so the prefix caches fill), of about N tokens."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [load_test.prompt_of(rng, 300) for _ in range(50)]
+    assert len(set(prompts)) == 50
+    # Six-digit numbers, a token per digit and one per space for the real pair's tokenizers: ~7 per number.
+    assert all(40 * 7 <= 7 * len(p.split()[2:-1]) <= 300 for p in prompts)
+    assert load_test.prompt_of(rng, 0).endswith("=") and "+" in load_test.prompt_of(rng, 0)
