@@ -49,7 +49,8 @@ class WorkerArgs:
         default=0.0,
         metadata=_arg(
             "KV-cache memory: the block pool's size (0 = auto: on CUDA 90%% of the memory free after loading, "
-            "elsewhere 4 GiB; never more than max-sessions full contexts)"
+            "elsewhere 4 GiB, at most half the memory the host or container leaves; never more than max-sessions "
+            "full contexts)"
         ),
     )
     kv_wait: float = field(

@@ -23,6 +23,7 @@ from model_worker.backend import Backend, SessionCache
 from model_worker.conditioning import Conditioner, Plan, TextState
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
 from model_worker.engine import Engine
+from model_worker.host_memory import memory_left
 from model_worker.kv_layout import KVLayout
 from model_worker.kv_manager import KVManager
 from model_worker.loading import LoadedModel
@@ -31,8 +32,11 @@ from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
 log = logging.getLogger(__name__)
 
-# The KV pool on CPU when no budget is given.
+# The KV pool on CPU when no budget is given (vLLM's CPU default), and at most this share of the memory the
+# host (or the container's limit) still leaves after loading: the rest is for activations and buffers, and
+# for the other processes there (every worker reads the same memory left).
 CPU_KV_BUDGET = 4 << 30
+CPU_KV_SHARE = 0.5
 # Vocabularies at least this large have their distributions built off the event loop.
 OFF_LOOP_VOCAB = 65536
 
@@ -91,6 +95,7 @@ class Runtime:
         # KV storage: a pool of blocks; sessions hold the blocks their tokens fill. Past max_sessions, or when
         # the blocks free cannot hold a new prompt, new sessions wait kv_wait_s, then get RESOURCE_EXHAUSTED.
         kv = KVManager(layout, budget, max_sessions, self.context_length, block_size, loaded.device, prefix_caching)
+        log.info("KV pool: %.0f MiB (%s)", budget / 2**20, "--kv-budget-mib" if kv_budget_bytes else "auto")
         self.max_sessions = max_sessions
         self.kv_wait_s = kv_wait_s
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
@@ -367,16 +372,18 @@ class Runtime:
         return stats
 
 
-def auto_kv_budget(device: torch.device, layout: KVLayout, sessions: int, context: int) -> int:
-    """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading, elsewhere
-    4 GiB (vLLM's CPU backend's default KV space), touched only as blocks are used; at least one full
-    context, at most `sessions` of them."""
+def auto_kv_budget(device: torch.device, layout: KVLayout, sessions: int, context: int, left: int | None = None) -> int:
+    """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading; elsewhere
+    4 GiB (vLLM's CPU backend's default KV space), but no more than half of the memory the host or the
+    container's limit still leaves (`left`, read when not given): its pages become resident as blocks are
+    used, and the prefix cache keeps using them. At least one full context, at most `sessions` of them."""
     most = sessions * context * layout.bytes_per_token
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * 0.9)
     else:
-        budget = CPU_KV_BUDGET
+        left = memory_left() if left is None else left
+        budget = CPU_KV_BUDGET if left is None else min(CPU_KV_BUDGET, int(left * CPU_KV_SHARE))
     return max(min(budget, most), context * layout.bytes_per_token + 2**20)
 
 

@@ -3,12 +3,16 @@ sliding windows; and the scheduler's rounds (one pass per round under a token bu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from model_worker.host_memory import memory_left
 from model_worker.kv_blocks import BlockPool, block_hash
 from model_worker.kv_layout import FULL, SLIDING, KVGroup, KVLayout
 from model_worker.kv_manager import WINDOW_MARGIN, KVManager, OutOfBlocks, SessionKV
+from model_worker.runtime import CPU_KV_BUDGET, auto_kv_budget
 from model_worker.scheduler import Feed, plan_round
 
 BS = 4
@@ -177,3 +181,23 @@ def test_one_round_runs_every_decode_and_chunks_of_several_prompts_under_the_tok
         (prompts[2], 14),
     ]
     assert sum(len(s.tokens) for s in slices) == 48
+
+
+def test_the_auto_pool_on_cpu_is_4_gib_at_most_half_the_memory_left(tmp_path: Path) -> None:
+    """On CPU the pool's pages become resident as blocks are used: without a budget it is 4 GiB, but never more
+    than half of what the host or the container's limit leaves (a pod limited to 2 GiB is not OOM-killed)."""
+    layout = KVLayout((KVGroup(FULL, (0,), None, 256),), kv_heads=2, head_dim=32, dtype=torch.float32)
+    cpu = torch.device("cpu")
+    assert auto_kv_budget(cpu, layout, 64, 1 << 20, left=100 << 30) == CPU_KV_BUDGET
+    assert auto_kv_budget(cpu, layout, 64, 1 << 20, left=2 << 30) == 1 << 30
+    assert auto_kv_budget(cpu, layout, 64, 1024, left=100 << 30) == 64 * 1024 * 256  # sessions' full contexts
+    assert auto_kv_budget(cpu, layout, 64, 1024, left=0) == 1024 * 256 + 2**20  # one context at least
+    # What is left: the cgroup's limit less its usage (v2), or MemAvailable, whichever is less.
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "memory.max").write_text("3221225472\n")
+    (tmp_path / "cg" / "memory.current").write_text("1073741824\n")
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable: 8388608 kB\n")
+    assert memory_left(tmp_path / "cg", tmp_path / "meminfo") == 2 << 30
+    (tmp_path / "cg" / "memory.max").write_text("max\n")
+    assert memory_left(tmp_path / "cg", tmp_path / "meminfo") == 8 << 30
+    assert memory_left(tmp_path / "none", tmp_path / "none") is None
