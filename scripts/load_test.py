@@ -254,6 +254,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.phases < 2:
         parser.error("--phases: at least 2 (the check compares the later half of the run)")
+    if args.kv_budget_mib is not None and args.kv_budget_mib < 0:
+        parser.error("--kv-budget-mib: at least 0 (0 = auto)")
+    if args.prompt_tokens < 0:
+        parser.error("--prompt-tokens: at least 0 (0 = short sums)")
     config = load_config(args.config)
     if args.kv_budget_mib is not None:
         models = [m.model_copy(update={"kv_budget_mib": args.kv_budget_mib}) for m in config.models]
