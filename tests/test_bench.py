@@ -50,3 +50,31 @@ def test_figures_render(bench: ModuleType) -> None:
     assert [f.status for f in figures] == ["PASS", "MISS", "info", "SKIP"]
     text = bench.table(figures)
     assert "| ratio" in text and "PASS" in text and "- speedup: why" in text
+
+
+def test_bench_safe_reports_fixed_draft_variants_against_gac() -> None:
+    """bench_safe's per-prompt summary divides each variant by GaC (medians), and its report shows
+    the fixed-draft and GaC-again columns only when asked for."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_safe
+
+    def runs(ms: list[float], passes: float) -> list[dict[str, object]]:
+        return [{"text": "t", "ms_per_token": m, "passes_per_token": passes, "ensembled": 3} for m in ms]
+
+    measured = {
+        "gac": runs([100, 110, 300], 2.0),  # median 110
+        "safe": runs([99, 121, 1], 2.0),  # median 99
+        "safe_fixed_2": runs([220, 220, 220], 3.0),
+        "gac_again": runs([121, 121, 0], 2.0),  # median 121
+    }
+    summary = bench_safe._summary("p", measured, (2,))
+    assert summary["ms_ratio"] == pytest.approx(0.9) and summary["passes_ratio"] == 1.0
+    assert summary["fixed"] == {"2": {"ms_ratio": pytest.approx(2.0), "passes_ratio": 1.5}}
+    assert summary["gac_again_ms_ratio"] == pytest.approx(1.1)
+    report = bench_safe.report({"prompts": [summary]})
+    assert "fixed 2" in report and "2.00x  1.50fp" in report and "(the noise floor): 1.10-1.10x" in report
+    plain = bench_safe._summary("p", {k: measured[k] for k in ("gac", "safe")})
+    assert plain["fixed"] == {} and "gac_again_ms_ratio" not in plain
+    assert "fixed" not in bench_safe.report({"prompts": [plain]}) and "again" not in bench_safe.report(
+        {"prompts": [plain]}
+    )
