@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from model_worker.conditioning import Branch
 from model_worker.scheduler import PassStats
 
 
@@ -22,8 +23,10 @@ class SessionCache(Protocol):
 
     ids: list[int]
     rows: dict[int, torch.Tensor]
+    # branch -> the output logits after its tokens placed from its position on (conditioning.Branch)
+    branch_rows: dict[Branch, torch.Tensor]
 
-    def keep_rows(self, positions: set[int]) -> None: ...
+    def keep_rows(self, positions: set[int], branches: Collection[Branch] = ()) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,12 @@ class Backend(Protocol):
         """A new session's cache, holding what the prefix cache has of the prompt and room for the rest;
         None if the KV memory free cannot hold the prompt now."""
 
-    async def forward(self, cache: SessionCache, new_ids: list[int], want: Collection[int]) -> PassStats:
-        """Append new_ids; cache.rows then holds the output logits at the `want` positions among them."""
+    async def forward(
+        self, cache: SessionCache, new_ids: list[int], want: Collection[int], branches: Collection[Branch] = ()
+    ) -> PassStats:
+        """Append new_ids; cache.rows then holds the output logits at the `want` positions among them, and
+        cache.branch_rows those of the `branches` at positions among them (a one-token branch off the
+        text: the keys before its position and its own, in the same pass)."""
         ...
 
     def truncate(self, cache: SessionCache, n: int) -> None:

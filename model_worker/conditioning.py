@@ -14,7 +14,11 @@ The rules, in order:
   (the next token must start with them);
 - the tail's complete words are settled (appended to the model's tokens): tokenizers do not merge
   across the whitespace that starts a word, so only the last word can still change. A tail without
-  whitespace (CJK, long identifiers) keeps its last KEEP_OPEN tokens open once it passes MAX_OPEN.
+  whitespace (CJK, long identifiers) keeps its last KEEP_OPEN tokens open once it passes MAX_OPEN;
+- a tail that ends in a run of whitespace the tokenizer spells differently before a word (byte-level BPE
+  writes b"    " at the end of a text but b"   " + b" return" in code, b"\n\n" but b"\n" + b"\n" + b"def")
+  is read in both spellings: the run as it ends the text, and as it goes on before a word (Plan.alt; the
+  worker computes the rows of that spelling as a branch of the same pass, model_runner.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _WORD_START = b" \t\n\r"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Bytes of the tokens before the tail that are re-encoded with it, as its left context.
 ANCHOR_TOKENS = 4
+# The most tokens an alternative spelling of a whitespace run may take (Plan.alt).
+ALT_TOKENS = 4
 
 
 def split_utf8(data: bytes) -> tuple[bytes, bytes]:
@@ -46,6 +52,26 @@ def split_utf8(data: bytes) -> tuple[bytes, bytes]:
                 return data[:-back], data[-back:]
             return data, b""
     return data, b""
+
+
+@dataclass(frozen=True)
+class Alt:
+    """The other spelling of a whitespace run that ends the text: `tokens` in place of the last token, and
+    `rest`, the run's last bytes, which the next token must start with (b"   " then b" " for b"    ", or
+    b"\n", b"\n" then b"" for b"\n\n")."""
+
+    tokens: tuple[int, ...]
+    rest: bytes
+
+
+# A branch: the output row after `tokens` placed from `position` on, in place of what the cache holds there.
+Branch = tuple[int, tuple[int, ...]]  # (position, tokens)
+
+
+def branch_rows(branch: Branch) -> list[Branch]:
+    """The rows a branch gives: after each of its tokens."""
+    at, tokens = branch
+    return [(at, tokens[: i + 1]) for i in range(len(tokens))]
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,9 @@ class Plan:
     levels: tuple[bytes, ...] = ()
     # The text ends inside a character: the next token must continue it (not end the text, nor start another).
     inside: bool = False
+    # The text ends in a whitespace run spelt otherwise before a word: its last token is open, and the
+    # distribution also counts that spelling (its tokens from the last token's position on: `branch`).
+    alt: Alt | None = None
 
     def __len__(self) -> int:
         return self.n_fixed + len(self.extra)
@@ -99,6 +128,11 @@ class Plan:
         """Positions whose output distribution the step needs: after the last token, and before each open one."""
         n = len(self)
         return tuple(range(n - 1 - self.open, n))
+
+    @property
+    def branch(self) -> Branch | None:
+        """The branch the alternative spelling needs: its tokens from the last token's position on."""
+        return None if self.alt is None else (len(self) - 1, self.alt.tokens)
 
     @property
     def at_boundary(self) -> bool:
@@ -225,6 +259,7 @@ class Conditioner:
                 }
                 ids.sort(key=rank.__getitem__)
         self._longest = max((len(b) for b in self.ids_by_bytes), default=1)
+        self._alts: dict[int, Alt | None] = {}  # by whitespace token: how the tokenizer spells it before a word
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -264,13 +299,15 @@ class Conditioner:
                 return k
         return len(toks) - KEEP_OPEN if len(toks) > MAX_OPEN else 0
 
-    def commit_draw(self, state: TextState, plan: Plan, token: int, after_last: bool, appended: bytes) -> None:
-        """The model drew `token` itself from the state's current plan: after its last token, or replacing it
-        (the healing part). The plan's open tail and the token become the model's tokens, exactly."""
+    def commit_draw(self, state: TextState, plan: Plan, token: int, replaces: int, appended: bytes) -> None:
+        """The model drew `token` itself from the state's current plan: after its last token (replaces 0), or
+        in place of open tokens (a healing part). The plan's open tail and the token become the model's
+        tokens, exactly."""
         assert plan.n_fixed == len(state.fixed), "a draw commits to the state its plan was made from"
+        assert replaces >= 0, "a model draws after the text's own spelling (Runtime._draw)"
         state.generated += appended
         kept = len(plan.extra)
-        if not after_last:  # it replaces the open tokens whose bytes (and the pending ones) it extends
+        if replaces:  # it replaces the open tokens whose bytes (and the pending ones) it extends
             skipped = len(self._tokens[token]) - len(appended)
             kept -= plan.open - [len(prefix) for prefix in plan.levels].index(skipped)
         new = [*plan.extra[:kept], token]
@@ -297,9 +334,33 @@ class Conditioner:
         if pending:
             toks, pending = self._spell_pending(toks, pending)
         inside = bool(split_utf8(tail)[1])
-        return Plan(state.fixed, n, tuple(toks), pending, self._levels(toks, pending, tail), inside)
+        alt = self._alt(toks[-1]) if toks and not pending and n + len(toks) >= 2 else None
+        levels = self._levels(toks, pending, tail, last_open=alt is not None)
+        return Plan(state.fixed, n, tuple(toks), pending, levels, inside, alt)
 
-    def _levels(self, toks: list[int], pending: bytes, tail: bytes) -> tuple[bytes, ...]:
+    def _alt(self, token: int) -> Alt | None:
+        """How the tokenizer spells a whitespace token that ends the text when a word follows, where that
+        differs: its own answer for the run followed by a letter (at most ALT_TOKENS tokens before the word's)."""
+        if token in self._alts:
+            return self._alts[token]
+        run = self._tokens[token]
+        alt = None
+        if len(run) >= 2 and run.isspace() and not self._special[token]:
+            ids = self.encode(run.decode("ascii") + "a", add_special_tokens=False)
+            spelt = [self._tokens[i] for i in ids]
+            word = spelt[-1] if spelt else b""
+            rest = word[:-1]
+            if (
+                b"".join(spelt) == run + b"a"
+                and 1 <= len(ids) - 1 <= ALT_TOKENS
+                and run.endswith(rest)
+                and (ids[:-1], rest) != ([token], b"")
+            ):
+                alt = Alt(tuple(ids[:-1]), rest)
+        self._alts[token] = alt
+        return alt
+
+    def _levels(self, toks: list[int], pending: bytes, tail: bytes, last_open: bool = False) -> tuple[bytes, ...]:
         """Which of the tail's last tokens are open (Plan.levels). The last one, where a token extends it (or
         bytes are pending). Where the text ends in a character of several bytes, every token that holds part
         of it, and the token before them if the character starts a token (b" " then b"\xf0\x9f" can be one
@@ -321,7 +382,7 @@ class Conditioner:
             rest = self._tokens[toks[-k]] + rest
             levels.append(rest)
         opened = next((k for k in range(depth, 0, -1) if self.index.has_extension(levels[k - 1])), 0)
-        if pending:
+        if pending or last_open:  # an alternative spelling is weighed against the last token's probability
             opened = max(opened, 1)
         return tuple(reversed(levels[:opened]))
 

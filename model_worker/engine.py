@@ -21,6 +21,7 @@ import torch
 from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.backend import KVReport
+from model_worker.conditioning import Branch
 from model_worker.kv_manager import KVManager, OutOfBlocks, SessionKV
 from model_worker.model_runner import ModelRunner
 from model_worker.scheduler import Feed, PassStats, Slice, plan_round
@@ -86,13 +87,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the session's side
 
-    async def forward(self, kv: SessionKV, new_ids: list[int], want: Collection[int]) -> PassStats:
+    async def forward(
+        self, kv: SessionKV, new_ids: list[int], want: Collection[int], branches: Collection[Branch] = ()
+    ) -> PassStats:
         """Append new_ids to the session's cache; kv.rows then holds the output rows at the `want`
-        positions that this feed computed (positions before len(kv.ids) are not recomputed)."""
+        positions that this feed computed (positions before len(kv.ids) are not recomputed), and
+        kv.branch_rows those of the `branches` that start at positions it feeds."""
         start = len(kv.ids)
         future: asyncio.Future[PassStats] = asyncio.get_running_loop().create_future()
         wanted = {p for p in want if start <= p < start + len(new_ids)}
-        self._waiting.append(Feed(kv, list(new_ids), wanted, future, len(self._waiting)))
+        forks = tuple(sorted(b for b in branches if start <= b[0] < start + len(new_ids)))
+        self._waiting.append(Feed(kv, list(new_ids), wanted, future, len(self._waiting), branches=forks))
         metrics.QUEUE_DEPTH.labels(self._name).set(len(self._waiting))
         self._wakeup.set()
         return await future
@@ -233,7 +238,11 @@ class Engine:
         if feed.future.done():  # cancelled during the pass: its session may already be closed
             return
         feed.kv.ids.extend(s.tokens)
-        feed.kv.rows.update(rows)
+        for key, row in rows.items():
+            if isinstance(key, tuple):
+                feed.kv.branch_rows[key] = row
+            else:
+                feed.kv.rows[key] = row
         self.kv.register_full_blocks(feed.kv)
         self.kv.trim_windows(feed.kv)
         feed.done += len(s.tokens)

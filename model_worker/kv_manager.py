@@ -17,10 +17,12 @@ copies the positions it keeps into a block of its own (copy on write).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 
+from model_worker.conditioning import Branch
 from model_worker.kv_blocks import BlockPool, block_hash
 from model_worker.kv_layout import KVGroup, KVLayout
 
@@ -39,11 +41,19 @@ class SessionKV:
 
     ids: list[int] = field(default_factory=list)  # tokens cached, in order
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> output logits after it
+    # branch -> the output logits after its tokens placed from its position on (conditioning.Branch)
+    branch_rows: dict[Branch, torch.Tensor] = field(default_factory=dict)
     tables: list[list[int | None]] = field(default_factory=list)  # per group: block of each logical block
     keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)
 
-    def keep_rows(self, positions: set[int]) -> None:
+    def keep_rows(self, positions: set[int], branches: Collection[Branch] = ()) -> None:
         self.rows = {p: r for p, r in self.rows.items() if p in positions}
+        self.branch_rows = {b: r for b, r in self.branch_rows.items() if b in branches}
+
+    def forget_rows_from(self, n: int) -> None:
+        """Drop the rows that positions n.. made: a branch at n read only the positions before it."""
+        self.rows = {p: r for p, r in self.rows.items() if p < n}
+        self.branch_rows = {b: r for b, r in self.branch_rows.items() if b[0] <= n}
 
 
 class OutOfBlocks(Exception):
@@ -148,7 +158,7 @@ class KVManager:
         block that keeps some positions is copied first. If a sliding group no longer holds the window the
         positions before n need, the session restarts from nothing (its next feed recomputes)."""
         if n >= len(kv.ids):
-            kv.rows = {p: r for p, r in kv.rows.items() if p < n}
+            kv.forget_rows_from(n)
             return
         keep = -(-n // self.block_size)
         for group, table in zip(self.layout.groups, self._tables(kv), strict=True):
@@ -156,7 +166,7 @@ class KVManager:
                 self.free(kv)
                 return
         del kv.ids[n:]
-        kv.rows = {p: r for p, r in kv.rows.items() if p < n}
+        kv.forget_rows_from(n)
         del kv.keys[n // self.block_size :]
         for g, (pool, table) in enumerate(zip(self.pools, self._tables(kv), strict=True)):
             pool.release([b for b in table[keep:] if b is not None])
@@ -189,6 +199,7 @@ class KVManager:
             table.clear()
         kv.ids.clear()
         kv.rows.clear()
+        kv.branch_rows.clear()
         kv.keys.clear()
 
     def trim_windows(self, kv: SessionKV) -> None:

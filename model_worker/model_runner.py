@@ -12,12 +12,14 @@ Two forms:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from model_worker import paged_attention, vocab_projection
+from model_worker.conditioning import Branch, branch_rows
 from model_worker.kv_manager import KVManager
 from model_worker.paged_attention import GatheredDecodes, PassCache, PassPlan, SeqAttention
 from model_worker.scheduler import Slice
@@ -34,13 +36,17 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
+# An output row: after the token at a position, or after a branch's tokens from a position on.
+RowKey = int | Branch
+
+
 @dataclass(frozen=True)
 class PassInput:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     plan: PassPlan
     keep: torch.Tensor  # packed indices whose logits are wanted, in order
-    wanted: list[list[int]]  # per slice: its wanted positions, in `keep` order
+    wanted: list[list[RowKey]]  # per slice: its wanted positions, then its branches, in `keep` order
 
 
 class ModelRunner:
@@ -66,27 +72,31 @@ class ModelRunner:
         seqs: list[SeqAttention] = []
         gathered: list[tuple[int, list[list[int | None]], int]] = []  # (packed row, tables, length)
         keep: list[int] = []
-        wanted: list[list[int]] = []
+        wanted: list[list[RowKey]] = []
         for s in slices:
             q0, n = len(ids), len(s.tokens)
-            ids += s.tokens
-            positions += range(s.start, s.start + n)
+            # Branch tokens go after the slice's tokens, at their own positions; their keys and values are
+            # written to the scratch position (attention reads them from the pass itself, not the storage).
+            forks = [(at + i, token) for at, tokens in s.branches for i, token in enumerate(tokens)]
+            ids += s.tokens + [token for _, token in forks]
+            positions += [*range(s.start, s.start + n), *(p for p, _ in forks)]
             tables = s.feed.kv.tables
             for g in range(len(groups)):
                 table = tables[g]
                 write[g] += [table[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]  # type: ignore[operator]
+                write[g] += [0] * len(forks)
             end = s.start + n
-            keep += [q0 + p - s.start for p in s.want]
-            wanted.append(list(s.want))
-            if n == 1 and end <= gather_up_to:
+            keep += [q0 + p - s.start for p in s.want] + [q0 + n + j for j in range(len(forks))]
+            wanted.append([*s.want, *(row for branch in s.branches for row in branch_rows(branch))])
+            if n == 1 and end <= gather_up_to and not forks:
                 gathered.append((q0, tables, end))
                 continue
             runs, masks = [], []
             for g, group in enumerate(groups):
                 first = 0 if group.window is None else max(0, s.start - group.window + 1)
                 runs.append(_runs(tables[g], first, end, bs))
-                masks.append(_mask(s.start, n, first, end, group.window, self.device))
-            seqs.append(SeqAttention(q0, n, runs, masks))
+                masks.append(_mask(s.start, n, first, end, group.window, self.device, s.branches))
+            seqs.append(SeqAttention(q0, n + len(forks), runs, masks, len(forks)))
         dev = self.device
         plan = PassPlan(
             bs,
@@ -106,8 +116,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, slices: list[Slice]) -> list[dict[int, torch.Tensor]]:
-        """One pass; per slice, its wanted positions' output logits (float32)."""
+    def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
+        """One pass; per slice, its wanted positions' and branches' output logits (float32)."""
         if self.static.accepts(slices):
             return self.static.run(slices)
         batch = self.prepare(slices)
@@ -127,7 +137,7 @@ class ModelRunner:
         return out.logits
 
 
-def _split_rows(logits: torch.Tensor, wanted: list[list[int]]) -> list[dict[int, torch.Tensor]]:
+def _split_rows(logits: torch.Tensor, wanted: list[list[RowKey]]) -> list[dict[RowKey, torch.Tensor]]:
     rows = logits.float()
     out, i = [], 0
     for positions in wanted:
@@ -153,16 +163,35 @@ def _runs(table: list[int | None], first: int, end: int, bs: int) -> list[tuple[
     return runs
 
 
-def _mask(start: int, n: int, first: int, end: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[n, end - first]: key position k visible to query position q iff k <= q (and k > q - window)."""
-    if n == 1:
+def _mask(
+    start: int, n: int, first: int, end: int, window: int | None, device: torch.device, branches: Sequence[Branch] = ()
+) -> torch.Tensor | None:
+    """[n + b, end - first + b]: key position k visible to query position q iff k <= q (and k > q - window).
+    The b branch tokens' queries follow the n, and their own keys follow the stored ones: a branch from
+    position p sees the stored keys before p and its own tokens up to itself; no other query sees them."""
+    if n == 1 and not branches:
         return None  # one query sees every key of its range
     q = torch.arange(start, start + n, device=device)[:, None]
     k = torch.arange(first, end, device=device)[None, :]
     seen = k <= q
     if window is not None:
         seen &= k > q - window
-    return seen
+    if not branches:
+        return seen
+    b = sum(len(tokens) for _, tokens in branches)
+    rows = [torch.cat([seen, torch.zeros(n, b, dtype=torch.bool, device=device)], 1)]
+    col = 0
+    for at, tokens in branches:
+        length = len(tokens)
+        fork = torch.arange(at, at + length, device=device)[:, None]
+        stored = k < at  # the positions it stands in for, and those after, are not its own
+        if window is not None:
+            stored = stored & (k > fork - window)
+        own = torch.zeros(length, b, dtype=torch.bool, device=device)
+        own[:, col : col + length] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        rows.append(torch.cat([stored.expand(length, -1), own], 1))
+        col += length
+    return torch.cat(rows, 0)
 
 
 def _gather(
@@ -210,7 +239,11 @@ class StaticDecoder:
         self._graphs: dict[tuple[int, int], _Captured] = {}
 
     def accepts(self, slices: list[Slice]) -> bool:
-        return self.enabled and bool(slices) and all(len(s.tokens) == 1 and s.want == [s.start] for s in slices)
+        return (
+            self.enabled
+            and bool(slices)
+            and all(len(s.tokens) == 1 and s.want == [s.start] and not s.branches for s in slices)
+        )
 
     def shapes(self, slices: list[Slice]) -> tuple[int, int]:
         bs = self.runner.kv.block_size
@@ -260,7 +293,7 @@ class StaticDecoder:
             GatheredDecodes(rows, positions, bias),
         )
 
-    def run(self, slices: list[Slice]) -> list[dict[int, torch.Tensor]]:
+    def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
         batch, width = self.shapes(slices)
         tensors = self.inputs(slices, batch, width)
         captured = self._graphs.get((batch, width)) if self.cuda_graphs else None

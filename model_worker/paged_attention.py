@@ -39,6 +39,9 @@ class SeqAttention:
     q_len: int
     runs: list[list[tuple[int, int]]]  # per group: (first position in the storage, length) in key order
     masks: list[torch.Tensor | None]  # per group: [q_len, keys] visible, or None (every key seen)
+    # The last `branches` queries are branch tokens (model_runner.prepare): their own keys and values are
+    # read from the pass's new ones, as extra keys after the stored ones (the masks say who sees them).
+    branches: int = 0
 
 
 @dataclass
@@ -134,6 +137,9 @@ def paged_attention(
             if len(runs) > 1
             else (q @ keys[:, runs[0][0] : runs[0][0] + runs[0][1]].transpose(1, 2))
         )
+        if s.branches:
+            own = slice(s.q_start + n - s.branches, s.q_start + n)
+            scores = torch.cat([scores, q @ key[0, :, own].transpose(1, 2)], -1)
         probs = _softmax(scores, scale, softcap, s.masks[g], (kv_heads, group, n)).to(values.dtype)
         o = None
         offset = 0
@@ -142,6 +148,8 @@ def paged_attention(
             o = part if o is None else o + part
             offset += m
         assert o is not None
+        if s.branches:
+            o = o + probs[..., offset:] @ value[0, :, own].to(values.dtype)
         out[0, s.q_start : s.q_start + n] = o.view(heads, n, -1).transpose(0, 1)
     if plan.gathered is not None:
         gd = plan.gathered

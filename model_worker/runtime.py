@@ -20,7 +20,7 @@ from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult
 from chorus_common.worker_args import WorkerArgs
 from model_worker import metrics
 from model_worker.backend import Backend, SessionCache
-from model_worker.conditioning import Conditioner, Plan, TextState
+from model_worker.conditioning import Branch, Conditioner, Plan, TextState, branch_rows
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
 from model_worker.engine import Engine
 from model_worker.host_memory import memory_left
@@ -211,22 +211,24 @@ class Runtime:
         `partial`: the appended text may end inside a token, so the last one stays open to extension."""
         self._move(session, rollback, append, partial)
         plan = self._plan(session.text)
-        stats = await self._ensure_rows(session.kv, session.text, plan, plan.rows_needed)
+        stats = await self._ensure_rows(session.kv, session.text, plan, plan.rows_needed, self._branches([plan]))
         session.last_plan = plan
-        parts = await self._parts(plan, session.kv.rows, fmt)
+        parts = await self._parts(plan, session.kv, fmt)
         if stats is None:
             return StepResult(parts, 0, 0, 0, 0.0, 0.0)
         return StepResult(
             parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms, stats.queue_position
         )
 
-    async def _parts(self, plan: Plan, rows: dict[int, torch.Tensor], fmt: Format) -> list[Part]:
+    async def _parts(self, plan: Plan, kv: SessionCache, fmt: Format) -> list[Part]:
         """The step's distribution parts; over a large vocabulary in a thread of their own (a softmax and a
         copy of every entry), so the event loop keeps answering other sessions and health checks."""
+        index = self.conditioner.index
         if self.vocab_size < OFF_LOOP_VOCAB:
-            return build_parts(plan, rows, self.conditioner.index, fmt)
+            return build_parts(plan, kv.rows, index, fmt, kv.branch_rows)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._parts_pool, build_parts, plan, dict(rows), self.conditioner.index, fmt)
+        rows, branches = dict(kv.rows), dict(kv.branch_rows)
+        return await loop.run_in_executor(self._parts_pool, build_parts, plan, rows, index, fmt, branches)
 
     async def draft(
         self,
@@ -259,22 +261,26 @@ class Runtime:
             plan = session.last_plan
             assert plan is not None
             if report_top_k:
-                dists.append(
-                    build_parts(plan, session.kv.rows, self.conditioner.index, Format(report_top_k, FULL.dtype))
-                )
+                fmt = Format(report_top_k, FULL.dtype)
+                dists.append(build_parts(plan, session.kv.rows, self.conditioner.index, fmt, session.kv.branch_rows))
             drawn = self._draw(out.parts, sampling, rng)
             if drawn is None:
                 ended = True
                 break
             token, part = drawn
             piece = self.tokens[token][part.skip_bytes :]
-            self.conditioner.commit_draw(session.text, plan, token, part.after_last, piece)
+            self.conditioner.commit_draw(session.text, plan, token, part.replaces, piece)
             pieces.append(piece)
         return DraftResult(pieces, ended, dists, fed, passes)
 
     def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> tuple[int, Part] | None:
         """One token drawn from a step's parts, with the part it came from; None for end of sequence."""
         logps = []
+        # A model draws after the text's own spelling only: a draw after the other spelling of a trailing run
+        # (Plan.alt) would re-spell the run behind the committed text, and the byte rollbacks that follow a
+        # rejected draft then leave other tokens than a shorter draft's did (fixed 5- and 1-token SAFE drafts
+        # stopped writing the same text, tests/test_real_strategies.py). Its distribution still counts both.
+        parts = [part for part in parts if part.replaces >= 0]
         for part in parts:
             logp = part.logprobs.astype(np.float64) + part.log_scale
             if part.ids is None:
@@ -312,13 +318,15 @@ class Runtime:
         # a prefix of the final ones (then one pass over the final tokens gives its rows).
         usable = [j <= last and p.at_boundary and p.is_prefix_of(final) for j, p in enumerate(plans)]
         needed = {r for p, ok in zip(plans, usable, strict=True) if ok for r in p.rows_needed}
-        stats = await self._ensure_rows(session.kv, state, final, needed)
+        branches = self._branches([p for p, ok in zip(plans, usable, strict=True) if ok])
+        stats = await self._ensure_rows(session.kv, state, final, needed, branches)
         session.text = state
         session.last_plan = None
         fmt = Format(top_k, FULL.dtype)
-        index = self.conditioner.index
+        index, kv = self.conditioner.index, session.kv
         positions = [
-            build_parts(p, session.kv.rows, index, fmt) if ok else None for p, ok in zip(plans, usable, strict=True)
+            build_parts(p, kv.rows, index, fmt, kv.branch_rows) if ok else None
+            for p, ok in zip(plans, usable, strict=True)
         ]
         if stats is None:
             return ScoreResult(positions, 0, 0)
@@ -328,8 +336,8 @@ class Runtime:
         """Log-probabilities of candidate continuations under the last step's distribution."""
         if session.last_plan is None:
             raise RequestError("lookup: no step to look up in (send a step first)")
-        plan, rows = session.last_plan, session.kv.rows
-        return [lookup_logprob(plan, rows, self.conditioner, self._eos, c) for c in candidates]
+        plan, kv = session.last_plan, session.kv
+        return [lookup_logprob(plan, kv.rows, self.conditioner, self._eos, c, kv.branch_rows) for c in candidates]
 
     def _move(self, session: Session, rollback: int, append: bytes, partial: bool = False) -> None:
         """Drop `rollback` bytes from the end of the session's text, then append."""
@@ -345,6 +353,16 @@ class Runtime:
             row = session.kv.rows.get(len(text.fixed) - 1) if not text.tail else None
             self.conditioner.commit(text, append, row, partial)
 
+    def _branches(self, plans: list[Plan]) -> list[Branch]:
+        """The branches the plans' alternative spellings need, where their positions fit in the context (past
+        it, a plan is read in its first spelling only)."""
+        fitting = []
+        for plan in plans:
+            branch = plan.branch
+            if branch is not None and branch[0] + len(branch[1]) <= self.context_length:
+                fitting.append(branch)
+        return fitting
+
     def _plan(self, text: TextState) -> Plan:
         plan = self.conditioner.plan(text)
         if len(plan) >= self.context_length:
@@ -352,19 +370,21 @@ class Runtime:
         return plan
 
     async def _ensure_rows(
-        self, kv: SessionCache, text: TextState, plan: Plan, needed: Collection[int]
+        self, kv: SessionCache, text: TextState, plan: Plan, needed: Collection[int], branches: Collection[Branch] = ()
     ) -> PassStats | None:
-        """Make the cache hold the plan's tokens with the output rows at the `needed` positions: one feed at
-        most, over the tokens that changed (and back to the earliest missing row). Only tokens after the
-        text's low-water mark are compared: the cost does not grow with the text."""
+        """Make the cache hold the plan's tokens with the output rows at the `needed` positions and the
+        `branches`: one feed at most, over the tokens that changed (and back to the earliest missing row; a
+        branch rides with the token at its position). Only tokens after the text's low-water mark are
+        compared: the cost does not grow with the text."""
         stable = min(text.low_water, len(kv.ids), len(plan))
         self.engine.truncate(kv, stable + common_prefix(kv.ids[stable:], plan.suffix(stable)))
-        missing = [p for p in needed if p not in kv.rows]
+        forks = {row for branch in branches for row in branch_rows(branch)}
+        missing = [p for p in needed if p not in kv.rows] + [at for at, _ in forks if (at, _) not in kv.branch_rows]
         if missing:
             self.engine.truncate(kv, min(min(missing), len(kv.ids)))
         new = plan.suffix(len(kv.ids))
-        stats = await self.engine.forward(kv, new, needed) if new else None
-        kv.keep_rows(set(needed))
+        stats = await self.engine.forward(kv, new, needed, branches) if new else None
+        kv.keep_rows(set(needed), forks)
         text.mark()
         if stats is None:
             return None

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from model_worker.conditioning import Branch
 from model_worker.kv_manager import SessionKV
 
 
@@ -36,6 +37,8 @@ class Feed:
     started_at: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 0
+    # rows after other tokens in place of those fed from a position on (conditioning.Branch)
+    branches: tuple[Branch, ...] = ()
 
     @property
     def remaining(self) -> int:
@@ -50,6 +53,7 @@ class Slice:
     tokens: list[int]
     start: int
     want: list[int]  # wanted positions inside this slice
+    branches: tuple[Branch, ...] = ()  # the feed's branches at positions inside this slice
 
 
 # Feeds of at most this many tokens (decodes, a few re-tokenized tokens) go first in every pass.
@@ -73,6 +77,7 @@ def plan_round(
             continue
         start = len(feed.kv.ids)
         tokens = feed.ids[feed.done : feed.done + n]
-        slices.append(Slice(feed, tokens, start, sorted(p for p in feed.want if start <= p < start + n)))
+        want = sorted(p for p in feed.want if start <= p < start + n)
+        slices.append(Slice(feed, tokens, start, want, tuple(b for b in feed.branches if start <= b[0] < start + n)))
         budget -= n
     return slices

@@ -62,6 +62,18 @@ class ReferenceModel:
             for t, b in enumerate(self.tokens):
                 if not self.special[t] and b.startswith(prefix) and len(b) > len(prefix):
                     add(b[len(prefix) :], scale * math.exp(before[t]))
+            if k == 1 and plan.alt is not None:  # the run spelt as before a word: its tokens, then a word's
+                weight = scale
+                for i, token in enumerate(plan.alt.tokens):
+                    weight *= math.exp(self._logprobs(ids[:-1] + list(plan.alt.tokens[:i]))[token])
+                via = self._logprobs(ids[:-1] + list(plan.alt.tokens))
+                rest = plan.alt.rest
+                for t, b in enumerate(self.tokens):
+                    if t in self.eos:
+                        if not rest:
+                            add(END, weight * math.exp(via[t]))
+                    elif not self.special[t] and b.startswith(rest) and len(b) > len(rest):
+                        add(b[len(rest) :], weight * math.exp(via[t]))
             scale *= math.exp(before[ids[-k]])
         after = self._logprobs(ids)
         for t, b in enumerate(self.tokens):

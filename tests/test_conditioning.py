@@ -97,6 +97,32 @@ def test_a_partial_piece_stays_open_to_extension(conditioner: Conditioner) -> No
     assert plan.heal_prefix == conditioner._tokens[extendable] == conditioner._tokens[plan_ids(plan)[-1]]
 
 
+def test_a_run_of_spaces_ending_the_text_is_also_spelt_as_before_a_word() -> None:
+    """A byte-level BPE that learnt indentation spells b"\n  " at the end of a text as one token, but b"\n" +
+    b" " + b" a" before a word: the plan carries that spelling (the last token open, so both are weighed
+    against its probability). A run spelt alike everywhere (b"\n" alone, SentencePiece's pieces) has none."""
+    tokenizer = tokenizer_factory.byte_level_bpe(corpus=tokenizer_factory.CORPUS + tokenizer_factory.CODE_CORPUS)
+    tokens, special = token_byte_table(tokenizer, len(tokenizer))
+    conditioner = Conditioner(tokenizer, tokens, special)
+    state = conditioner.start("def f(x):", False)
+    conditioner.commit(state, b"\n  ", partial=True)
+    plan = conditioner.plan(state)
+    assert plan.alt is not None and [tokens[i] for i in plan.extra] == [b"\n  "]
+    before_word = conditioner.encode("def f(x):\n  a", False)
+    assert before_word[len(state.fixed) :] == [*plan.alt.tokens, conditioner.ids_by_bytes[plan.alt.rest + b"a"][0]]
+    assert [tokens[i] for i in plan.alt.tokens] == [b"\n", b" "] and plan.alt.rest == b" "
+    assert plan.open == 1 and plan.branch == (len(plan) - 1, plan.alt.tokens)
+    assert len(plan) - 2 in plan.rows_needed  # the row before the run gives both spellings' first tokens
+    conditioner.commit(state, b"a\n", partial=True)
+    assert conditioner.plan(state).alt is None
+    sentencepiece = tokenizer_factory.sentencepiece_byte_fallback()
+    sp = Conditioner(sentencepiece, *token_byte_table(sentencepiece, len(sentencepiece)))
+    state = sp.start("def f(x):", False)
+    for piece in (b"\n", b" ", b" ", b" "):
+        sp.commit(state, piece, partial=True)
+        assert sp.plan(state).alt is None
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_incremental_tail_tokens_equal_a_full_re_encode(conditioner: Conditioner, data: st.DataObject) -> None:

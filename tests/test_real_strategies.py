@@ -138,19 +138,19 @@ def test_chared_writes_the_indented_code_both_models_write(loop: LoopThread, wor
     assert result.text.startswith(common), (result.text, common)
 
 
-KNOWN_LIMIT = "known limit (README, Strategies): both spellings of a run of spaces are not built"
-
-
-@pytest.mark.xfail(strict=True, reason=KNOWN_LIMIT)
-def test_chared_writes_code_after_others_indent(loop: LoopThread, workers: dict[str, WorkerProcess]) -> None:
-    """After a docstring *and* its line break (GaC writes '    return a + b'), CharED commits the spaces one by
-    one, SmolLM2 reads them as one whitespace token its tokenizer never writes before a word (it gives a run's
-    last space to the word) and votes for more spaces: the ensemble writes 24 spaces. Strict: once fixed,
-    this fails until the marker goes."""
-    prompt = 'def add(a, b):\n    """Add two numbers."""\n'
+def test_chared_writes_code_after_others_indent_and_blank_lines(
+    loop: LoopThread, workers: dict[str, WorkerProcess]
+) -> None:
+    """CharED commits indentation and blank lines one character at a time, and SmolLM2's tokenizer spells
+    a run of them at the end of a text otherwise than before a word (b"    " against b"   " + b" return",
+    b"\n\n" against b"\n" + b"\n" + b"#"): each step reads both spellings, so the ensemble writes code.
+    Reading only the first, it wrote 24 spaces after the docstring, and 30 line breaks after a statement."""
+    prompts = ['def add(a, b):\n    """Add two numbers."""\n', "for i in range(3):\n"]
     config = {"strategy": "chared", **STRATEGIES["chared"]}
-    (result,) = serve(loop, [workers[SMOL], workers[GEMMA]], [prompt], max_new_tokens=24, config=config)
-    assert result.text.startswith("    ") and result.text[4:5].isalpha(), result.text
+    for result in serve(loop, [workers[SMOL], workers[GEMMA]], prompts, max_new_tokens=40, config=config):
+        text = result.text
+        assert text.startswith("    ") and text[4:5].isalpha(), text
+        assert "\n\n\n\n" not in text and len(text.split()) >= 4, text
 
 
 # --------------------------------------------------------------------------- SAFE: drafts and lockstep

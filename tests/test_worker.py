@@ -16,10 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
 from model_worker import kv_manager
+from model_worker.conditioning import Alt, Plan
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
 from model_worker.runtime import AtCapacity, Runtime, SessionExpired
 from model_worker.server import WorkerServer
+from tests import tokenizer_factory
 from tests.reference import ReferenceModel
 from tests.tiny_models import random_gemma3, random_gpt2, random_llama
 
@@ -52,6 +54,13 @@ def _as_dict(runtime: Runtime, parts: list[Part]) -> dict[bytes | None, float]:
 def _assert_close(a: dict[bytes | None, float], b: dict[bytes | None, float]) -> None:
     keys = set(a) | set(b)
     assert max(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in keys) < 1e-5
+
+
+def _assert_relatively_close(a: dict[bytes | None, float], b: dict[bytes | None, float]) -> None:
+    """Every entry within 0.1% of its size: a small part (a second spelling's) cannot hide under 1e-5."""
+    for k in set(a) | set(b):
+        x, y = a.get(k, 0.0), b.get(k, 0.0)
+        assert (x > 0) == (y > 0) and (y == 0 or abs(math.log(x / y)) < 1e-3), (k, x, y)
 
 
 def test_steps_match_a_recompute_from_scratch(model_dir: Path) -> None:
@@ -91,6 +100,74 @@ def test_split_characters_match_the_reference(model_dir: Path) -> None:
         await runtime.engine.stop()
 
     asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
+def code_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three attention patterns with a byte-level BPE that learnt runs of spaces from indented code."""
+    build: Callable[..., Path] = {"gpt2": random_gpt2, "llama": random_llama, "gemma3": random_gemma3}[request.param]
+    corpus = tokenizer_factory.CORPUS + tokenizer_factory.CODE_CORPUS
+    return build(tmp_path_factory.mktemp(request.param), tokenizer=tokenizer_factory.byte_level_bpe(corpus=corpus))
+
+
+def test_a_run_of_spaces_is_read_in_both_spellings_as_the_reference_does(code_model_dir: Path) -> None:
+    """Spaces committed one by one after a line break (CharED's indentation): where the run that ends the
+    text is spelt otherwise before a word, the step counts both spellings, the second from a branch row
+    computed in the same pass (its own keys beside the stored ones). Each step, and a scored continuation
+    over the same pieces, equals the brute-force reference, which runs that spelling as a plain forward."""
+    runtime = Runtime(load_model(str(code_model_dir)))
+    reference = ReferenceModel(code_model_dir)
+    prompt = "def add(a, b):\n    return a + b\n\ndef f(x):"
+    # Spaces one by one (b"  " is one token, b" " + b" a" before a word), then a line break and two spaces
+    # as one piece (one token, b"\n" + b" " + b" a" before a word: a branch of two tokens).
+    pieces = [b"\n", b" ", b" ", b" ", b" ", b"r", b"eturn", b"\n  ", b" ", b"x"]
+
+    async def run() -> tuple[int, list[list[Part] | None]]:
+        runtime.engine.start()
+        session = await runtime.open(Prompt(text=prompt))
+        await runtime.step(session, b"", FULL)
+        state = reference.start(prompt)
+        both = 0
+        spellings = set()
+        for piece in pieces:
+            out = await runtime.step(session, piece, FULL, partial=True)
+            reference.commit(state, piece, partial=True)
+            _assert_relatively_close(_as_dict(runtime, out.parts), reference.next_bytes(state))
+            both += any(part.replaces == -1 for part in out.parts)
+            plan = session.last_plan
+            if plan is not None and plan.alt is not None:
+                spellings.add(len(plan.alt.tokens))
+        assert spellings == {1, 2}, spellings
+        scored_session = await runtime.open(Prompt(text=prompt))
+        await runtime.step(scored_session, b"", FULL)
+        scored = await runtime.score(scored_session, b"", 0, pieces, top_k=runtime.vocab_size, partial=True)
+        await runtime.engine.stop()
+        return both, scored.positions
+
+    both, positions = asyncio.run(run())
+    assert both >= 2, "no step read a run of spaces in its other spelling"
+    state = reference.start(prompt)
+    checked = 0
+    for j, parts in enumerate(positions):
+        if j:
+            reference.commit(state, pieces[j - 1], partial=True)
+        if parts is not None:
+            _assert_relatively_close(_as_dict(runtime, parts), reference.next_bytes(state))
+            checked += any(part.replaces == -1 for part in parts)
+    assert checked >= 2
+
+
+def test_a_second_spelling_that_would_pass_the_context_is_left_out(code_model_dir: Path) -> None:
+    """A branch's tokens sit from the run's last token on: where they would pass the context (a model with
+    absolute positions has no embedding there), the step reads the run as it ends the text only."""
+    runtime = Runtime(load_model(str(code_model_dir), max_model_len=24))
+    assert runtime.context_length == 24
+
+    def plan(tokens: tuple[int, ...]) -> Plan:  # 23 tokens, the most a step reads: the last is a run
+        return Plan(list(range(22)), 22, (7,), b"", (b"  ",), alt=Alt(tokens, b" "))
+
+    fits, passes = plan((1, 2)), plan((1, 2, 3))
+    assert runtime._branches([fits, passes]) == [(22, (1, 2))]
 
 
 def test_a_model_alone_reproduces_generate(model_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -10,8 +11,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from tests.tokenizer_factory import byte_level_bpe, sentencepiece_byte_fallback
 
 
-def random_gpt2(path: Path, seed: int = 0) -> Path:
-    tokenizer = byte_level_bpe()
+def random_gpt2(path: Path, seed: int = 0, tokenizer: Any = None) -> Path:
+    tokenizer = tokenizer or byte_level_bpe()
     tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -53,8 +54,8 @@ def never_ending_llama(path: Path, tokenizer_source: Path | None = None, context
     return path
 
 
-def random_llama(path: Path, seed: int = 0) -> Path:
-    tokenizer = sentencepiece_byte_fallback()
+def random_llama(path: Path, seed: int = 0, tokenizer: Any = None) -> Path:
+    tokenizer = tokenizer or sentencepiece_byte_fallback()
     tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -72,11 +73,11 @@ def random_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def random_gemma3(path: Path, seed: int = 0, window: int = 8) -> Path:
+def random_gemma3(path: Path, seed: int = 0, window: int = 8, tokenizer: Any = None) -> Path:
     """A random tiny Gemma 3: sliding-window layers (window tokens) between full ones, as in Gemma 3 270M."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tokenizer = sentencepiece_byte_fallback()
+    tokenizer = tokenizer or sentencepiece_byte_fallback()
     tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config = Gemma3TextConfig(

@@ -21,6 +21,12 @@ CORPUS: tuple[str, ...] = (
     "1 + 2 = 3; 10 + 20 = 30",
 )
 
+# Indented code: a byte-level BPE trained with it learns runs of spaces as tokens, which it spells
+# differently at the end of a text and before a word ('\n  ' + '  ' against '\n   ' + ' a').
+CODE_CORPUS: tuple[str, ...] = (
+    "def add(a, b):\n    return a + b\n\ndef f(x):\n    if x:\n        return x\n    return 0\n",
+) * 4
+
 BYTE_LEVEL_EOS = "<|endoftext|>"
 BYTE_LEVEL_EXTRA_SPECIALS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
 SP_UNK, SP_BOS, SP_EOS = "<unk>", "<s>", "</s>"
@@ -31,7 +37,7 @@ def byte_tokens() -> list[str]:
     return [f"<0x{i:02X}>" for i in range(256)]
 
 
-def byte_level_bpe(merges: int = 200) -> PreTrainedTokenizerFast:
+def byte_level_bpe(merges: int = 200, corpus: tuple[str, ...] = CORPUS) -> PreTrainedTokenizerFast:
     """GPT-2 style byte-level BPE; ``<|endoftext|>`` is BOS = EOS = UNK = PAD, plus two chat specials."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +51,7 @@ def byte_level_bpe(merges: int = 200) -> PreTrainedTokenizerFast:
         initial_alphabet=alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS, trainer)
+    backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BYTE_LEVEL_EOS,
