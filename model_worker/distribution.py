@@ -31,10 +31,6 @@ class Part(DistributionPart):
     # follow the alternative spelling's token, which replaces the last one (Plan.alt).
     replaces: int = 0
 
-    @property
-    def after_last(self) -> bool:
-        return self.replaces == 0
-
 
 def build_parts(
     plan: Plan,
