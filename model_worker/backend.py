@@ -63,8 +63,8 @@ class Backend(Protocol):
         self, cache: SessionCache, new_ids: list[int], want: Collection[int], branches: Collection[Branch] = ()
     ) -> PassStats:
         """Append new_ids; cache.rows then holds the output logits at the `want` positions among them, and
-        cache.branch_rows those of the `branches` at positions among them (a one-token branch off the
-        text: the keys before its position and its own, in the same pass)."""
+        cache.branch_rows those of the `branches` that start at positions among them (rows after other
+        tokens from such a position on: they see the keys before it and each other, in the same pass)."""
         ...
 
     def truncate(self, cache: SessionCache, n: int) -> None:

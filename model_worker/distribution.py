@@ -28,7 +28,7 @@ class Part(DistributionPart):
 
     # How many of the plan's last tokens its tokens replace: 0 = they follow the last token; k > 0 = they
     # replace the last k (a healing part: they extend those tokens' bytes and the pending ones); -1 = they
-    # follow the alternative spelling's token, which replaces the last one (Plan.alt).
+    # follow the alternative spelling's tokens, which replace the last one (Plan.alt).
     replaces: int = 0
 
 
@@ -41,7 +41,7 @@ def build_parts(
 ) -> list[Part]:
     """The next-bytes distribution after the plan's text: for each open level, the tokens that extend its bytes
     (scaled by the probability of the open tokens before them), then the tokens after the alternative
-    spelling's token where there is one (its branch row), then the tokens after the last token."""
+    spelling's tokens where there is one (its branch rows), then the tokens after the last token."""
     n = len(plan)
     parts: list[Part] = []
     scale = 0.0
@@ -72,10 +72,10 @@ def _alt_rows(plan: Plan, branches: Mapping[Branch, torch.Tensor] | None) -> lis
     rows were computed."""
     if plan.branch is None or not branches:
         return None
-    rows = [branches.get(key) for key in branch_rows(plan.branch)]
-    if any(row is None for row in rows):
+    keys = branch_rows(plan.branch)
+    if not all(key in branches for key in keys):
         return None
-    return [torch.log_softmax(row.float(), dim=-1) for row in rows if row is not None]
+    return [torch.log_softmax(branches[key].float(), dim=-1) for key in keys]
 
 
 def _alt_weight(

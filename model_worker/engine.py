@@ -96,7 +96,7 @@ class Engine:
         start = len(kv.ids)
         future: asyncio.Future[PassStats] = asyncio.get_running_loop().create_future()
         wanted = {p for p in want if start <= p < start + len(new_ids)}
-        forks = tuple(sorted(b for b in branches if start <= b[0] < start + len(new_ids)))
+        forks = tuple(b for b in branches if start <= b[0] < start + len(new_ids))
         self._waiting.append(Feed(kv, list(new_ids), wanted, future, len(self._waiting), branches=forks))
         metrics.QUEUE_DEPTH.labels(self._name).set(len(self._waiting))
         self._wakeup.set()

@@ -145,12 +145,15 @@ def test_chared_writes_code_after_others_indent_and_blank_lines(
     a run of them at the end of a text otherwise than before a word (b"    " against b"   " + b" return",
     b"\n\n" against b"\n" + b"\n" + b"#"): each step reads both spellings, so the ensemble writes code.
     Reading only the first, it wrote 24 spaces after the docstring, and 30 line breaks after a statement."""
-    prompts = ['def add(a, b):\n    """Add two numbers."""\n', "for i in range(3):\n"]
+    prompts = {
+        'def add(a, b):\n    """Add two numbers."""\n': "    return a + b\n\n",
+        "for i in range(3):\n": "    print(i)\n\n",
+    }
     config = {"strategy": "chared", **STRATEGIES["chared"]}
-    for result in serve(loop, [workers[SMOL], workers[GEMMA]], prompts, max_new_tokens=40, config=config):
+    served = serve(loop, [workers[SMOL], workers[GEMMA]], list(prompts), max_new_tokens=40, config=config)
+    for start, result in zip(prompts.values(), served, strict=True):
         text = result.text
-        assert text.startswith("    ") and text[4:5].isalpha(), text
-        assert "\n\n\n\n" not in text and len(text.split()) >= 4, text
+        assert text.startswith(start) and text[len(start) : len(start) + 1] != "\n" and len(text.split()) >= 4, text
 
 
 # --------------------------------------------------------------------------- SAFE: drafts and lockstep

@@ -113,8 +113,9 @@ def code_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def test_a_run_of_spaces_is_read_in_both_spellings_as_the_reference_does(code_model_dir: Path) -> None:
     """Spaces committed one by one after a line break (CharED's indentation): where the run that ends the
     text is spelt otherwise before a word, the step counts both spellings, the second from a branch row
-    computed in the same pass (its own keys beside the stored ones). Each step, and a scored continuation
-    over the same pieces, equals the brute-force reference, which runs that spelling as a plain forward."""
+    computed in the same pass (its own keys beside the stored ones). Each step, its lookups, and a scored
+    continuation over the same pieces equal the brute-force reference, which runs that spelling as a plain
+    forward."""
     runtime = Runtime(load_model(str(code_model_dir)))
     reference = ReferenceModel(code_model_dir)
     prompt = "def add(a, b):\n    return a + b\n\ndef f(x):"
@@ -132,7 +133,12 @@ def test_a_run_of_spaces_is_read_in_both_spellings_as_the_reference_does(code_mo
         for piece in pieces:
             out = await runtime.step(session, piece, FULL, partial=True)
             reference.commit(state, piece, partial=True)
-            _assert_relatively_close(_as_dict(runtime, out.parts), reference.next_bytes(state))
+            expected = reference.next_bytes(state)
+            _assert_relatively_close(_as_dict(runtime, out.parts), expected)
+            # A lookup of an entry's exact bytes (b"" for the end) sums every spelling of it, both runs' too.
+            likely = sorted(expected, key=expected.__getitem__)[-8:]
+            looked = runtime.lookup(session, [b"" if k is None else k for k in likely])
+            assert all(abs(lp - math.log(expected[k])) < 1e-3 for k, lp in zip(likely, looked, strict=True))
             both += any(part.replaces == -1 for part in out.parts)
             plan = session.last_plan
             if plan is not None and plan.alt is not None:
