@@ -9,7 +9,9 @@ cache lives there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +32,7 @@ class NotReady(Exception):
     """A model has no ready worker now; the request may be retried (UNAVAILABLE)."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a worker that rejoins at an address is a new replica
 class Replica:
     client: WorkerClient
     active: int = 0  # requests placed here now
@@ -46,11 +48,10 @@ class Member:
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # model id -> union id
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    def acquire(self, key: bytes | None = None, avoid: frozenset[str] = frozenset()) -> Replica:
-        """A replica reserved for one request (not one at an address in `avoid`): the one likely to hold its
-        prefix `key` in its KV cache (placement.py), or the least loaded when there is no key or that one is
-        busy."""
-        live = [(a, r) for a, r in self.replicas.items() if not r.retired and a not in avoid]
+    def acquire(self, key: bytes | None = None, avoid: frozenset[Replica] = frozenset()) -> Replica:
+        """A replica reserved for one request (not one in `avoid`): the one likely to hold its prefix `key` in
+        its KV cache (placement.py), or the least loaded when there is no key or that one is busy."""
+        live = [(a, r) for a, r in self.replicas.items() if not r.retired and r not in avoid]
         if not live:
             raise NotReady(f"model {self.spec.name!r} has no ready worker")
         replica = live[placement.choose(live, key)][1]
@@ -63,6 +64,22 @@ class Member:
             await replica.client.close()
 
 
+class Changes:
+    """Wakes the requests that wait for a worker to join (Ensemble.acquire)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next change, or timeout seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
 @dataclass
 class Ensemble:
     config: EnsembleConfig
@@ -70,6 +87,7 @@ class Ensemble:
     transport: Transport
     union: UnionVocab | None = None
     listeners: list[Callable[[], None]] = field(default_factory=list)  # told when readiness may change
+    changes: Changes = field(default_factory=Changes)  # shared with the ensembles alone()
 
     @classmethod
     def from_config(cls, config: EnsembleConfig) -> Ensemble:
@@ -81,7 +99,23 @@ class Ensemble:
         """One member alone, for a request that names it: the same replicas (placement and release as in
         the whole ensemble), the same union vocabulary, the whole weight."""
         member = next(m for m in self.members if m.spec.name == name)
-        return Ensemble(self.config.alone(name), [replace(member, weight=1.0)], self.transport, self.union)
+        alone = Ensemble(self.config.alone(name), [replace(member, weight=1.0)], self.transport, self.union)
+        alone.changes = self.changes
+        return alone
+
+    async def acquire(self, member: Member, key: bytes | None, avoid: frozenset[Replica], wait: float) -> Replica:
+        """member.acquire; where no replica but those in `avoid` is ready (in a rolling restart the replica
+        that refused is draining, and its successor is ready but the coordinator has not yet fetched its
+        Info), waits up to `wait` seconds for one to join, then NotReady."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return member.acquire(key, avoid)
+            except NotReady:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await self.changes.wait(left)
 
     @property
     def worker_tls(self) -> TlsFiles | None:
@@ -144,6 +178,7 @@ class Ensemble:
     def _notify(self) -> None:
         for listener in self.listeners:
             listener()
+        self.changes.notify()
 
     async def close(self) -> None:
         clients = [r.client for m in self.members for r in m.replicas.values()]

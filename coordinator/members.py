@@ -122,9 +122,10 @@ class Members:
     async def _open_on_a_live_replica(self, i: int) -> int:
         """Open model i's session. A replica that is gone before it opened (shutting down in a rolling
         restart, killed, not yet known to have left) hands the session to another ready replica of the
-        model: nothing ran there yet. With no other replica, its error stands."""
+        model: nothing ran there yet. With no other replica, one that joins within `replica_wait` seconds
+        (a rolling restart's successor) takes it; past that, the error stands."""
         member = self.placed[i][0]
-        tried: set[str] = set()
+        tried: set[Replica] = set()
         while True:
             gone = self.clients[i].address
             try:
@@ -132,9 +133,10 @@ class Members:
             except grpc.aio.AioRpcError as exc:
                 if not _lost(exc):
                     raise
-                tried.add(gone)
+                tried.add(self.placed[i][1])
+                key = placement.prefix_key(self.request.prompt)
                 try:
-                    replica = member.acquire(placement.prefix_key(self.request.prompt), frozenset(tried))
+                    replica = await self.ensemble.acquire(member, key, frozenset(tried), self.request.replica_wait)
                 except NotReady:
                     raise exc from None
                 why = f"{exc.code().name}: {exc.details()}"

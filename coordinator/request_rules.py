@@ -128,6 +128,7 @@ def build_requests(prompts: Sequence[Prompt], asked: Asked, config: EnsembleConf
             weights=weights,
             step_timeout=limits.step_timeout_s,
             first_step_timeout=limits.first_step_timeout_s,
+            replica_wait=limits.replica_wait_s,
             model=model,
         )
         for i, p in enumerate(prompts)

@@ -21,6 +21,7 @@ class GenerationRequest:
     weights: tuple[float, ...] = ()  # per model, normalised; empty = the configured ones
     step_timeout: float = 1.0
     first_step_timeout: float = 60.0
+    replica_wait: float = 5.0  # seconds to wait for a replica to join when the request's one refused it
     model: str | None = None  # a member's name: that member alone; None = the whole ensemble
     # Report each token's log-probability and this many top alternatives (0-20); None = none (no cost).
     logprobs: int | None = None
