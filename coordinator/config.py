@@ -106,7 +106,7 @@ class Limits(_Section):
     first_step_timeout_s: float = Field(60.0, gt=0)
     # A replica that refuses a request's session (shutting down in a rolling restart, or gone) hands it to
     # another replica of the model; with none ready, the request waits this long for one to join (the
-    # restart's successor), then fails with UNAVAILABLE. 0 = at once. Within the opening's budget.
+    # restart's successor), then fails with UNAVAILABLE. 0 = at once.
     replica_wait_s: float = Field(5.0, ge=0)
 
 
@@ -336,10 +336,6 @@ class _Ensemble(_Section):
         for strategy in STRATEGIES.values():  # every strategy's section: a request may ask for any strategy
             problems += strategy.check_settings(self)
         problems += STRATEGIES[self.strategy].check_configured(self)
-        limits = self.limits
-        if limits.replica_wait_s > limits.first_step_timeout_s:
-            msg = f"{limits.replica_wait_s} exceeds limits.first_step_timeout_s ({limits.first_step_timeout_s})"
-            problems.append((("limits", "replica_wait_s"), f"{msg}: opening a session gets that long"))
         if self.defaults.max_new_tokens > self.limits.max_new_tokens:
             msg = f"{self.defaults.max_new_tokens} exceeds limits.max_new_tokens ({self.limits.max_new_tokens})"
             problems.append((("defaults", "max_new_tokens"), msg))

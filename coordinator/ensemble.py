@@ -99,9 +99,8 @@ class Ensemble:
         """One member alone, for a request that names it: the same replicas (placement and release as in
         the whole ensemble), the same union vocabulary, the whole weight."""
         member = next(m for m in self.members if m.spec.name == name)
-        alone = Ensemble(self.config.alone(name), [replace(member, weight=1.0)], self.transport, self.union)
-        alone.changes = self.changes
-        return alone
+        members = [replace(member, weight=1.0)]
+        return Ensemble(self.config.alone(name), members, self.transport, self.union, changes=self.changes)
 
     async def acquire(self, member: Member, key: bytes | None, avoid: frozenset[Replica], wait: float) -> Replica:
         """member.acquire; where no replica but those in `avoid` is ready (in a rolling restart the replica

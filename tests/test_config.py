@@ -396,11 +396,6 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["defaults.max_new_tokens: 100 exceeds limits.max_new_tokens (10)"],
     ),
     (
-        "replica wait past the opening budget",
-        {"limits": {"replica_wait_s": 30, "first_step_timeout_s": 20}, "models": two()},
-        ["limits.replica_wait_s: 30.0 exceeds limits.first_step_timeout_s (20.0): opening a session gets that long"],
-    ),
-    (
         "negative replica wait",
         {"limits": {"replica_wait_s": -1}, "models": two()},
         ["limits.replica_wait_s: must be greater than or equal to 0"],

@@ -231,7 +231,9 @@ def test_sigterm_drains_a_worker_process(loop: LoopThread, endless: WorkerProces
     victim = endless  # its --grace is the default 30 s
     try:
         with (
-            coordinator(loop, make_config([victim])) as target,
+            # No wait for another replica to join (limits.replica_wait_s): none can, and the refusal must
+            # come while the running request still runs.
+            coordinator(loop, make_config([victim], limits={"replica_wait_s": 0})) as target,
             chorus.Client(target, timeout=60, retries=0) as client,
             ThreadPoolExecutor(1) as pool,
         ):
