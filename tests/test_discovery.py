@@ -20,7 +20,7 @@ from kubernetes import client
 
 import chorus
 from chorus_local.cluster import WorkerProcess, start_coordinator
-from coordinator.config import parse_config
+from coordinator.config import EnsembleConfig, parse_config
 from coordinator.ensemble import Member, NotReady, Replica
 from tests.cluster_helpers import MODELS, ROOT, LoopThread, worker
 
@@ -49,6 +49,12 @@ def kube(loop: LoopThread) -> Iterator[client.CoreV1Api]:
     yield client.CoreV1Api(api)
     api.close()
     loop.run(stack.aclose())
+
+
+def _discovery_config(models: list[dict[str, str]], **sections: Any) -> EnsembleConfig:
+    """A coordinator config that finds the models' workers as pods labelled app=chorus-worker."""
+    discovery = {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"}
+    return parse_config({"models": models, "server": {"port": 0}, "discovery": discovery, **sections}, ROOT)
 
 
 def _pod(name: str, model: str, address: str, ready: bool) -> dict[str, Any]:
@@ -90,16 +96,8 @@ def test_pods_join_when_ready_and_leave_when_gone(
     loop: LoopThread, kube: client.CoreV1Api, default_workers: dict[str, WorkerProcess], bpe_replica: WorkerProcess
 ) -> None:
     bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
-    config = parse_config(
-        {
-            "models": [
-                {"name": "arith-bpe", "path": "models/arith-bpe"},
-                {"name": "arith-sp", "path": "models/arith-sp"},
-            ],
-            "server": {"port": 0},
-            "discovery": {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"},
-        },
-        ROOT,
+    config = _discovery_config(
+        [{"name": "arith-bpe", "path": "models/arith-bpe"}, {"name": "arith-sp", "path": "models/arith-sp"}]
     )
     kube.create_namespaced_pod(NAMESPACE, _pod("bpe-0", "arith-bpe", bpe.address, ready=False))
     kube.create_namespaced_pod(NAMESPACE, _pod("sp-0", "arith-sp", sp.address, ready=True))
@@ -171,14 +169,7 @@ def test_a_replica_gone_before_the_session_opened_hands_it_to_another(
     requests placed on it open their session on the model's other replica instead, and none fails."""
     bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
     doomed = worker(MODELS / "arith-bpe", "arith-bpe")
-    config = parse_config(
-        {
-            "models": [{"name": "arith-bpe"}, {"name": "arith-sp"}],
-            "server": {"port": 0},
-            "discovery": {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"},
-        },
-        ROOT,
-    )
+    config = _discovery_config([{"name": "arith-bpe"}, {"name": "arith-sp"}])
     # The doomed replica joins first: placement ties go to it (the test would pass without a retry otherwise).
     kube.create_namespaced_pod(NAMESPACE, _pod("bpe-doomed", "arith-bpe", doomed.address, ready=True))
     kube.create_namespaced_pod(NAMESPACE, _pod("sp-0", "arith-sp", sp.address, ready=True))
@@ -209,15 +200,7 @@ def test_a_request_whose_replica_refused_it_waits_for_a_successor_to_join(
     with UNAVAILABLE. `make e2e`'s rolling restart lost two of 1,404 requests this way under load."""
     bpe, sp = default_workers["arith-bpe"], default_workers["arith-sp"]
     doomed = worker(MODELS / "arith-bpe", "arith-bpe")
-    config = parse_config(
-        {
-            "models": [{"name": "arith-bpe"}, {"name": "arith-sp"}],
-            "server": {"port": 0},
-            "limits": {"replica_wait_s": 2.0},
-            "discovery": {"mode": "kubernetes", "namespace": NAMESPACE, "label_selector": "app=chorus-worker"},
-        },
-        ROOT,
-    )
+    config = _discovery_config([{"name": "arith-bpe"}, {"name": "arith-sp"}], limits={"replica_wait_s": 2.0})
     kube.create_namespaced_pod(NAMESPACE, _pod("bpe-doomed", "arith-bpe", doomed.address, ready=True))
     kube.create_namespaced_pod(NAMESPACE, _pod("sp-0", "arith-sp", sp.address, ready=True))
     running = loop.run(start_coordinator(config, port=0, api_client=kube.api_client))
