@@ -2,7 +2,7 @@
 
     python scripts/load_test.py [--config configs/default.yaml] [--clients 64] [--seconds 60]
                                 [--warmup 5] [--phases 4] [--max-growth 0.03]
-                                [--prompt-tokens N] [--kv-budget-mib MIB]
+                                [--prompt-tokens N] [--kv-budget-mib MIB] [--dtype bfloat16]
 
 Starts the config's workers and a coordinator, each in its own process (`chorus coordinator
 --port 0 --worker NAME=ADDRESS ...`, so the memory measured is the server's, not this process's
@@ -246,6 +246,11 @@ def main() -> int:
     parser.add_argument(
         "--kv-budget-mib", type=float, help="every worker's KV pool, over the config's kv_budget_mib (0 = auto)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="every worker's dtype, over the config's (bfloat16 on a CPU runs fast only with bfloat16 instructions)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="each request's deadline, seconds")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument(
@@ -259,8 +264,9 @@ def main() -> int:
     if args.prompt_tokens < 0:
         parser.error("--prompt-tokens: at least 0 (0 = short sums)")
     config = load_config(args.config)
-    if args.kv_budget_mib is not None:
-        models = [m.model_copy(update={"kv_budget_mib": args.kv_budget_mib}) for m in config.models]
+    overrides = {k: v for k, v in (("kv_budget_mib", args.kv_budget_mib), ("dtype", args.dtype)) if v is not None}
+    if overrides:
+        models = [m.model_copy(update=overrides) for m in config.models]
         config = config.model_copy(update={"models": models})
     workers = cluster.spawn_workers(config)
     coordinator = None
