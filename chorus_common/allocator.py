@@ -10,6 +10,13 @@ MALLOC_MMAP_THRESHOLD_ does, and stops the adjustment.
 
 Loading leaves the heap full of holes too (a tokenizer's JSON parsed into Python objects, then freed):
 `give_back_free_memory` returns them once loading is over.
+
+A model in bfloat16 on a CPU runs its matrix products through oneDNN, which compiles a kernel for each
+new shape and keeps up to 1,024 of them, with buffers, in two caches (oneDNN's and PyTorch's); a worker
+meets a new shape at nearly every step (its attention's key lengths grow), so it grows by hundreds of MB
+(measured with scripts/load_test.py: Gemma 3's worker from 1,061 to 1,526 MB in ten minutes).
+`bound_onednn_caches` keeps 64 of each (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY): the same
+load test then stays level at the same speed (docs/load-test.md); float32 on a CPU does not use them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 256 * 1024
+ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, PyTorch's
+ONEDNN_CACHE_CAPACITY = 64
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -59,3 +68,11 @@ def give_back_free_memory() -> bool:
     gc.collect()
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
+
+
+def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> dict[str, str]:
+    """Cap oneDNN's and PyTorch's per-shape kernel caches (each left as it is where the environment sets it);
+    call before torch first runs a model. Returns the variables as they now are."""
+    for name in ONEDNN_CACHES:
+        os.environ.setdefault(name, str(capacity))
+    return {name: os.environ[name] for name in ONEDNN_CACHES}

@@ -79,6 +79,7 @@ async def run(args: WorkerArgs) -> None:
 def serve(args: WorkerArgs) -> None:
     """Run the worker until SIGTERM; a model that fails to load ends it with one line and exit status 1."""
     allocator.fix_mmap_threshold()
+    allocator.bound_onednn_caches()  # before torch is imported (in run)
     try:
         asyncio.run(run(args))
     except LoadFailed as exc:

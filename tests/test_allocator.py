@@ -76,3 +76,57 @@ def test_free_heap_pages_are_given_back_after_loading() -> None:
     assert kept == "False" and not_freed < 20  # free() alone kept the pages (the pinned top)
     assert given == "True"
     assert freed > 100, freed  # MB: the freed buffers' pages left the process
+
+
+# bfloat16 matrix products of 400 shapes (a linear layer's rows, an attention's key lengths): oneDNN compiles
+# and keeps a kernel per shape unless its caches are bounded.
+ONEDNN_PROBE = """
+import os, sys
+from chorus_common import allocator
+bound = allocator.bound_onednn_caches() if sys.argv[1] == "bound" else {}
+import torch
+
+def rss_mb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Rss:"):
+            return int(line.split()[1]) // 1024
+
+torch.set_num_threads(1)
+linear = torch.nn.Linear(512, 512, dtype=torch.bfloat16)
+query = torch.randn(4, 1, 64, dtype=torch.bfloat16)
+with torch.inference_mode():
+    linear(torch.randn(1, 512, dtype=torch.bfloat16))
+    before = rss_mb()
+    for m in range(1, 400):
+        linear(torch.randn(m, 512, dtype=torch.bfloat16))
+        query @ torch.randn(4, 64, m, dtype=torch.bfloat16)
+print(bound.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), rss_mb() - before)
+"""
+
+
+def test_the_onednn_kernel_caches_are_bounded_unless_the_environment_sets_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chorus_common import allocator
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "8")  # an operator's choice stands
+    assert allocator.bound_onednn_caches() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "8"}
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps_rollup")
+def test_bounded_onednn_caches_keep_a_bfloat16_model_from_growing_with_each_new_shape() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+
+    def grown_mb(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", ONEDNN_PROBE, mode], capture_output=True, text=True, check=True, env=env
+        )
+        return int(done.stdout.split()[-1])
+
+    free = grown_mb("free")
+    if free < 200:
+        pytest.skip(f"torch kept no per-shape kernels on this CPU (grew {free} MB): nothing to bound")
+    bounded = grown_mb("bound")
+    assert bounded < 150, (bounded, free)  # MB, against about 500 unbounded on the sandbox
