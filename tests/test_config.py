@@ -18,6 +18,7 @@ from coordinator.config import (
     EnsembleConfig,
     ModelSpec,
     cpu_adjusted,
+    cpu_computes_bf16,
     load_config,
     parse_config,
 )
@@ -650,10 +651,11 @@ def test_cpu_adjusted_notes() -> None:
             ]
         }
     )
-    adjusted, notes = cpu_adjusted(config, cuda_available=False)
+    adjusted, notes = cpu_adjusted(config, cuda_available=False, cpu_bf16=False)
     assert notes == [
         "models[0] (SOLAR): device cuda:1 ignored, using cpu: no CUDA device",
-        "models[0] (SOLAR): dtype bfloat16 ignored, using float32: no CUDA device",
+        "models[0] (SOLAR): dtype bfloat16 ignored, using float32: no CUDA device, and this CPU has no bfloat16 "
+        "instructions",
         "models[0] (SOLAR): max_memory ignored: no CUDA device",
         "models[0] (SOLAR): num_gpus ignored: no CUDA device",
         "models[1] (auto): dtype float16 ignored, using float32: no CUDA device",
@@ -664,6 +666,23 @@ def test_cpu_adjusted_notes() -> None:
     assert (auto.device, auto.dtype) == ("cpu", "float32")
     assert plain == config.models[2]
     assert config.models[0].device == "cuda:1"  # the input is untouched
+
+    # A CPU with bfloat16 instructions keeps what was asked for; float16 it would emulate.
+    kept, notes = cpu_adjusted(config, cuda_available=False, cpu_bf16=True)
+    assert [m.dtype for m in kept.models] == ["bfloat16", "float32", config.models[2].dtype]
+    assert not any("bfloat16" in note for note in notes)
+    assert "models[1] (auto): dtype float16 ignored, using float32: no CUDA device" in notes
+
+
+def test_bfloat16_instructions_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not cpu_computes_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_computes_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert cpu_computes_bf16(cpuinfo)
+    assert not cpu_computes_bf16(tmp_path / "absent")  # not Linux: no bfloat16 assumed
 
 
 def test_quantization_without_cuda_is_refused_never_dropped() -> None:
