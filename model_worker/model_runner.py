@@ -238,6 +238,11 @@ class StaticDecoder:
         self.enabled = cuda_graphs if enabled is None else enabled
         self._graphs: dict[tuple[int, int], _Captured] = {}
 
+    @property
+    def captured(self) -> int:
+        """How many buckets run as CUDA graphs (0 off CUDA, or after a capture failed)."""
+        return len(self._graphs) if self.cuda_graphs else 0
+
     def accepts(self, slices: list[Slice]) -> bool:
         return (
             self.enabled

@@ -8,18 +8,25 @@ figures with tiny shapes on the CPU, to check the script (tests/test_bench_gpu.p
 side by side in one run (medians):
 
 1. each member's decode tokens/s at batch 1, 8 and 32 (context 512) through the engine, its ragged form
-   and its static decode form (CUDA graphs on CUDA), against
-   transformers' `generate` with a static cache (same model, same batch; its per-token time from a
+   and its static decode form (CUDA graphs on CUDA; how many buckets were captured is reported), against
+   transformers' `generate` with a static cache, eager (same model, same batch; its per-token time from a
    64-token and a 1-token generate), and against the memory-bandwidth limit: (weights + the KV bytes a
    step reads) / 4.3 TB/s (H200);
-2. GaC of the two on one GPU: a step of both engines plus the coordinator's mix of their full
-   distributions, against the sum of the two engines' steps alone, at batch 1 and 32;
-3. ME / GaC tokens/s at saturation (batch 32): ME draws one model per token (weights 1:1, seeded) and the
-   other catches up on the tokens it missed in its next pass; GaC runs both every token.
-4. burst (issue 19's target, whose premise is a GPU's: a pass carrying a prefill chunk costs about a decode
+2. burst (issue 19's target, whose premise is a GPU's: a pass carrying a prefill chunk costs about a decode
    pass): 16 streams whose 64- and 1,536-token prompts arrive together at the engine of the first member,
    the median gap between tokens over their first 12 and over the rest, against a bare batch-16 decode
-   forward (a StaticCache forward); targets 1.3x and 1.15x.
+   forward (a StaticCache forward); targets 1.3x and 1.15x;
+3. the first member's decode step (ragged form) at 16 sessions and 64 / 512 / 1,536 tokens against an
+   in-place StaticCache forward (issue 19's no-regression figure, <= 1.15x);
+4. GaC of the two on one GPU: a step of both engines plus the coordinator's mix of their full
+   distributions, against the sum of the two engines' steps alone, at batch 1 and 32;
+5. ME / GaC tokens/s at saturation (batch 32): ME draws one model per token (weights 1:1, seeded) and the
+   other catches up on the tokens it missed in its next pass; GaC runs both every token;
+6. if 150 s of `--budget-s` are left: the first member's `generate` with a static cache compiled, as
+   transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32.
+Each section that fails is reported with its error and the others still run; the JSON is rewritten after
+every section, so a run stopped at a time limit keeps what it measured. Without a venv (the GPU machine has
+torch, transformers and grpcio but no index to install from) run it as `python3 scripts/bench_gpu.py`.
 It finishes in under 8 minutes on one H200.
 """
 
@@ -28,9 +35,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +99,12 @@ def _kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
     return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * torch.finfo(dtype).bits // 8
 
 
-def _generate_per_token(model: Any, batch: int, prompt: int, device: torch.device, rounds: int, new: int) -> float:
+def _generate_per_token(
+    model: Any, batch: int, prompt: int, device: torch.device, rounds: int, new: int, compiled: bool = False
+) -> float:
     """Seconds per decode step of transformers' generate with a static cache (prefill excluded): from a
-    generate of `new` tokens and one of a single token."""
+    generate of `new` tokens and one of a single token. Eager unless `compiled`: on CUDA, generate then
+    compiles the forward (torch.compile, CUDA graphs) once per batch shape, which takes about a minute each."""
     ids = torch.randint(10, 1000, (batch, prompt), device=device)
 
     def run(n: int) -> float:
@@ -100,7 +112,13 @@ def _generate_per_token(model: Any, batch: int, prompt: int, device: torch.devic
         started = time.perf_counter()
         with torch.inference_mode():
             model.generate(
-                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static", pad_token_id=0
+                ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=0,
+                disable_compile=not compiled,
             )
         bench_engine._sync(device)
         return time.perf_counter() - started
@@ -128,6 +146,7 @@ def member_figures(
         # The static decode form: bucketed shapes, captured as CUDA graphs on CUDA (eager elsewhere).
         engine = bench_engine.EngineDecode(model, batch, context, device, static=True)
         graphs = _median_time(engine.step, rounds)
+        captured = engine.engine.runner.static.captured
         del engine
         theirs = _generate_per_token(model, batch, context, device, max(1, rounds // 3), 64 if rounds > 3 else 8)
         step_bytes = weights + batch * context * _kv_bytes_per_token(config, dtype)
@@ -139,6 +158,7 @@ def member_figures(
                 "context": context,
                 "engine_tok_s": batch / ours,
                 "engine_graphs_tok_s": batch / graphs,
+                "graphs_captured": captured,
                 "graphs_vs_eager": ours / graphs,
                 "generate_static_tok_s": batch / theirs,
                 "bandwidth_bound_tok_s": bound,
@@ -151,7 +171,7 @@ def member_figures(
 
 def _mix_cost(vocabs: tuple[int, int], rounds: int) -> float:
     """Seconds the coordinator spends per step mixing two full fp16 distributions of these sizes."""
-    from bench import coordinator_cpu_per_step
+    from bench_coordinator import coordinator_cpu_per_step
 
     result = coordinator_cpu_per_step(2, max(vocabs), "full", steps=rounds)
     return result["median_us"] / 1e6
@@ -209,29 +229,144 @@ def me_figure(models: dict[str, Any], device: torch.device, context: int, tokens
     }
 
 
+def agreement_figures(
+    configs: dict[str, dict[str, Any]], device: torch.device, lengths: tuple[int, ...], streams: int, tokens: int
+) -> list[dict[str, Any]]:
+    """The engine's output rows on this device against a plain forward of the same model (transformers'
+    SDPA, no cache) over the same tokens: float32 models of SmolLM2's and Gemma 3's shapes (random weights),
+    `streams` prompts per length arriving together, `tokens` greedy tokens each, through the worker's
+    defaults (CUDA graphs on CUDA: every decode after the prompts is a graph replay). Prompts past Gemma 3's
+    512-token window check its sliding layers."""
+    import asyncio
+
+    from model_worker.engine import Engine
+    from model_worker.kv_layout import KVLayout
+    from model_worker.kv_manager import KVManager
+
+    rows = []
+    for name, config in configs.items():
+        model = bench_engine.random_model(config, torch.float32, str(device))
+        layout = KVLayout.of(model.config, torch.float32)
+        generator = torch.Generator().manual_seed(1)
+        prompts = [
+            torch.randint(10, model.config.vocab_size, (n,), generator=generator).tolist()
+            for n in lengths
+            for _ in range(streams)
+        ]
+        kv = KVManager(layout, 0, len(prompts), max(lengths) + tokens + 1, 16, device)
+        engine = Engine(model, device, kv, "agreement", cuda_graphs=device.type == "cuda")
+        engine.runner.static.enabled = True  # decodes take the static form off CUDA too (eager there)
+        engine.warm_up()
+
+        async def stream(prompt: list[int], engine: Engine = engine) -> tuple[list[int], list[torch.Tensor]]:
+            cache = engine.new_cache(prompt)
+            assert cache is not None, "the pool holds every stream"
+            ids, new, out = list(prompt), prompt[len(cache.ids) :], []
+            for _ in range(tokens):
+                position = len(cache.ids) + len(new) - 1
+                await engine.forward(cache, new, {position})
+                row = cache.rows[position].float().cpu()
+                out.append(row)
+                new = [int(row.argmax())]
+                ids += new
+                cache.keep_rows(set())
+            engine.release(cache)
+            return ids, out
+
+        async def run(
+            engine: Engine = engine, prompts: list[list[int]] = prompts
+        ) -> list[tuple[list[int], list[torch.Tensor]]]:
+            engine.start()
+            results = await asyncio.gather(*(stream(p) for p in prompts))
+            await engine.stop()
+            return list(results)
+
+        results = asyncio.run(run())
+        agree, largest = 0, 0.0
+        for prompt, (ids, got) in zip(prompts, results, strict=True):
+            with torch.inference_mode():
+                full = model(input_ids=torch.tensor([ids[:-1]], device=device)).logits[0, len(prompt) - 1 :].float()
+            want = full.cpu()
+            largest = max(largest, max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)))
+            agree += all(int(g.argmax()) == int(w.argmax()) for g, w in zip(got, want, strict=True))
+        rows.append(
+            {
+                "model": name,
+                "prompt_tokens": list(lengths),
+                "streams": len(prompts),
+                "tokens": tokens,
+                "agreeing_streams": agree,
+                "largest_logit_diff": largest,
+                "graphs_captured": engine.runner.static.captured,
+            }
+        )
+        del engine, kv, model
+    return rows
+
+
+def compiled_generate_figures(
+    name: str, model: Any, device: torch.device, batches: tuple[int, ...], context: int, rounds: int, new: int
+) -> list[dict[str, Any]]:
+    """transformers' generate with a static cache, compiled (what it does on CUDA by default), per batch."""
+    rows = []
+    for batch in batches:
+        per_token = _generate_per_token(model, batch, context, device, rounds, new, compiled=True)
+        rows.append({"model": name, "batch": batch, "context": context, "generate_compiled_tok_s": batch / per_token})
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| figure | value |", "| --- | --- |"]
-    for r in report["members"]:
+    for r in report.get("members", []):
+        graphs = f"{r['graphs_captured']} graph(s)" if report["device"] != "cpu (tiny shapes)" else "eager on a CPU"
         lines.append(
             f"| {r['model']} decode, batch {r['batch']} (context {r['context']}) | {r['engine_tok_s']:.0f} tok/s; "
-            f"static form (CUDA graphs on CUDA) {r['engine_graphs_tok_s']:.0f} ({r['graphs_vs_eager']:.2f}x); "
-            f"generate+static {r['generate_static_tok_s']:.0f} ({r['engine_vs_generate']:.2f}x); "
+            f"static form ({graphs}) {r['engine_graphs_tok_s']:.0f} ({r['graphs_vs_eager']:.2f}x); "
+            f"generate+static, eager {r['generate_static_tok_s']:.0f} (engine {r['engine_vs_generate']:.2f}x); "
             f"bandwidth limit {r['bandwidth_bound_tok_s']:.0f} ({100 * r['engine_vs_bound']:.0f}%) |"
         )
-    for r in report["gac"]:
-        lines.append(f"| GaC of both on one GPU, batch {r['batch']}: step / sum of the two alone | {r['ratio']:.2f}x |")
-    me = report["me"]
-    lines.append(
-        f"| ME / GaC tokens/s at batch 32 | {me['ratio']:.2f}x ({me['me_tok_s']:.0f} vs {me['gac_tok_s']:.0f}) |"
-    )
-    first = report["members"][0]["model"]
-    for r in report["burst"]:
+    for r in report.get("agreement", []):
         lines.append(
-            f"| {first}, {report['burst_streams']} streams of {r['prompt_tokens']}-token prompts arriving together: "
-            f"median gap over the first 12 tokens / bare decode forward (target 1.3x); after them (target 1.15x) | "
-            f"{r['burst_ratio']:.2f}x ({r['burst_gap_ms']:.1f} vs {r['bare_forward_ms']:.1f} ms); "
+            f"| {r['model']}-shaped, float32: engine rows ({r['graphs_captured']} CUDA graph(s)) against a plain "
+            f"forward, {r['streams']} streams of {'/'.join(map(str, r['prompt_tokens']))}-token prompts, "
+            f"{r['tokens']} greedy tokens | {r['agreeing_streams']}/{r['streams']} streams agree on every token; "
+            f"largest logit difference {r['largest_logit_diff']:.1e} |"
+        )
+    for r in report.get("decode_ratio", []):
+        lines.append(
+            f"| {report['first']}, decode step of {r['sessions']} sessions at {r['context']} tokens: engine (ragged) "
+            f"/ StaticCache forward (issue 19: <= 1.15x) | {r['ratio']:.2f}x ({r['engine_ms']:.2f} vs "
+            f"{r['static_ms']:.2f} ms) |"
+        )
+    for r in report.get("gac", []):
+        lines.append(f"| GaC of both on one GPU, batch {r['batch']}: step / sum of the two alone | {r['ratio']:.2f}x |")
+    if "me" in report:
+        me = report["me"]
+        lines.append(
+            f"| ME / GaC tokens/s at batch 32 | {me['ratio']:.2f}x ({me['me_tok_s']:.0f} vs {me['gac_tok_s']:.0f}) |"
+        )
+    for r in report.get("burst", []):
+        lines.append(
+            f"| {report['first']}, {report['burst_streams']} streams of {r['prompt_tokens']}-token prompts arriving "
+            f"together: median gap over the first 12 tokens / bare decode forward (target 1.3x); after them (target "
+            f"1.15x) | {r['burst_ratio']:.2f}x ({r['burst_gap_ms']:.1f} vs {r['bare_forward_ms']:.1f} ms); "
             f"{r['steady_ratio']:.2f}x |"
         )
+    for r in report.get("generate_compiled", []):
+        same = [m for m in report.get("members", []) if (m["model"], m["batch"]) == (r["model"], r["batch"])]
+        versus = (
+            f" (engine static form {same[0]['engine_graphs_tok_s'] / r['generate_compiled_tok_s']:.2f}x)"
+            if same
+            else ""
+        )
+        lines.append(
+            f"| {r['model']}, generate+static compiled (torch.compile, CUDA graphs), batch {r['batch']} | "
+            f"{r['generate_compiled_tok_s']:.0f} tok/s{versus} |"
+        )
+    for section, error in report.get("errors", {}).items():
+        lines.append(f"| {section} | failed: {error.strip().splitlines()[-1][:200]} |")
+    for section in report.get("skipped", []):
+        lines.append(f"| {section} | skipped: the time budget was spent |")
     return "\n".join(lines)
 
 
@@ -239,7 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the default without CUDA)")
     parser.add_argument("--json", type=Path, default=Path("bench-gpu.json"))
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="sections that would start after this many seconds are skipped (the compiled-generate one needs "
+        "150 s left); the report is written after every section, so a run stopped early keeps what it measured",
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("model_worker").setLevel(logging.INFO)  # says which CUDA graphs were captured, or why not
     tiny = args.tiny or not torch.cuda.is_available()
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -248,28 +392,71 @@ def main(argv: list[str] | None = None) -> int:
         configs = {n: {**c, **TINY} for n, c in configs.items()}
     rounds, context, me_tokens = (2, 32, 8) if tiny else (10, 512, 128)
     burst_lengths, streams = ((16, 48), 4) if tiny else ((64, 1536), 16)
+    decode_contexts = (16, 48) if tiny else (64, 512, 1536)
     started = time.perf_counter()
     models = {n: bench_engine.random_model(c, dtype, str(device)) for n, c in configs.items()}
+    first_name, first = next(iter(models.items()))
     report: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if not tiny else "cpu (tiny shapes)",
         "dtype": str(dtype).removeprefix("torch."),
-        "members": [],
+        "torch": torch.__version__,
+        "first": first_name,
+        "burst_streams": streams,
+        "errors": {},
+        "skipped": [],
     }
-    for name, model in models.items():
-        report["members"] += member_figures(name, configs[name], model, device, dtype, (1, 8, 32), context, rounds)
-    report["gac"] = gac_figures(models, configs, device, context, rounds)
-    report["me"] = me_figure(models, device, context, me_tokens)
-    report["burst_streams"] = streams
-    first = next(iter(models.values()))
-    report["burst"] = [bench_engine.engine_burst(first, device, length, streams) for length in burst_lengths]
-    report["elapsed_s"] = round(time.perf_counter() - started, 1)
-    report["table"] = markdown(report)
+
+    def members() -> list[dict[str, Any]]:
+        rows = []
+        for name, model in models.items():
+            rows += member_figures(name, configs[name], model, device, dtype, (1, 8, 32), context, rounds)
+        return rows
+
+    small = {"smollm2-135m": bench_engine.SMOLLM2, "gemma-3-270m": bench_engine.GEMMA3}
+    if tiny:
+        small = {n: {**c, **TINY, "num_hidden_layers": 6} for n, c in small.items()}
+        small["gemma-3-270m"].update(
+            sliding_window=16,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        )
+    agreement_lengths = (8, 40) if tiny else (24, 700)
+    sections: list[tuple[str, Any, float]] = [  # (key, what measures it, seconds it needs left to start)
+        ("agreement", lambda: agreement_figures(small, device, agreement_lengths, 4, 16), 0.0),
+        ("members", members, 0.0),
+        ("burst", lambda: [bench_engine.engine_burst(first, device, n, streams) for n in burst_lengths], 0.0),
+        ("decode_ratio", lambda: bench_engine.decode_step_ratio(first, decode_contexts, 16, rounds, device), 0.0),
+        ("gac", lambda: gac_figures(models, configs, device, context, rounds), 0.0),
+        ("me", lambda: me_figure(models, device, context, me_tokens), 0.0),
+        (
+            "generate_compiled",
+            lambda: compiled_generate_figures(first_name, first, device, (1, 32), context, 2, 64 if not tiny else 8),
+            0.0 if tiny else 150.0,
+        ),
+    ]
+    for key, measure, needs in sections:
+        elapsed = time.perf_counter() - started
+        if elapsed + needs > args.budget_s:
+            report["skipped"].append(key)
+            print(f"[{elapsed:5.0f} s] {key}: skipped (budget)", flush=True)
+        else:
+            print(f"[{elapsed:5.0f} s] {key} ...", flush=True)
+            try:
+                report[key] = measure()
+            except Exception:  # one failing figure must not lose the others
+                report["errors"][key] = traceback.format_exc()
+                print(report["errors"][key], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        report["table"] = markdown(report)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nChorus GPU bench, {report['device']}, {report['dtype']}, {report['elapsed_s']:.0f} s\n")
     print(report["table"])
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
-    return 0
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -7,16 +7,22 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
 
 
-def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
+def _load() -> Any:
     spec = importlib.util.spec_from_file_location("chorus_bench_gpu", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
+    module = _load()
     out = tmp_path / "bench-gpu.json"
     assert module.main(["--tiny", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -37,3 +43,36 @@ def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
     assert all(r["burst_gap_ms"] > 0 and r["steady_gap_ms"] > 0 and r["bare_forward_ms"] > 0 for r in report["burst"])
     assert "ME / GaC" in report["table"] and "arriving together" in report["table"]
     assert report["device"].startswith("cpu")
+    assert report["errors"] == {} and report["skipped"] == []
+    assert all(r["graphs_captured"] == 0 for r in members)  # CUDA graphs exist only on CUDA
+    assert [r["context"] for r in report["decode_ratio"]] == [16, 48]
+    assert all(r["engine_ms"] > 0 and r["static_ms"] > 0 for r in report["decode_ratio"])
+    assert [r["model"] for r in report["agreement"]] == ["smollm2-135m", "gemma-3-270m"]
+    for r in report["agreement"]:  # the engine's static decode form against a plain forward, past the window
+        assert r["agreeing_streams"] == r["streams"] == 8 and r["largest_logit_diff"] < 1e-4
+    assert [r["batch"] for r in report["generate_compiled"]] == [1, 32]
+    assert all(r["generate_compiled_tok_s"] > 0 for r in report["generate_compiled"])
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path: Path, monkeypatch: Any) -> None:
+    module = _load()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no graph for you")
+
+    monkeypatch.setattr(module, "gac_figures", broken)
+    out = tmp_path / "bench-gpu.json"
+    assert module.main(["--tiny", "--json", str(out), "--budget-s", "1000"]) == 1
+    report = json.loads(out.read_text())
+    assert list(report["errors"]) == ["gac"] and "no graph for you" in report["errors"]["gac"]
+    assert "me" in report and "burst" in report
+    assert "| gac | failed: RuntimeError: no graph for you |" in report["table"]
+
+
+def test_sections_past_the_budget_are_skipped_and_said_so(tmp_path: Path) -> None:
+    module = _load()
+    out = tmp_path / "bench-gpu.json"
+    assert module.main(["--tiny", "--json", str(out), "--budget-s", "0"]) == 0
+    report = json.loads(out.read_text())
+    assert report["skipped"] == ["agreement", "members", "burst", "decode_ratio", "gac", "me", "generate_compiled"]
+    assert "skipped: the time budget was spent" in report["table"]
