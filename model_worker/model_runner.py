@@ -26,14 +26,27 @@ from model_worker.scheduler import Slice
 
 log = logging.getLogger(__name__)
 
-# Decodes whose context is at most this many positions are attended as one gathered batch (the copy is
-# cheap there, and one batched product beats a product per session); longer ones read their blocks in place.
+# On a CPU, decodes whose context is at most this many positions are attended as one gathered batch (the
+# copy is cheap there, and one batched product beats a product per session); longer ones read their blocks
+# in place. On a GPU every decode is gathered: the copy costs little next to a dozen kernel launches per
+# session and layer (on an H200, attending decodes past 256 tokens one by one made a 16-session step of an
+# 8B model 2.8-3.0x a StaticCache forward: docs/bench-gpu.md).
 GATHER_UP_TO = 256
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+TOKEN_BUCKETS = (1, 2, 4, 8)  # tokens per session in the static form (scheduler.SHORT: short feeds go first)
+# Block-table widths of the static form: powers of two up to this many blocks, then multiples of it (so a
+# long context pads at most this many blocks, not up to twice its length).
+WIDTH_STEP = 16
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     return next((b for b in buckets if b >= n), n)
+
+
+def _width(blocks: int) -> int:
+    if blocks <= WIDTH_STEP:
+        return 1 << (blocks - 1).bit_length()
+    return -(-blocks // WIDTH_STEP) * WIDTH_STEP
 
 
 # An output row: after the token at a position, or after a branch's tokens from a position on.
@@ -57,20 +70,23 @@ class ModelRunner:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.layers = int(config.num_hidden_layers)
         self.group_of = kv.layout.group_of()
+        self.gather_up_to = GATHER_UP_TO if device.type == "cpu" else None  # None: every decode
         model.set_attn_implementation(paged_attention.NAME)
         vocab_projection.few_rows(model)  # CPU float32: a few rows' logits at one row's cost
         self.static = StaticDecoder(self, cuda_graphs=cuda_graphs and device.type == "cuda")
 
     # ------------------------------------------------------------------ ragged passes
 
-    def prepare(self, slices: list[Slice], gather_up_to: int = GATHER_UP_TO) -> PassInput:
+    def prepare(self, slices: list[Slice]) -> PassInput:
         bs = self.kv.block_size
+        gather_up_to = self.gather_up_to
         groups = self.kv.layout.groups
         ids: list[int] = []
         positions: list[int] = []
         write: list[list[int]] = [[] for _ in groups]
         seqs: list[SeqAttention] = []
-        gathered: list[tuple[int, list[list[int | None]], int]] = []  # (packed row, tables, length)
+        gathered: list[tuple[list[list[int | None]], int, int]] = []  # (tables, start, tokens) of gathered decodes
+        gathered_rows: list[int] = []  # their packed rows
         keep: list[int] = []
         wanted: list[list[RowKey]] = []
         for s in slices:
@@ -88,8 +104,9 @@ class ModelRunner:
             end = s.start + n
             keep += [q0 + p - s.start for p in s.want] + [q0 + n + j for j in range(len(forks))]
             wanted.append([*s.want, *(row for branch in s.branches for row in branch_rows(branch))])
-            if n == 1 and end <= gather_up_to and not forks:
-                gathered.append((q0, tables, end))
+            if n == 1 and (gather_up_to is None or end <= gather_up_to) and not forks:
+                gathered.append((tables, s.start, 1))
+                gathered_rows.append(q0)
                 continue
             runs, masks = [], []
             for g, group in enumerate(groups):
@@ -105,7 +122,7 @@ class ModelRunner:
             self.kv.values,
             [torch.tensor(w, dtype=torch.long, device=dev) for w in write],
             seqs,
-            _gather(gathered, groups, bs, dev) if gathered else None,
+            _gather(gathered, gathered_rows, groups, bs, dev) if gathered else None,
         )
         return PassInput(
             torch.tensor([ids], dtype=torch.long, device=dev),
@@ -195,48 +212,61 @@ def _mask(
 
 
 def _gather(
-    rows: list[tuple[int, list[list[int | None]], int]],
+    seqs: list[tuple[list[list[int | None]], int, int]],
+    rows: list[int],
     groups: Any,
     bs: int,
     device: torch.device,
     batch: int | None = None,
     width: int | None = None,
+    tokens: int = 1,
 ) -> GatheredDecodes:
-    """Storage positions [B * M * bs] and additive masks [B, M * bs] of decodes (a token at position
-    length - 1 each), padded to `batch` rows and `width` blocks (padding rows see the scratch block 0)."""
-    batch = batch or len(rows)
-    width = width or max(-(-length // bs) for _, _, length in rows)
+    """Storage positions [B * M * bs] and additive masks [B, N, M * bs] of sessions whose n <= N = `tokens`
+    queries sit at positions start .. start + n - 1 (per session: block tables, start, n), padded to `batch`
+    sessions and `width` blocks; `rows` are the B * N queries' packed rows, session by session. A padding
+    query (past a session's n, or of a padding session) sees column 0 alone (its output is dropped). A
+    sliding group gathers only the blocks its windows span, so a long context costs it no more than a short
+    one."""
+    batch = batch or len(seqs)
+    width = width or max(-(-(start + n) // bs) for _, start, n in seqs)
     positions_out, bias_out = [], []
     for g, group in enumerate(groups):
-        tables = torch.zeros(batch, width, dtype=torch.long)
-        visible = torch.zeros(batch, width * bs, dtype=torch.bool)
-        visible[len(rows) :, 0] = True
-        for i, (_, tables_of, length) in enumerate(rows):
-            table = tables_of[g][: -(-length // bs)]
+        window = group.window
+        m = width if window is None else min(width, -(-(window + tokens - 1) // bs) + 1)
+        tables = torch.zeros(batch, m, dtype=torch.long)
+        visible = torch.zeros(batch, tokens, m * bs, dtype=torch.bool)
+        visible[:, :, 0] = True  # padding queries; a real query's row is set whole below
+        for i, (tables_of, start, n) in enumerate(seqs):
+            first = 0 if window is None else max(0, start - window + 1) // bs  # column 0 holds its first position
+            table = tables_of[g][first : -(-(start + n) // bs)]
             tables[i, : len(table)] = torch.tensor([b if b is not None else 0 for b in table], dtype=torch.long)
-            lo = 0 if group.window is None else max(0, length - group.window)
-            visible[i, lo:length] = True
+            for j in range(n):
+                q = start + j
+                lo = 0 if window is None else max(0, q - window + 1)
+                visible[i, j, 0] = False
+                visible[i, j, lo - first * bs : q + 1 - first * bs] = True
         positions = (tables[:, :, None] * bs + torch.arange(bs)).view(-1)
         bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
         positions_out.append(positions.to(device))
         bias_out.append(bias.to(device))
-    packed = torch.tensor([q for q, _, _ in rows], dtype=torch.long)
-    if batch > len(rows):
-        packed = torch.cat([packed, torch.arange(len(rows), batch)])
-    return GatheredDecodes(packed.to(device), positions_out, bias_out)
+    return GatheredDecodes(torch.tensor(rows, dtype=torch.long).to(device), positions_out, bias_out)
 
 
 class StaticDecoder:
-    """Decode-only passes with bucketed shapes: batch padded to BATCH_BUCKETS, block tables to a power of
-    two. Padding rows decode token 0 at position 0 into the storage's scratch position (block 0's first,
-    which `KVManager` never hands out) and are dropped. With CUDA graphs, each (batch, width) bucket is
-    captured on first use and replayed after."""
+    """Passes of short feeds only (decodes, catch-ups and re-tokenized pieces of up to TOKEN_BUCKETS[-1]
+    tokens, no branches), with bucketed shapes: sessions padded to BATCH_BUCKETS, tokens per session to
+    TOKEN_BUCKETS, block tables to `_width`. Padding tokens (token 0 at position 0) write to the storage's
+    scratch position (block 0's first, which `KVManager` never hands out) and their rows are dropped. With
+    CUDA graphs, each (batch, tokens, width) bucket is captured on first use and replayed after; all of them
+    share one memory pool (passes run one at a time, and each pass's rows are copied out before the next),
+    as vLLM's do."""
 
     def __init__(self, runner: ModelRunner, cuda_graphs: bool, enabled: bool | None = None) -> None:
         self.runner = runner
         self.cuda_graphs = cuda_graphs
         self.enabled = cuda_graphs if enabled is None else enabled
-        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self.pool: Any = None  # the graphs' shared memory pool, made at the first capture
 
     @property
     def captured(self) -> int:
@@ -247,30 +277,36 @@ class StaticDecoder:
         return (
             self.enabled
             and bool(slices)
-            and all(len(s.tokens) == 1 and s.want == [s.start] and not s.branches for s in slices)
+            and all(
+                1 <= len(s.tokens) <= TOKEN_BUCKETS[-1]
+                and not s.branches
+                and all(s.start <= p < s.start + len(s.tokens) for p in s.want)
+                for s in slices
+            )
         )
 
-    def shapes(self, slices: list[Slice]) -> tuple[int, int]:
+    def shapes(self, slices: list[Slice]) -> tuple[int, int, int]:
         bs = self.runner.kv.block_size
         batch = _bucket(len(slices), BATCH_BUCKETS)
-        blocks = max(-(-(s.start + 1) // bs) for s in slices)
-        width = 1 << (blocks - 1).bit_length()
-        return batch, width
+        tokens = _bucket(max(len(s.tokens) for s in slices), TOKEN_BUCKETS)
+        blocks = max(-(-(s.start + len(s.tokens)) // bs) for s in slices)
+        return batch, tokens, _width(blocks)
 
-    def inputs(self, slices: list[Slice], batch: int, width: int) -> tuple[torch.Tensor, ...]:
-        """input_ids, position_ids [1, batch]; per group the write positions [batch]; and the gather."""
+    def inputs(self, slices: list[Slice], batch: int, tokens: int, width: int) -> tuple[torch.Tensor, ...]:
+        """input_ids, position_ids [1, batch * tokens] (session by session); per group the write positions
+        [batch * tokens]; and the gather."""
         runner, bs = self.runner, self.runner.kv.block_size
         groups = runner.kv.layout.groups
-        pad = batch - len(slices)
-        ids = [s.tokens[0] for s in slices] + [0] * pad
-        positions = [s.start for s in slices] + [0] * pad
-        write = [
-            [s.feed.kv.tables[g][s.start // bs] * bs + s.start % bs for s in slices] + [0] * pad  # type: ignore[operator]
-            for g in range(len(groups))
-        ]
-        gathered = _gather(
-            [(i, s.feed.kv.tables, s.start + 1) for i, s in enumerate(slices)], groups, bs, runner.device, batch, width
-        )
+        ids, positions = [0] * (batch * tokens), [0] * (batch * tokens)
+        write = [[0] * (batch * tokens) for _ in groups]
+        for i, s in enumerate(slices):
+            for j, token in enumerate(s.tokens):
+                at, p = i * tokens + j, s.start + j
+                ids[at], positions[at] = token, p
+                for g in range(len(groups)):
+                    write[g][at] = s.feed.kv.tables[g][p // bs] * bs + p % bs  # type: ignore[operator]
+        seqs = [(s.feed.kv.tables, s.start, len(s.tokens)) for s in slices]
+        gathered = _gather(seqs, list(range(batch * tokens)), groups, bs, runner.device, batch, width, tokens)
         dev = runner.device
         return (
             torch.tensor([ids], device=dev),
@@ -299,20 +335,23 @@ class StaticDecoder:
         )
 
     def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
-        batch, width = self.shapes(slices)
-        tensors = self.inputs(slices, batch, width)
-        captured = self._graphs.get((batch, width)) if self.cuda_graphs else None
+        batch, tokens, width = self.shapes(slices)
+        tensors = self.inputs(slices, batch, tokens, width)
+        key = (batch, tokens, width)
+        captured = self._graphs.get(key) if self.cuda_graphs else None
         if self.cuda_graphs and captured is None:
             try:
-                captured = self._graphs[(batch, width)] = _Captured.capture(self, tensors)
+                captured = self._graphs[key] = _Captured.capture(self, tensors)
+                log.info("captured a CUDA graph: %d sessions of %d tokens, %d blocks wide", *key)
             except Exception:  # a model whose forward cannot be captured still serves, without graphs
-                log.exception("capturing a CUDA graph failed: decode-only passes run eagerly from now on")
+                log.exception("capturing a CUDA graph failed: short passes run eagerly from now on")
                 self.cuda_graphs = False
         if captured is not None:
             logits = captured.replay(tensors)
         else:
             logits = self.runner.forward(tensors[0], tensors[1], self._plan(tensors), 0)[0]
-        return _split_rows(logits[: len(slices)], [[s.start] for s in slices])
+        keep = [i * tokens + p - s.start for i, s in enumerate(slices) for p in s.want]
+        return _split_rows(logits[torch.tensor(keep, dtype=torch.long, device=logits.device)], [s.want for s in slices])
 
 
 class _Captured:
@@ -332,10 +371,11 @@ class _Captured:
             for _ in range(2):
                 runner.forward(static[0], static[1], plan, 0)
         torch.cuda.current_stream().wait_stream(stream)
+        if decoder.pool is None:
+            decoder.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=decoder.pool):
             logits = runner.forward(static[0], static[1], plan, 0)[0]
-        log.info("captured a CUDA graph for a decode batch of %d", static[0].shape[1])
         return _Captured(graph, static, logits)
 
     def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

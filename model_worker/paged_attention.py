@@ -6,9 +6,10 @@ by side, no padding). Each layer's keys and values for those tokens are written 
 attends each session's queries to its own positions:
 - a session whose keys are a few runs of adjacent blocks reads them as strided views (no copy): scores
   per run, one softmax over them all, weighted sums per run;
-- decodes with short contexts are attended together: their blocks are gathered into one padded batch
-  (a copy, cheap at short lengths and free of per-session overhead). The static decode path
-  (model_runner.StaticDecoder) uses only this form, with fixed shapes that CUDA graphs can capture.
+- decodes (on a CPU those with short contexts; on a GPU all) are attended together: their blocks are
+  gathered into one padded batch (a copy, cheap there and free of per-session overhead). The static form
+  (model_runner.StaticDecoder: short feeds of up to 8 tokens a session) uses only this form, with fixed
+  shapes that CUDA graphs can capture.
 Masks are built here from positions (causal, and the window on sliding layers); a pass hands the model
 NO_MASK so that transformers builds none. Outside a pass (transformers' own generate on the same model),
 the implementation is plain SDPA with transformers' masks.
@@ -26,6 +27,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "chorus_paged"
+# Device types on which gathered decodes are attended by torch's fused SDPA (no float32 score tensors, a few
+# kernels instead of ten per layer): CUDA. On a CPU, the explicit products below, whose rounding the CPU
+# tests pin to transformers' own.
+FUSED_ON: tuple[str, ...] = ("cuda",)
 # Passed as the attention mask of a pass: transformers returns a prepared 4-D mask as it is, so it builds
 # none (paged_attention builds its own from positions).
 NO_MASK = torch.zeros(1, 1, 0, 0, dtype=torch.bool)
@@ -46,11 +51,11 @@ class SeqAttention:
 
 @dataclass
 class GatheredDecodes:
-    """Decodes attended as one padded batch: block tables [B, M] and lengths per group."""
+    """B sessions' queries, N each, attended as one padded batch over their gathered blocks (M per session)."""
 
-    rows: torch.Tensor  # [B] their tokens in the packed row
+    rows: torch.Tensor  # [B * N] their tokens in the packed row, session by session
     positions: list[torch.Tensor]  # per group [B * M * block_size]: storage positions of their blocks
-    bias: list[torch.Tensor]  # per group [B, M * block_size]: 0 where visible, -inf elsewhere
+    bias: list[torch.Tensor]  # per group [B, N, M * block_size]: 0 where visible, -inf elsewhere
 
 
 @dataclass
@@ -180,20 +185,31 @@ def _gathered(
     scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Decodes q [heads, B, dim] against their gathered blocks: [B, heads, dim]. Fixed shapes for fixed B, M.
-    Positions past a session's length are masked; the blocks hold zeros there (KVManager zeroes the blocks it
-    hands out), so no garbage reaches a product (0 x NaN would be NaN)."""
-    heads, batch, dim = q.shape
+    """The queries of B sessions, N each (q [heads, B * N, dim], session by session), against their gathered
+    blocks (bias [B, N, L]): [B * N, heads, dim]. Fixed shapes for fixed B, N, M. Positions past a session's
+    length are masked; the blocks hold zeros there (KVManager zeroes the blocks it hands out), so no garbage
+    reaches a product (0 x NaN would be NaN)."""
+    heads, rows, dim = q.shape
+    batch, n, _ = bias.shape
     kv_heads = keys.shape[0]
+    group = heads // kv_heads
     k = keys.index_select(1, positions).view(kv_heads, batch, -1, dim)  # [kv_heads, B, L, dim]
     v = values.index_select(1, positions).view(kv_heads, batch, -1, values.shape[2])
-    qg = q.view(kv_heads, heads // kv_heads, batch, dim).transpose(1, 2)  # [kv_heads, B, group, dim]
-    scores = (qg @ k.transpose(2, 3)).float() * scale  # [kv_heads, B, group, L]
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    probs = torch.softmax(scores + bias[None, :, None, :], -1).to(v.dtype)
-    o = probs @ v  # [kv_heads, B, group, dim]
-    return o.permute(1, 0, 2, 3).reshape(batch, heads, -1)
+    # Each session's N * group queries per KV head, token-major: [kv_heads, B, N * group, dim].
+    qg = q.view(kv_heads, group, batch, n, dim).permute(0, 2, 3, 1, 4).reshape(kv_heads, batch, n * group, dim)
+    mask = bias[:, :, None, :].expand(batch, n, group, bias.shape[2]).reshape(batch, n * group, -1)
+    if q.device.type in FUSED_ON and not softcap:
+        # One fused kernel: each session's queries per KV head as a query sequence over its L keys.
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qg.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.to(q.dtype)[:, None], scale=scale
+        ).transpose(0, 1)
+    else:
+        scores = (qg @ k.transpose(2, 3)).float() * scale  # [kv_heads, B, N * group, L]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores + mask[None], -1).to(v.dtype)
+        o = probs @ v  # [kv_heads, B, N * group, dim]
+    return o.reshape(kv_heads, batch, n, group, -1).permute(1, 2, 0, 3, 4).reshape(rows, heads, -1)
 
 
 AttentionInterface.register(NAME, paged_attention)

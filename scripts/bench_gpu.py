@@ -8,7 +8,8 @@ figures with tiny shapes on the CPU, to check the script (tests/test_bench_gpu.p
 side by side in one run (medians):
 
 1. each member's decode tokens/s at batch 1, 8 and 32 (context 512) through the engine, its ragged form
-   and its static decode form (CUDA graphs on CUDA; how many buckets were captured is reported), against
+   and its static decode form (CUDA graphs on CUDA; how many buckets were captured is reported; and the
+   static form again with the explicit attention products the CPU uses instead of the fused SDPA), against
    transformers' `generate` with a static cache, eager (same model, same batch; its per-token time from a
    64-token and a 1-token generate), and against the memory-bandwidth limit: (weights + the KV bytes a
    step reads) / 4.3 TB/s (H200);
@@ -19,9 +20,10 @@ side by side in one run (medians):
 3. the first member's decode step (ragged form) at 16 sessions and 64 / 512 / 1,536 tokens against an
    in-place StaticCache forward (issue 19's no-regression figure, <= 1.15x);
 4. GaC of the two on one GPU: a step of both engines plus the coordinator's mix of their full
-   distributions, against the sum of the two engines' steps alone, at batch 1 and 32;
+   distributions, against the sum of the two engines' steps alone, at batch 1 and 32 (decodes replayed as
+   CUDA graphs, as the worker runs them);
 5. ME / GaC tokens/s at saturation (batch 32): ME draws one model per token (weights 1:1, seeded) and the
-   other catches up on the tokens it missed in its next pass; GaC runs both every token;
+   other catches up on the tokens it missed in its next pass (a ragged pass); GaC runs both every token;
 6. if 150 s of `--budget-s` are left: the first member's `generate` with a static cache compiled, as
    transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32.
 Each section that fails is reported with its error and the others still run; the JSON is rewritten after
@@ -36,6 +38,7 @@ import argparse
 import datetime
 import json
 import logging
+import random
 import statistics
 import sys
 import time
@@ -51,6 +54,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_engine  # noqa: E402
+
+from model_worker import paged_attention  # noqa: E402
 
 H200_BANDWIDTH = 4.3e12  # bytes/s
 LLAMA_3_1_8B = {
@@ -148,6 +153,14 @@ def member_figures(
         graphs = _median_time(engine.step, rounds)
         captured = engine.engine.runner.static.captured
         del engine
+        # The same with the explicit attention products instead of the fused SDPA kernel (the CPU's form).
+        fused_on, paged_attention.FUSED_ON = paged_attention.FUSED_ON, ()
+        try:
+            engine = bench_engine.EngineDecode(model, batch, context, device, static=True)
+            explicit = _median_time(engine.step, rounds)
+            del engine
+        finally:
+            paged_attention.FUSED_ON = fused_on
         theirs = _generate_per_token(model, batch, context, device, max(1, rounds // 3), 64 if rounds > 3 else 8)
         step_bytes = weights + batch * context * _kv_bytes_per_token(config, dtype)
         bound = batch / (step_bytes / H200_BANDWIDTH)
@@ -159,6 +172,7 @@ def member_figures(
                 "engine_tok_s": batch / ours,
                 "engine_graphs_tok_s": batch / graphs,
                 "graphs_captured": captured,
+                "engine_graphs_explicit_tok_s": batch / explicit,
                 "graphs_vs_eager": ours / graphs,
                 "generate_static_tok_s": batch / theirs,
                 "bandwidth_bound_tok_s": bound,
@@ -184,7 +198,7 @@ def gac_figures(
     mix = _mix_cost(tuple(configs[n]["vocab_size"] for n in names), rounds)  # type: ignore[arg-type]
     rows = []
     for batch in (1, 32):
-        a, b = (bench_engine.EngineDecode(models[n], batch, context, device) for n in names)
+        a, b = (bench_engine.EngineDecode(models[n], batch, context, device, static=True) for n in names)
         alone = _median_time(a.step, rounds) + _median_time(b.step, rounds)
         # A GaC step: both members, then the coordinator's mix of every session's two distributions.
         together = _median_time(lambda a=a, b=b, batch=batch: a.step() + b.step() + mix * batch, rounds)
@@ -204,7 +218,7 @@ def gac_figures(
 def me_figure(models: dict[str, Any], device: torch.device, context: int, tokens: int, seed: int = 0) -> dict:
     """ME and GaC tokens/s at batch 32 over `tokens` tokens: real passes, catch-ups included."""
     names = list(models)
-    engines = [bench_engine.EngineDecode(models[n], 32, context, device) for n in names]
+    engines = [bench_engine.EngineDecode(models[n], 32, context, device, static=True) for n in names]
     for e in engines:
         e.step()
     rng = np.random.default_rng(seed)
@@ -234,9 +248,10 @@ def agreement_figures(
 ) -> list[dict[str, Any]]:
     """The engine's output rows on this device against a plain forward of the same model (transformers'
     SDPA, no cache) over the same tokens: float32 models of SmolLM2's and Gemma 3's shapes (random weights),
-    `streams` prompts per length arriving together, `tokens` greedy tokens each, through the worker's
-    defaults (CUDA graphs on CUDA: every decode after the prompts is a graph replay). Prompts past Gemma 3's
-    512-token window check its sliding layers."""
+    `streams` prompts per length arriving together, `tokens` steps each (a greedy token, every fourth step
+    with two random tokens after it: a piece of three), through the worker's defaults (CUDA graphs on CUDA:
+    every short feed after the prompts is a graph replay). Prompts past Gemma 3's 512-token window check
+    its sliding layers."""
     import asyncio
 
     from model_worker.engine import Engine
@@ -253,29 +268,35 @@ def agreement_figures(
             for n in lengths
             for _ in range(streams)
         ]
-        kv = KVManager(layout, 0, len(prompts), max(lengths) + tokens + 1, 16, device)
+        kv = KVManager(layout, 0, len(prompts), max(lengths) + 3 * tokens + 1, 16, device)
+        vocab = model.config.vocab_size
         engine = Engine(model, device, kv, "agreement", cuda_graphs=device.type == "cuda")
         engine.runner.static.enabled = True  # decodes take the static form off CUDA too (eager there)
         engine.warm_up()
 
-        async def stream(prompt: list[int], engine: Engine = engine) -> tuple[list[int], list[torch.Tensor]]:
+        async def stream(
+            prompt: list[int], engine: Engine = engine, vocab: int = vocab
+        ) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
             cache = engine.new_cache(prompt)
             assert cache is not None, "the pool holds every stream"
-            ids, new, out = list(prompt), prompt[len(cache.ids) :], []
-            for _ in range(tokens):
+            fed, new, out = list(prompt), prompt[len(cache.ids) :], []
+            rng = random.Random(len(prompt))
+            for step in range(tokens):
                 position = len(cache.ids) + len(new) - 1
                 await engine.forward(cache, new, {position})
                 row = cache.rows[position].float().cpu()
-                out.append(row)
+                out.append((position, row))
                 new = [int(row.argmax())]
-                ids += new
+                if step % 4 == 2:  # now and then a piece of three tokens (a catch-up, a re-tokenized piece)
+                    new += [rng.randrange(10, vocab) for _ in range(2)]
+                fed += new
                 cache.keep_rows(set())
             engine.release(cache)
-            return ids, out
+            return fed[: len(fed) - len(new)], out
 
         async def run(
             engine: Engine = engine, prompts: list[list[int]] = prompts
-        ) -> list[tuple[list[int], list[torch.Tensor]]]:
+        ) -> list[tuple[list[int], list[tuple[int, torch.Tensor]]]]:
             engine.start()
             results = await asyncio.gather(*(stream(p) for p in prompts))
             await engine.stop()
@@ -283,12 +304,11 @@ def agreement_figures(
 
         results = asyncio.run(run())
         agree, largest = 0, 0.0
-        for prompt, (ids, got) in zip(prompts, results, strict=True):
+        for fed, got in results:
             with torch.inference_mode():
-                full = model(input_ids=torch.tensor([ids[:-1]], device=device)).logits[0, len(prompt) - 1 :].float()
-            want = full.cpu()
-            largest = max(largest, max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)))
-            agree += all(int(g.argmax()) == int(w.argmax()) for g, w in zip(got, want, strict=True))
+                full = model(input_ids=torch.tensor([fed], device=device)).logits[0].float().cpu()
+            largest = max(largest, max(float((row - full[p]).abs().max()) for p, row in got))
+            agree += all(int(row.argmax()) == int(full[p].argmax()) for p, row in got)
         rows.append(
             {
                 "model": name,
@@ -321,7 +341,8 @@ def markdown(report: dict[str, Any]) -> str:
         graphs = f"{r['graphs_captured']} graph(s)" if report["device"] != "cpu (tiny shapes)" else "eager on a CPU"
         lines.append(
             f"| {r['model']} decode, batch {r['batch']} (context {r['context']}) | {r['engine_tok_s']:.0f} tok/s; "
-            f"static form ({graphs}) {r['engine_graphs_tok_s']:.0f} ({r['graphs_vs_eager']:.2f}x); "
+            f"static form ({graphs}) {r['engine_graphs_tok_s']:.0f} ({r['graphs_vs_eager']:.2f}x; with explicit "
+            f"attention products instead of SDPA {r.get('engine_graphs_explicit_tok_s', float('nan')):.0f}); "
             f"generate+static, eager {r['generate_static_tok_s']:.0f} (engine {r['engine_vs_generate']:.2f}x); "
             f"bandwidth limit {r['bandwidth_bound_tok_s']:.0f} ({100 * r['engine_vs_bound']:.0f}%) |"
         )
@@ -329,7 +350,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']}-shaped, float32: engine rows ({r['graphs_captured']} CUDA graph(s)) against a plain "
             f"forward, {r['streams']} streams of {'/'.join(map(str, r['prompt_tokens']))}-token prompts, "
-            f"{r['tokens']} greedy tokens | {r['agreeing_streams']}/{r['streams']} streams agree on every token; "
+            f"{r['tokens']} steps (a greedy token; every fourth, a piece of three) | "
+            f"{r['agreeing_streams']}/{r['streams']} streams agree on every token; "
             f"largest logit difference {r['largest_logit_diff']:.1e} |"
         )
     for r in report.get("decode_ratio", []):
@@ -381,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sections that would start after this many seconds are skipped (the compiled-generate one needs "
         "150 s left); the report is written after every section, so a run stopped early keeps what it measured",
     )
+    parser.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections (by their JSON key)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("model_worker").setLevel(logging.INFO)  # says which CUDA graphs were captured, or why not
@@ -436,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             0.0 if tiny else 150.0,
         ),
     ]
+    unknown = set(args.only or ()) - {key for key, _, _ in sections}
+    if unknown:
+        parser.error(f"--only: no section {', '.join(sorted(unknown))}")
+    sections = [s for s in sections if args.only is None or s[0] in args.only]
     for key, measure, needs in sections:
         elapsed = time.perf_counter() - started
         if elapsed + needs > args.budget_s:

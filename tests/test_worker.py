@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
-from model_worker import kv_manager
+from model_worker import kv_manager, paged_attention
 from model_worker.conditioning import Alt, Plan
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
@@ -250,13 +250,18 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
     assert not runtime.sessions and runtime.kv_cache_bytes() == 0
 
 
-@pytest.mark.parametrize("static_decode", [False, True], ids=["ragged", "static"])
+@pytest.mark.parametrize(
+    ("static_decode", "gather_all", "fused"),
+    [(False, False, False), (False, True, False), (True, False, False), (True, False, True)],
+    ids=["ragged", "gather", "static", "static-fused"],
+)
 def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
-    model_dir: Path, static_decode: bool, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, static_decode: bool, gather_all: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The storage is allocated uninitialised; the gathered and static decode forms read (masked) cells past
-    each session's length. With that memory full of NaN, sessions batched together still give what each
-    gives alone."""
+    """The storage is allocated uninitialised; the gathered and static forms read (masked) cells past each
+    session's length. With that memory full of NaN, sessions batched together in each form (ragged; every
+    decode gathered, as on a GPU; the static form, with pieces of several tokens too; the same with the fused
+    SDPA used on CUDA) give what each gives alone in plain ragged passes."""
 
     def nan_filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -265,6 +270,12 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
 
     def static(runtime: Runtime) -> Runtime:
         runtime.engine.runner.static.enabled = static_decode
+        if gather_all:  # every decode gathered, as on a GPU
+            runtime.engine.runner.gather_up_to = None
+        return runtime
+
+    def plain(runtime: Runtime) -> Runtime:
+        runtime.engine.runner.static.enabled = False
         return runtime
 
     prompts = ["a", "hello world, a longer prompt", "12+35="]
@@ -273,7 +284,7 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
         runtime.engine.start()
         sessions = [await runtime.open(Prompt(text=p)) for p in prompts]
         results = []
-        for append in (b"", b"x", b" y"):
+        for append in (b"", b"x", b" y", b" and then some more words"):  # the last is several tokens
             if concurrent:
                 outs = await asyncio.gather(*(runtime.step(s, append, FULL) for s in sessions))
             else:
@@ -283,7 +294,9 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
         return results
 
     loaded = load_model(str(model_dir))
-    alone = asyncio.run(steps(static(Runtime(loaded, max_sessions=4)), concurrent=False))
+    alone = asyncio.run(steps(plain(Runtime(loaded, max_sessions=4)), concurrent=False))
+    if fused:
+        monkeypatch.setattr(paged_attention, "FUSED_ON", ("cpu",))
     together = asyncio.run(steps(static(Runtime(loaded, max_sessions=4)), concurrent=True))
     for a, b in zip(alone, together, strict=True):
         assert all(math.isfinite(v) for v in (*a.values(), *b.values()))
@@ -446,13 +459,16 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -
 def test_long_prompts_in_chunks_and_shared_prefixes_match_the_reference(model_dir: Path) -> None:
     """Prompts far past Gemma 3's window (8 tokens here) prefilled in small chunks of several sessions per
     pass, sessions that share a prompt's blocks (prefix caching) and roll back into them: every step equals
-    the brute-force reference, with prefix caching on and off."""
+    the brute-force reference, with prefix caching on and off, and with every decode gathered (as on a GPU:
+    sliding layers then read only the blocks their window spans)."""
     loaded = load_model(str(model_dir))
     reference = ReferenceModel(model_dir)
     history = "the history of the city is long; its people built walls and bridges. " * 3
 
-    async def run(prefix_caching: bool) -> tuple[list[dict[bytes | None, float]], int]:
+    async def run(prefix_caching: bool, gather_all: bool = False) -> tuple[list[dict[bytes | None, float]], int]:
         runtime = Runtime(loaded, prefill_chunk=16, max_batched_tokens=40, block_size=4, prefix_caching=prefix_caching)
+        if gather_all:
+            runtime.engine.runner.gather_up_to = None
         runtime.engine.start()
         results = []
         first = await runtime.open(Prompt(text=history + "first"))
@@ -472,9 +488,11 @@ def test_long_prompts_in_chunks_and_shared_prefixes_match_the_reference(model_di
 
     cached, hits = asyncio.run(run(True))
     plain, no_hits = asyncio.run(run(False))
+    gathered, _ = asyncio.run(run(True, gather_all=True))
     assert no_hits == 0 and hits > 0
-    for a, b in zip(cached, plain, strict=True):
+    for a, b, c in zip(cached, plain, gathered, strict=True):
         _assert_close(a, b)
+        _assert_close(a, c)
     # Against the reference, the steps that append (a rolled-back step re-tokenizes by another rule there).
     expected = [reference.next_bytes(reference.start(history + p)) for p in ("first", "second")]
     state = reference.start(history + "first")
