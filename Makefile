@@ -140,8 +140,9 @@ bench-strategies-real: $(STAMP) real-models
 	$(PY) scripts/bench_quality.py --config configs/real.yaml --task lambada --limit $(BENCH_STRATEGIES_REAL_LIMIT) \
 		--concurrency 8 --json bench-strategies-real.json
 
-## bench-gpu: the engine on one GPU with random Llama-3.1-8B and Qwen2.5-7B members (bf16): decode tokens/s
-## at batch 1/8/32 vs generate+static cache and the bandwidth limit, GaC vs the two alone, ME / GaC (< 8 min, H200)
+## bench-gpu: the engine on one GPU with random Llama-3.1-8B and Qwen2.5-7B members (bf16): its rows vs a plain
+## forward, decode tokens/s at batch 1/8/32 (eager, CUDA graphs) vs generate (eager, compiled) and the bandwidth
+## limit, the burst, GaC vs the two alone, ME / GaC (about 4 min on an H200; docs/bench-gpu.md)
 bench-gpu: $(STAMP)
 	$(PY) scripts/bench_gpu.py --json bench-gpu.json
 
