@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Where an HTTP handler notes the `model` of the JSON body it parsed, in the request's own storage, for
 # count_http_failures to label the failure with.
-REQUESTED_MODEL = "chorus.requested_model"
+REQUESTED_MODEL: web.RequestKey[object] = web.RequestKey("chorus.requested_model", object)
 # The wait a client should leave before retrying a refusal (at capacity, or a model with no ready worker).
 RETRY_AFTER_S = 1
 DEADLINE_SLACK_S = 0.05
