@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # session and layer (on an H200, attending decodes past 256 tokens one by one made a 16-session step of an
 # 8B model 2.8-3.0x a StaticCache forward: docs/bench-gpu.md).
 GATHER_UP_TO = 256
+# The gathered batch copies each session's blocks (padded to the longest) for one layer at a time: at most
+# this many bytes of keys and values, so that many long sessions decoding together cannot ask for more
+# memory than the KV pool leaves (past it, the rest are attended in place, one by one).
+GATHER_BYTES = 512 << 20
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 TOKEN_BUCKETS = (1, 2, 4, 8)  # tokens per session in the static form (scheduler.SHORT: short feeds go first)
 # Block-table widths of the static form: powers of two up to this many blocks, then multiples of it (so a
@@ -71,6 +75,9 @@ class ModelRunner:
         self.layers = int(config.num_hidden_layers)
         self.group_of = kv.layout.group_of()
         self.gather_up_to = GATHER_UP_TO if device.type == "cpu" else None  # None: every decode
+        layout = kv.layout
+        position_bytes = 2 * layout.kv_heads * layout.head_dim * torch.empty(0, dtype=layout.dtype).element_size()
+        self.gather_positions = max(kv.block_size, GATHER_BYTES // position_bytes)  # B x M x block_size, at most
         model.set_attn_implementation(paged_attention.NAME)
         vocab_projection.few_rows(model)  # CPU float32: a few rows' logits at one row's cost
         self.static = StaticDecoder(self, cuda_graphs=cuda_graphs and device.type == "cuda")
@@ -87,6 +94,7 @@ class ModelRunner:
         seqs: list[SeqAttention] = []
         gathered: list[tuple[list[list[int | None]], int, int]] = []  # (tables, start, tokens) of gathered decodes
         gathered_rows: list[int] = []  # their packed rows
+        widest = 0  # the most blocks a gathered decode reads
         keep: list[int] = []
         wanted: list[list[RowKey]] = []
         for s in slices:
@@ -104,9 +112,16 @@ class ModelRunner:
             end = s.start + n
             keep += [q0 + p - s.start for p in s.want] + [q0 + n + j for j in range(len(forks))]
             wanted.append([*s.want, *(row for branch in s.branches for row in branch_rows(branch))])
-            if n == 1 and (gather_up_to is None or end <= gather_up_to) and not forks:
+            blocks = max(widest, -(-end // bs))
+            if (
+                n == 1
+                and (gather_up_to is None or end <= gather_up_to)
+                and not forks
+                and (len(gathered) + 1) * blocks * bs <= self.gather_positions
+            ):
                 gathered.append((tables, s.start, 1))
                 gathered_rows.append(q0)
+                widest = blocks
                 continue
             runs, masks = [], []
             for g, group in enumerate(groups):
@@ -274,7 +289,7 @@ class StaticDecoder:
         return len(self._graphs) if self.cuda_graphs else 0
 
     def accepts(self, slices: list[Slice]) -> bool:
-        return (
+        if not (
             self.enabled
             and bool(slices)
             and all(
@@ -283,7 +298,10 @@ class StaticDecoder:
                 and all(s.start <= p < s.start + len(s.tokens) for p in s.want)
                 for s in slices
             )
-        )
+        ):
+            return False
+        batch, _, width = self.shapes(slices)
+        return batch * width * self.runner.kv.block_size <= self.runner.gather_positions
 
     def shapes(self, slices: list[Slice]) -> tuple[int, int, int]:
         bs = self.runner.kv.block_size

@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chorus.v1 import worker_pb2, worker_pb2_grpc
 from chorus_common.types import Prompt
-from model_worker import kv_manager, paged_attention
+from model_worker import kv_manager, model_runner, paged_attention
 from model_worker.conditioning import Alt, Plan
 from model_worker.distribution import Format, Part
 from model_worker.loading import load_model
@@ -251,17 +252,25 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("static_decode", "gather_all", "fused"),
-    [(False, False, False), (False, True, False), (True, False, False), (True, False, True)],
-    ids=["ragged", "gather", "static", "static-fused"],
+    ("static_decode", "gather_all", "fused", "capped"),
+    [
+        (False, False, False, False),
+        (False, True, False, False),
+        (False, True, False, True),
+        (True, False, False, False),
+        (True, False, True, False),
+        (True, False, False, True),
+    ],
+    ids=["ragged", "gather", "gather-capped", "static", "static-fused", "static-capped"],
 )
 def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
-    model_dir: Path, static_decode: bool, gather_all: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, static_decode: bool, gather_all: bool, fused: bool, capped: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The storage is allocated uninitialised; the gathered and static forms read (masked) cells past each
     session's length. With that memory full of NaN, sessions batched together in each form (ragged; every
     decode gathered, as on a GPU; the static form, with pieces of several tokens too; the same with the fused
-    SDPA used on CUDA) give what each gives alone in plain ragged passes."""
+    SDPA used on CUDA; with the gathered batch capped at one block, the rest attended one by one)
+    give what each gives alone in plain ragged passes."""
 
     def nan_filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -272,6 +281,8 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
         runtime.engine.runner.static.enabled = static_decode
         if gather_all:  # every decode gathered, as on a GPU
             runtime.engine.runner.gather_up_to = None
+        if capped:  # room for one session of one block in a gathered batch
+            runtime.engine.runner.gather_positions = runtime.engine.kv.block_size
         return runtime
 
     def plain(runtime: Runtime) -> Runtime:
@@ -297,7 +308,16 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
     alone = asyncio.run(steps(plain(Runtime(loaded, max_sessions=4)), concurrent=False))
     if fused:
         monkeypatch.setattr(paged_attention, "FUSED_ON", ("cpu",))
+    batches: list[int] = []  # sessions per gathered batch
+    gather = model_runner._gather
+
+    def counted(seqs: list[Any], *args: Any, **kwargs: Any) -> Any:
+        batches.append(len(seqs))
+        return gather(seqs, *args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "_gather", counted)
     together = asyncio.run(steps(static(Runtime(loaded, max_sessions=4)), concurrent=True))
+    assert max(batches) == (1 if capped else len(prompts))
     for a, b in zip(alone, together, strict=True):
         assert all(math.isfinite(v) for v in (*a.values(), *b.values()))
         _assert_close(a, b)
