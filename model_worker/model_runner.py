@@ -244,22 +244,26 @@ def _gather(
     one."""
     batch = batch or len(seqs)
     width = width or max(-(-(start + n) // bs) for _, start, n in seqs)
+    starts = torch.tensor([start for _, start, _ in seqs] + [0] * (batch - len(seqs)), dtype=torch.long)
+    counts = torch.tensor([n for _, _, n in seqs] + [0] * (batch - len(seqs)), dtype=torch.long)
+    query = starts[:, None] + torch.arange(tokens)  # [B, N] each query's position
+    real = torch.arange(tokens) < counts[:, None]  # [B, N] not padding
     positions_out, bias_out = [], []
     for g, group in enumerate(groups):
         window = group.window
         m = width if window is None else min(width, -(-(window + tokens - 1) // bs) + 1)
-        tables = torch.zeros(batch, m, dtype=torch.long)
-        visible = torch.zeros(batch, tokens, m * bs, dtype=torch.bool)
-        visible[:, :, 0] = True  # padding queries; a real query's row is set whole below
-        for i, (tables_of, start, n) in enumerate(seqs):
-            first = 0 if window is None else max(0, start - window + 1) // bs  # column 0 holds its first position
-            table = tables_of[g][first : -(-(start + n) // bs)]
-            tables[i, : len(table)] = torch.tensor([b if b is not None else 0 for b in table], dtype=torch.long)
-            for j in range(n):
-                q = start + j
-                lo = 0 if window is None else max(0, q - window + 1)
-                visible[i, j, 0] = False
-                visible[i, j, lo - first * bs : q + 1 - first * bs] = True
+        # Per session, the first block read (column 0 holds its first position) and that many blocks on.
+        firsts = [0 if window is None else max(0, start - window + 1) // bs for _, start, _ in seqs]
+        rows_of = [
+            [b if b is not None else 0 for b in tables_of[g][first : -(-(start + n) // bs)]]
+            for (tables_of, start, n), first in zip(seqs, firsts, strict=True)
+        ]
+        tables = torch.tensor([r + [0] * (m - len(r)) for r in rows_of] + [[0] * m] * (batch - len(seqs)))
+        column = torch.tensor(firsts + [0] * (batch - len(seqs)))[:, None] * bs + torch.arange(m * bs)  # [B, M*bs]
+        lowest = torch.zeros_like(query) if window is None else (query - window + 1).clamp(min=0)
+        visible = (column[:, None, :] <= query[:, :, None]) & (column[:, None, :] >= lowest[:, :, None])
+        visible &= real[:, :, None]
+        visible[:, :, 0] |= ~real  # a padding query sees column 0 alone
         positions = (tables[:, :, None] * bs + torch.arange(bs)).view(-1)
         bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
         positions_out.append(positions.to(device))
