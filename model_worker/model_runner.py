@@ -38,9 +38,13 @@ GATHER_UP_TO = 256
 GATHER_BYTES = 512 << 20
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 TOKEN_BUCKETS = (1, 2, 4, 8)  # tokens per session in the static form (scheduler.SHORT: short feeds go first)
-# Block-table widths of the static form: powers of two up to this many blocks, then multiples of it (so a
-# long context pads at most this many blocks, not up to twice its length).
+# Block-table widths of the static form: powers of two up to WIDTH_STEP blocks, then multiples of a step
+# that grows with the width (WIDTH_STEP, or a quarter of the width's power of two past 64 blocks): a context
+# pads by less than WIDTH_STEP blocks or a quarter of itself, and up to 512 blocks there are 20 widths, not 36.
 WIDTH_STEP = 16
+# At most this many CUDA graphs per worker (each holds its own kernel launch list and static inputs); a
+# shape met after that runs eagerly.
+MAX_GRAPHS = 256
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -50,7 +54,8 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 def _width(blocks: int) -> int:
     if blocks <= WIDTH_STEP:
         return 1 << (blocks - 1).bit_length()
-    return -(-blocks // WIDTH_STEP) * WIDTH_STEP
+    step = max(WIDTH_STEP, 1 << (blocks.bit_length() - 3))
+    return -(-blocks // step) * step
 
 
 # An output row: after the token at a position, or after a branch's tokens from a position on.
@@ -286,6 +291,7 @@ class StaticDecoder:
         self.enabled = cuda_graphs if enabled is None else enabled
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         self.pool: Any = None  # the graphs' shared memory pool, made at the first capture
+        self._said_full = False
 
     @property
     def captured(self) -> int:
@@ -361,7 +367,11 @@ class StaticDecoder:
         tensors = self.inputs(slices, batch, tokens, width)
         key = (batch, tokens, width)
         captured = self._graphs.get(key) if self.cuda_graphs else None
-        if self.cuda_graphs and captured is None:
+        if self.cuda_graphs and captured is None and len(self._graphs) >= MAX_GRAPHS:
+            if not self._said_full:
+                log.warning("%d CUDA graphs captured: passes of shapes not yet seen run eagerly", MAX_GRAPHS)
+                self._said_full = True
+        elif self.cuda_graphs and captured is None:
             try:
                 captured = self._graphs[key] = _Captured.capture(self, tensors)
                 log.info("captured a CUDA graph: %d sessions of %d tokens, %d blocks wide", *key)

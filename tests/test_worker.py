@@ -323,6 +323,62 @@ def test_garbage_in_unwritten_cache_cells_never_reaches_a_distribution(
         _assert_close(a, b)
 
 
+def test_cuda_graphs_are_captured_once_per_shape_up_to_a_bound(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The static form's graph cache, with the capture stood in for (no CUDA here): one capture per (sessions,
+    tokens, width) shape, none past MAX_GRAPHS (those shapes run eagerly), and the same distributions as
+    plain ragged passes throughout."""
+    captures: list[tuple[int, ...]] = []
+
+    class Replayed:  # replays by running the captured inputs' pass eagerly
+        def __init__(self, decoder: model_runner.StaticDecoder) -> None:
+            self.decoder = decoder
+
+        def replay(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            runner = self.decoder.runner
+            return runner.forward(tensors[0], tensors[1], self.decoder._plan(tensors), 0)[0]
+
+    def capture(decoder: model_runner.StaticDecoder, tensors: tuple[torch.Tensor, ...]) -> Replayed:
+        captures.append(tuple(tensors[0].shape))
+        return Replayed(decoder)
+
+    monkeypatch.setattr(model_runner._Captured, "capture", staticmethod(capture))
+    monkeypatch.setattr(model_runner, "MAX_GRAPHS", 2)
+    prompts = ["a", "hello world, a longer prompt", "12+35="]
+
+    async def steps(runtime: Runtime) -> list[dict[bytes | None, float]]:
+        runtime.engine.start()
+        sessions = [await runtime.open(Prompt(text=p)) for p in prompts]
+        results = []
+        for append in (b"", b"x", b" y", b" and then some more words", b"z"):
+            outs = [await runtime.step(s, append, FULL) for s in sessions]  # one session per pass
+            results += [_as_dict(runtime, o.parts) for o in outs]
+            outs = await asyncio.gather(*(runtime.step(s, b"!", FULL) for s in sessions))  # three per pass
+            results += [_as_dict(runtime, o.parts) for o in outs]
+        await runtime.engine.stop()
+        return results
+
+    loaded = load_model(str(model_dir))
+    plain = Runtime(loaded, max_sessions=4)
+    plain.engine.runner.static.enabled = False
+    graphed = Runtime(loaded, max_sessions=4)
+    static = graphed.engine.runner.static
+    static.enabled = static.cuda_graphs = True
+    expected, got = asyncio.run(steps(plain)), asyncio.run(steps(graphed))
+    assert len(captures) == static.captured == 2  # more shapes than that were met: they ran eagerly
+    for a, b in zip(expected, got, strict=True):
+        _assert_close(a, b)
+
+
+def test_static_widths_pad_a_long_context_by_at_most_a_quarter() -> None:
+    widths = {model_runner._width(blocks) for blocks in range(1, 513)}
+    assert len(widths) == 20 and max(widths) == 512
+    for blocks in range(1, 2049):
+        width = model_runner._width(blocks)
+        assert width >= blocks and (blocks <= 16 or width - blocks <= max(15, blocks / 4))
+
+
 def test_prefills_run_in_chunks_and_decodes_pass_between_them(model_dir: Path) -> None:
     """A long prompt prefilled in chunks gives the distribution of one pass; a decode that arrives
     meanwhile is answered before the prefill ends."""
