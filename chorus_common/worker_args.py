@@ -48,7 +48,8 @@ class WorkerArgs:
     kv_budget_mib: float = field(
         default=0.0,
         metadata=_arg(
-            "KV-cache memory: the block pool's size (0 = auto: on CUDA 90%% of the memory free after loading, "
+            "KV-cache memory: the block pool's size (0 = auto: on CUDA 90%% of the memory free after loading less "
+            "room for the largest pass, "
             "elsewhere 4 GiB, at most half the memory the host or container leaves; never more than max-sessions "
             "full contexts)"
         ),

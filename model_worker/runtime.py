@@ -27,6 +27,7 @@ from model_worker.host_memory import memory_left
 from model_worker.kv_layout import KVLayout
 from model_worker.kv_manager import KVManager
 from model_worker.loading import LoadedModel
+from model_worker.model_runner import BATCH_BUCKETS, GATHER_BYTES, TOKEN_BUCKETS
 from model_worker.scheduler import PassStats
 from model_worker.token_bytes import token_byte_table, tokenizer_kind
 
@@ -91,14 +92,17 @@ class Runtime:
         self.context_length = loaded.context_length  # a session's tokens, prompt included
         layout = KVLayout.of(loaded.model.config, loaded.dtype)
         self.kv_bytes_per_token = layout.bytes_per_token
-        budget = kv_budget_bytes or auto_kv_budget(loaded.device, layout, max_sessions, self.context_length)
+        vocab = int(loaded.model.get_output_embeddings().weight.shape[0])
+        budget = kv_budget_bytes or auto_kv_budget(
+            loaded.device, layout, max_sessions, self.context_length, vocab=vocab
+        )
         # KV storage: a pool of blocks; sessions hold the blocks their tokens fill. Past max_sessions, or when
         # the blocks free cannot hold a new prompt, new sessions wait kv_wait_s, then get RESOURCE_EXHAUSTED.
         kv = KVManager(layout, budget, max_sessions, self.context_length, block_size, loaded.device, prefix_caching)
         log.info("KV pool: %.0f MiB (%s)", budget / 2**20, "--kv-budget-mib" if kv_budget_bytes else "auto")
         self.max_sessions = max_sessions
         self.kv_wait_s = kv_wait_s
-        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = vocab
         self.tokens, self.special = token_byte_table(loaded.tokenizer, self.vocab_size)
         self.tokenizer_kind = tokenizer_kind(loaded.tokenizer)
         self.eos_ids = _eos_ids(loaded)
@@ -392,15 +396,32 @@ class Runtime:
         return stats
 
 
-def auto_kv_budget(device: torch.device, layout: KVLayout, sessions: int, context: int, left: int | None = None) -> int:
-    """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading; elsewhere
-    4 GiB (vLLM's CPU backend's default KV space), but no more than half of the memory the host or the
-    container's limit still leaves (`left`, read when not given): its pages become resident as blocks are
-    used, and the prefix cache keeps using them. At least one full context, at most `sessions` of them."""
+def gpu_pass_reserve(layout: KVLayout, vocab: int) -> int:
+    """Bytes a GPU keeps free beside the KV pool for the largest pass: a gathered batch (GATHER_BYTES) and the
+    output rows of the largest static pass (BATCH_BUCKETS[-1] sessions of TOKEN_BUCKETS[-1] tokens over the
+    vocabulary: in the model's dtype, the rows picked out of them, and those in float32)."""
+    rows = BATCH_BUCKETS[-1] * TOKEN_BUCKETS[-1]
+    dtype_bytes = torch.empty(0, dtype=layout.dtype).element_size()
+    return GATHER_BYTES + rows * vocab * (2 * dtype_bytes + 4)
+
+
+def auto_kv_budget(
+    device: torch.device,
+    layout: KVLayout,
+    sessions: int,
+    context: int,
+    left: int | None = None,
+    vocab: int = 0,
+) -> int:
+    """The KV pool's bytes when no budget is given: on CUDA 90% of the memory free after loading, less what
+    its largest pass needs (`gpu_pass_reserve`); elsewhere 4 GiB (vLLM's CPU backend's default KV space), but
+    no more than half of the memory the host or the container's limit still leaves (`left`, read when not
+    given): its pages become resident as blocks are used, and the prefix cache keeps using them. At least one
+    full context, at most `sessions` of them."""
     most = sessions * context * layout.bytes_per_token
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.9)
+        budget = int(free * 0.9) - gpu_pass_reserve(layout, vocab)
     else:
         left = memory_left() if left is None else left
         budget = CPU_KV_BUDGET if left is None else min(CPU_KV_BUDGET, int(left * CPU_KV_SHARE))

@@ -12,7 +12,7 @@ from model_worker.host_memory import memory_left
 from model_worker.kv_blocks import BlockPool, block_hash
 from model_worker.kv_layout import FULL, SLIDING, KVGroup, KVLayout
 from model_worker.kv_manager import WINDOW_MARGIN, KVManager, OutOfBlocks, SessionKV
-from model_worker.runtime import CPU_KV_BUDGET, auto_kv_budget
+from model_worker.runtime import CPU_KV_BUDGET, auto_kv_budget, gpu_pass_reserve
 from model_worker.scheduler import Feed, plan_round
 
 BS = 4
@@ -181,6 +181,18 @@ def test_one_round_runs_every_decode_and_chunks_of_several_prompts_under_the_tok
         (prompts[2], 14),
     ]
     assert sum(len(s.tokens) for s in slices) == 48
+
+
+def test_the_auto_pool_on_cuda_leaves_room_for_the_largest_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the pool takes 90% of the memory free after loading, less a gathered batch and the output rows
+    of the largest static pass (2,048 rows of the vocabulary)."""
+    layout = KVLayout((KVGroup(FULL, (0,), None, 256),), kv_heads=2, head_dim=32, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 << 30, 80 << 30))
+    cuda = torch.device("cuda")
+    reserve = gpu_pass_reserve(layout, 128_000)
+    assert reserve == (512 << 20) + 2048 * 128_000 * 8  # bf16 rows, the rows picked, those in float32
+    assert auto_kv_budget(cuda, layout, 10**6, 1 << 20, vocab=128_000) == int((40 << 30) * 0.9) - reserve
+    assert auto_kv_budget(cuda, layout, 64, 1024, vocab=128_000) == 64 * 1024 * 256  # sessions' full contexts
 
 
 def test_the_auto_pool_on_cpu_is_4_gib_at_most_half_the_memory_left(tmp_path: Path) -> None:
