@@ -498,12 +498,26 @@ def test_sessions_idle_past_the_ttl_are_reclaimed(model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -> None:
+@pytest.mark.parametrize("static_form", [False, True], ids=["ragged", "static"])
+def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path, static_form: bool) -> None:
     """A scoring pass over drafted pieces returns, at each of the model's token boundaries, what the
-    brute-force reference gives there (nothing inside a token); the session then holds the pieces."""
+    brute-force reference gives there (nothing inside a token); the session then holds the pieces. Also in
+    the static form (as on a GPU), where a pass of up to 8 tokens wants a row at several of them."""
     runtime = Runtime(load_model(str(model_dir)))
+    runtime.engine.runner.static.enabled = static_form
+    static_passes = 0
+    run_static = runtime.engine.runner.static.run
+
+    def counted(slices: list[Any]) -> Any:
+        nonlocal static_passes
+        static_passes += any(len(s.want) > 1 for s in slices)
+        return run_static(slices)
+
+    runtime.engine.runner.static.run = counted  # type: ignore[method-assign]
     reference = ReferenceModel(model_dir)
     prompt, pieces = "the cat ", [b"sat", b" o", b"n", b" the", b" mat", "你".encode()[:2], "你".encode()[2:], b"."]
+    if static_form:
+        pieces = pieces[:3]  # a scoring pass of at most 8 tokens: the static form's longest
 
     async def run() -> list[list[Part] | None]:
         runtime.engine.start()
@@ -517,6 +531,7 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path) -
         return out.positions
 
     positions = asyncio.run(run())
+    assert static_passes == (1 if static_form else 0)  # the scoring pass: several rows wanted
     assert len(positions) == len(pieces) + 1
     state = reference.start(prompt)
     checked = 0
