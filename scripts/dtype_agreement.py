@@ -6,6 +6,7 @@ the prompts), since there the two round differently and neither is the float32 m
 costs here: plain forwards of 1 and 16 sequences and of a 256-token prompt.
 
     python scripts/dtype_agreement.py [--models smollm2-135m-instruct gemma3-270m] [--dtypes float32 bfloat16]
+                                      [--gpu-form]
 
 Real models from the catalog (`make real-models`), one CPU thread, 24 tokens per prompt, the worker's own
 defaults (prefill chunks of 256 tokens). The tests hold the float32 engine to `generate` token for token
@@ -52,11 +53,15 @@ class Row:
     first_rows: tuple[torch.Tensor, torch.Tensor]  # the engine's and transformers' logits at the first step
 
 
-async def compare(name: str, dtype: str) -> tuple[list[Row], str]:
-    """Per prompt, the engine against `generate`; and the dtype's forward times."""
+async def compare(name: str, dtype: str, gpu_form: bool = False) -> tuple[list[Row], str]:
+    """Per prompt, the engine against `generate`; and the dtype's forward times. `gpu_form`: the passes a GPU
+    worker runs (short feeds in the static form, every decode gathered), here eagerly."""
     loaded = load_model(f"catalog:{name}", dtype=dtype, max_model_len=2048)
     runtime = Runtime(loaded, kv_budget_bytes=256 * 2**20, prefix_caching=False)
     engine, model = runtime.engine, loaded.model
+    if gpu_form:
+        engine.runner.static.enabled = True
+        engine.runner.gather_up_to = None
     engine.start()
     out = []
     try:
@@ -129,13 +134,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--gpu-form",
+        action="store_true",
+        help="run the passes a GPU worker runs (short feeds in the static form, every decode gathered), eagerly",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.models:
         for dtype in args.dtypes:
-            rows, times = asyncio.run(compare(name, dtype))
+            rows, times = asyncio.run(compare(name, dtype, args.gpu_form))
             agree = sum(row.first is None for row in rows)
-            print(f"{name} {dtype}: {agree}/{len(rows)} prompts agree for {TOKENS} tokens", flush=True)
+            form = " (the GPU's passes)" if args.gpu_form else ""
+            print(f"{name} {dtype}{form}: {agree}/{len(rows)} prompts agree for {TOKENS} tokens", flush=True)
             for row in rows:
                 verdict = "agree" if row.first is None else f"differ at token {row.first}"
                 print(f"  {row.tail!r:28} {verdict:18} largest logit difference {row.worst:.4g}", flush=True)
