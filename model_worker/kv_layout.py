@@ -51,7 +51,7 @@ class KVLayout:
             raise UnsupportedModel(f"layer types {sorted(unknown)} are not supported (only {FULL}, {SLIDING})")
         if SLIDING in types and not window:
             raise UnsupportedModel("sliding-window layers without a sliding_window in the config")
-        per_layer = 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        per_layer = _layer_bytes_per_token(kv_heads, head_dim, dtype)
         groups = []
         for kind in (FULL, SLIDING):
             members = tuple(i for i, t in enumerate(types) if t == kind)
@@ -60,6 +60,11 @@ class KVLayout:
                     KVGroup(kind, members, int(window) if kind == SLIDING else None, per_layer * len(members))
                 )
         return KVLayout(tuple(groups), kv_heads, head_dim, dtype)
+
+    @property
+    def layer_bytes_per_token(self) -> int:
+        """Keys and values of one position in one layer."""
+        return _layer_bytes_per_token(self.kv_heads, self.head_dim, self.dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -100,3 +105,7 @@ class KVLayout:
             else:
                 out.append(min(most, (budget - fit * window_bytes) // (block_size * full_bytes)))
         return out
+
+
+def _layer_bytes_per_token(kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * kv_heads * head_dim * dtype.itemsize

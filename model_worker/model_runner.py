@@ -80,9 +80,8 @@ class ModelRunner:
         self.layers = int(config.num_hidden_layers)
         self.group_of = kv.layout.group_of()
         self.gather_up_to = GATHER_UP_TO if device.type == "cpu" else None  # None: every decode
-        layout = kv.layout
-        position_bytes = 2 * layout.kv_heads * layout.head_dim * torch.empty(0, dtype=layout.dtype).element_size()
-        self.gather_positions = max(kv.block_size, GATHER_BYTES // position_bytes)  # B x M x block_size, at most
+        # B x M x block_size of a gathered batch, at most.
+        self.gather_positions = max(kv.block_size, GATHER_BYTES // kv.layout.layer_bytes_per_token)
         model.set_attn_implementation(paged_attention.NAME)
         vocab_projection.few_rows(model)  # CPU float32: a few rows' logits at one row's cost
         self.static = StaticDecoder(self, cuda_graphs=cuda_graphs and device.type == "cuda")
@@ -155,8 +154,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
         """One pass; per slice, its wanted positions' and branches' output logits (float32)."""
-        if self.static.accepts(slices):
-            return self.static.run(slices)
+        shape = self.static.shape_of(slices)
+        if shape is not None:
+            return self.static.run(slices, shape)
         batch = self.prepare(slices)
         logits = self.forward(batch.input_ids, batch.position_ids, batch.plan, batch.keep)[0]
         return _split_rows(logits, batch.wanted)
@@ -298,7 +298,9 @@ class StaticDecoder:
         """How many buckets run as CUDA graphs (0 off CUDA, or after a capture failed)."""
         return len(self._graphs) if self.cuda_graphs else 0
 
-    def accepts(self, slices: list[Slice]) -> bool:
+    def shape_of(self, slices: list[Slice]) -> tuple[int, int, int] | None:
+        """The pass's bucket (sessions, tokens per session, block-table width) if the static form takes it:
+        short feeds without branches, whose gathered batch stays within the runner's bound; else None."""
         if not (
             self.enabled
             and bool(slices)
@@ -309,16 +311,12 @@ class StaticDecoder:
                 for s in slices
             )
         ):
-            return False
-        batch, _, width = self.shapes(slices)
-        return batch * width * self.runner.kv.block_size <= self.runner.gather_positions
-
-    def shapes(self, slices: list[Slice]) -> tuple[int, int, int]:
+            return None
         bs = self.runner.kv.block_size
         batch = _bucket(len(slices), BATCH_BUCKETS)
         tokens = _bucket(max(len(s.tokens) for s in slices), TOKEN_BUCKETS)
-        blocks = max(-(-(s.start + len(s.tokens)) // bs) for s in slices)
-        return batch, tokens, _width(blocks)
+        width = _width(max(-(-(s.start + len(s.tokens)) // bs) for s in slices))
+        return (batch, tokens, width) if batch * width * bs <= self.runner.gather_positions else None
 
     def inputs(self, slices: list[Slice], batch: int, tokens: int, width: int) -> tuple[torch.Tensor, ...]:
         """input_ids, position_ids [1, batch * tokens] (session by session); per group the write positions
@@ -362,10 +360,10 @@ class StaticDecoder:
             GatheredDecodes(rows, positions, bias),
         )
 
-    def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
-        batch, tokens, width = self.shapes(slices)
+    def run(self, slices: list[Slice], key: tuple[int, int, int]) -> list[dict[RowKey, torch.Tensor]]:
+        """One pass of these slices in the bucket `shape_of` gave them."""
+        batch, tokens, width = key
         tensors = self.inputs(slices, batch, tokens, width)
-        key = (batch, tokens, width)
         captured = self._graphs.get(key) if self.cuda_graphs else None
         if self.cuda_graphs and captured is None and len(self._graphs) >= MAX_GRAPHS:
             if not self._said_full:

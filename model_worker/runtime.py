@@ -401,8 +401,7 @@ def gpu_pass_reserve(layout: KVLayout, vocab: int) -> int:
     output rows of the largest static pass (BATCH_BUCKETS[-1] sessions of TOKEN_BUCKETS[-1] tokens over the
     vocabulary: in the model's dtype, the rows picked out of them, and those in float32)."""
     rows = BATCH_BUCKETS[-1] * TOKEN_BUCKETS[-1]
-    dtype_bytes = torch.empty(0, dtype=layout.dtype).element_size()
-    return GATHER_BYTES + rows * vocab * (2 * dtype_bytes + 4)
+    return GATHER_BYTES + rows * vocab * (2 * layout.dtype.itemsize + 4)
 
 
 def auto_kv_budget(

@@ -23,7 +23,8 @@ side by side in one run (medians):
    distributions, against the sum of the two engines' steps alone, at batch 1 and 32 (decodes replayed as
    CUDA graphs, as the worker runs them);
 5. ME / GaC tokens/s at saturation (batch 32): ME draws one model per token (weights 1:1, seeded) and the
-   other catches up on the tokens it missed in its next pass (a ragged pass); GaC runs both every token;
+   other catches up on the tokens it missed in its next pass (the static form up to 8 tokens, a ragged pass
+   beyond); GaC runs both every token;
 6. if 150 s of `--budget-s` are left: the first member's `generate` with a static cache compiled, as
    transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32.
 Each section that fails is reported with its error and the others still run; the JSON is rewritten after

@@ -508,10 +508,10 @@ def test_score_gives_the_distribution_at_every_token_boundary(model_dir: Path, s
     static_passes = 0
     run_static = runtime.engine.runner.static.run
 
-    def counted(slices: list[Any]) -> Any:
+    def counted(slices: list[Any], key: tuple[int, int, int]) -> Any:
         nonlocal static_passes
         static_passes += any(len(s.want) > 1 for s in slices)
-        return run_static(slices)
+        return run_static(slices, key)
 
     runtime.engine.runner.static.run = counted  # type: ignore[method-assign]
     reference = ReferenceModel(model_dir)
