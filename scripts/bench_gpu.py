@@ -26,7 +26,14 @@ side by side in one run (medians):
    other catches up on the tokens it missed in its next pass (the static form up to 8 tokens, a ragged pass
    beyond); GaC runs both every token;
 6. if 150 s of `--budget-s` are left: the first member's `generate` with a static cache compiled, as
-   transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32.
+   transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32;
+7. the worker *server* (`python -m model_worker`, a subprocess answering gRPC, CUDA graphs on) with a
+   SmolLM2-shaped model: 1 and 32 sessions drawing greedy tokens at once (Draft calls, after two untimed),
+   tokens/s against the engine stepping the same batch in this process, and every session's text against
+   `generate`.
+First of all (not numbered: a check, not a speed) the engine's output rows on the device against a plain
+forward of the same model (`agreement`). The sections' keys: agreement, server, members, burst, decode_ratio,
+gac, me, generate_compiled: the order they run in (`--only` takes these keys).
 Each section that fails is reported with its error and the others still run; the JSON is rewritten after
 every section, so a run stopped at a time limit keeps what it measured. Without a venv (the GPU machine has
 torch, transformers and grpcio but no index to install from) run it as `python3 scripts/bench_gpu.py`.
@@ -40,8 +47,10 @@ import datetime
 import json
 import logging
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -330,6 +339,132 @@ def agreement_figures(
     return rows
 
 
+def _prompt(rng: random.Random, words: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(words))
+
+
+def server_figures(
+    config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    batches: tuple[int, ...],
+    prompt_words: int,
+    tokens: int,
+    workdir: Path,
+) -> list[dict[str, Any]]:
+    """The worker *server* on this device, as a pod runs it (`python -m model_worker`, gRPC), against the
+    engine in this process on the same weights. A model of `config`'s shape (random weights) with a
+    locally trained byte-level BPE tokenizer (a few hundred tokens: the vocabulary is the tokenizer's; no
+    download) is saved and served; per batch, that many sessions open with distinct prompts, draw two
+    greedy tokens (their prefill and a first decode), then `tokens` more each in one Draft call, all at
+    once: the server's tokens/s, against the engine stepping the same batch at the same context in process,
+    in the decode form the worker runs there (static on CUDA, ragged on a CPU). Each session's greedy
+    tokens are checked against transformers' `generate` on the saved model (in bfloat16 the two round
+    attention differently and may part at near-ties: counted, not asserted)."""
+    import asyncio
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from chorus_common.types import Prompt, SamplingParams
+    from coordinator.workers import WorkerClient
+    from model_worker.token_bytes import token_byte_table
+    from tests.tokenizer_factory import byte_level_bpe
+
+    tokenizer = byte_level_bpe()
+    path = workdir / "server-model"
+    tokenizer.save_pretrained(path)
+    shape = {**config, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+    model = bench_engine.random_model(shape, dtype, str(device))
+    with torch.no_grad():  # specials score 0 (never the largest): generations run their whole length
+        specials = tokenizer.all_special_ids
+        model.get_output_embeddings().weight[specials] = 0.0
+    model.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()  # as the worker loads it
+    table, _ = token_byte_table(tokenizer, len(tokenizer))
+    rng = random.Random(0)
+    prompts = [_prompt(rng, prompt_words) for _ in range(max(batches))]
+    port_file = workdir / "server-port"
+    options = {
+        "--model": path,
+        "--device": device.type,
+        "--dtype": str(dtype).removeprefix("torch."),
+        "--port": 0,
+        "--port-file": port_file,
+        "--max-model-len": 8 * prompt_words + tokens + 64,
+        "--kv-budget-mib": 2048,
+        "--max-sessions": max(batches),
+    }
+    command = [sys.executable, "-m", "model_worker", *(str(x) for kv in options.items() for x in kv)]
+    worker = subprocess.Popen(command, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (port_file.exists() and port_file.read_text()):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker server did not start (exit code {worker.poll()})")
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port_file.read_text()}"
+
+        async def drive(batch: int) -> tuple[float, list[bytes], str]:
+            client = WorkerClient(address)
+            try:
+                await client.wait_ready(60)
+                info = await client.info()
+                sessions = [client.session(timeout=600) for _ in range(batch)]
+                greedy = SamplingParams()
+                opened = zip(sessions, prompts[:batch], strict=True)
+                await asyncio.gather(*(s.open(Prompt(text=p), f"bench-{i}") for i, (s, p) in enumerate(opened)))
+                # The prefills and a first decode (on CUDA its batch shape's graph is captured then, not timed).
+                firsts = await asyncio.gather(*(s.draft(b"", 0, 2, greedy, 0, 0) for s in sessions))
+                started = time.perf_counter()
+                drafts = await asyncio.gather(*(s.draft(b"", 0, tokens, greedy, 0, 0) for s in sessions))
+                elapsed = time.perf_counter() - started
+                for s in sessions:
+                    s.cancel()
+                texts = [b"".join(f.pieces + d.pieces) for f, d in zip(firsts, drafts, strict=True)]
+                drawn = sum(len(d.pieces) for d in drafts)
+                return drawn / elapsed, texts, info.device
+            finally:
+                await client.close()
+
+        rows = []
+        for batch in batches:
+            server_tok_s, texts, served_on = asyncio.run(drive(batch))
+            agree = 0
+            for prompt, text in zip(prompts[:batch], texts, strict=True):
+                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+                with torch.inference_mode():
+                    out = model.generate(ids, max_new_tokens=tokens + 2, do_sample=False, pad_token_id=0)
+                agree += text == b"".join(table[int(t)] for t in out[0, ids.shape[1] :])
+            context = len(tokenizer(prompts[0]).input_ids) + tokens // 2
+            # The decode form the worker runs on this device: static (graphs) on CUDA, ragged elsewhere.
+            engine = bench_engine.EngineDecode(model, batch, context, device, static=device.type == "cuda")
+            engine_tok_s = batch / _median_time(engine.step, 5)
+            del engine
+            rows.append(
+                {
+                    "batch": batch,
+                    "tokens": tokens,
+                    "context": context,
+                    "vocab": len(tokenizer),
+                    "served_on": served_on,
+                    "server_tok_s": server_tok_s,
+                    "engine_tok_s": engine_tok_s,
+                    "server_vs_engine": server_tok_s / engine_tok_s,
+                    "sessions_equal_to_generate": agree,
+                }
+            )
+        return rows
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
 def compiled_generate_figures(
     name: str, model: Any, device: torch.device, batches: tuple[int, ...], context: int, rounds: int, new: int
 ) -> list[dict[str, Any]]:
@@ -359,6 +494,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['tokens']} steps (a greedy token; every fourth, a piece of three) | "
             f"{r['agreeing_streams']}/{r['streams']} streams agree on every token; "
             f"largest logit difference {r['largest_logit_diff']:.1e} |"
+        )
+    for r in report.get("server", []):
+        lines.append(
+            f"| worker server (`python -m model_worker`, gRPC) on {r['served_on']}, {report['server_shape']}-shaped "
+            f"(vocabulary {r['vocab']}), {r['batch']} session(s) drawing {r['tokens']} greedy tokens at once | "
+            f"{r['server_tok_s']:.0f} tok/s, {r['server_vs_engine']:.2f}x the engine in process ("
+            f"{r['engine_tok_s']:.0f} tok/s at {r['context']} tokens); {r['sessions_equal_to_generate']}/{r['batch']} "
+            f"sessions equal to `generate` |"
         )
     for r in report.get("decode_ratio", []):
         lines.append(
@@ -432,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "first": first_name,
         "burst_streams": streams,
+        "server_shape": "smollm2-135m",
         "errors": {},
         "skipped": [],
     }
@@ -452,8 +596,12 @@ def main(argv: list[str] | None = None) -> int:
             layer_types=["sliding_attention"] * 5 + ["full_attention"],
         )
     agreement_lengths = (8, 40) if tiny else (24, 700)
+    server_shape = {**bench_engine.SMOLLM2, **TINY} if tiny else bench_engine.SMOLLM2
+    server_size = (8, 8) if tiny else (128, 64)  # (prompt words, tokens drawn after the first)
+    workdir = tempfile.mkdtemp(prefix="chorus-bench-gpu-")
     sections: list[tuple[str, Any, float]] = [  # (key, what measures it, seconds it needs left to start)
         ("agreement", lambda: agreement_figures(small, device, agreement_lengths, 4, 16), 0.0),
+        ("server", lambda: server_figures(server_shape, device, dtype, (1, 32), *server_size, Path(workdir)), 0.0),
         ("members", members, 0.0),
         ("burst", lambda: [bench_engine.engine_burst(first, device, n, streams) for n in burst_lengths], 0.0),
         ("decode_ratio", lambda: bench_engine.decode_step_ratio(first, decode_contexts, 16, rounds, device), 0.0),
@@ -486,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
         report["table"] = markdown(report)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nChorus GPU bench, {report['device']}, {report['dtype']}, {report['elapsed_s']:.0f} s\n")
     print(report["table"])
     print(f"\nwrote {args.json}")

@@ -50,6 +50,12 @@ def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
     assert [r["model"] for r in report["agreement"]] == ["smollm2-135m", "gemma-3-270m"]
     for r in report["agreement"]:  # the engine's static decode form against a plain forward, past the window
         assert r["agreeing_streams"] == r["streams"] == 8 and r["largest_logit_diff"] < 1e-4
+    # The worker server itself (a subprocess, over gRPC), greedy: every session writes what generate writes.
+    assert [r["batch"] for r in report["server"]] == [1, 32]
+    for r in report["server"]:
+        assert r["served_on"] == "cpu" and r["server_tok_s"] > 0 and r["engine_tok_s"] > 0
+        assert r["sessions_equal_to_generate"] == r["batch"]
+    assert "worker server" in report["table"]
     assert [r["batch"] for r in report["generate_compiled"]] == [1, 32]
     assert all(r["generate_compiled_tok_s"] > 0 for r in report["generate_compiled"])
 
@@ -74,5 +80,6 @@ def test_sections_past_the_budget_are_skipped_and_said_so(tmp_path: Path) -> Non
     out = tmp_path / "bench-gpu.json"
     assert module.main(["--tiny", "--json", str(out), "--budget-s", "0"]) == 0
     report = json.loads(out.read_text())
-    assert report["skipped"] == ["agreement", "members", "burst", "decode_ratio", "gac", "me", "generate_compiled"]
+    sections = ["agreement", "server", "members", "burst", "decode_ratio", "gac", "me", "generate_compiled"]
+    assert report["skipped"] == sections
     assert "skipped: the time budget was spent" in report["table"]
