@@ -279,25 +279,49 @@ class Runtime:
 
     def _draw(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> tuple[int, Part] | None:
         """One token drawn from a step's parts, with the part it came from; None for end of sequence."""
-        logps = []
         # A model draws after the text's own spelling only: a draw after the other spelling of a trailing run
         # (Plan.alt) would re-spell the run behind the committed text, and the byte rollbacks that follow a
         # rejected draft then leave other tokens than a shorter draft's did (fixed 5- and 1-token SAFE drafts
         # stopped writing the same text, tests/test_real_strategies.py). Its distribution still counts both.
         parts = [part for part in parts if part.replaces >= 0]
-        for part in parts:
-            logp = part.logprobs.astype(np.float64) + part.log_scale
-            if part.ids is None:
-                logp[self._not_text] = -np.inf
-            logps.append(logp)
-        index = pick(np.exp(np.concatenate(logps)), sampling, rng)
-        starts = np.cumsum([0] + [lp.size for lp in logps])
-        k = int(np.searchsorted(starts, index, side="right")) - 1
-        part, offset = parts[k], index - int(starts[k])
+        if sampling.temperature == 0:
+            k, offset = self._likeliest(parts)
+        else:
+            logps = []
+            for part in parts:
+                logp = part.logprobs.astype(np.float64) + part.log_scale
+                if part.ids is None:
+                    logp[self._not_text] = -np.inf
+                logps.append(logp)
+            index = pick(np.exp(np.concatenate(logps)), sampling, rng)
+            starts = np.cumsum([0] + [lp.size for lp in logps])
+            k = int(np.searchsorted(starts, index, side="right")) - 1
+            offset = index - int(starts[k])
+        part = parts[k]
         token = offset if part.ids is None else int(part.ids[offset])
         if part.ids is None and token in self._eos:
             return None
         return token, part
+
+    def _likeliest(self, parts: list[Part]) -> tuple[int, int]:
+        """Greedy: the part and the offset in it of the likeliest text entry, the one `pick` finds over the
+        parts' probabilities concatenated (the first of equals), compared in log space. exp is increasing, and
+        float32 log-probabilities that differ, plus a part's scale, stay apart in float64, so the choice is the
+        same without an exp and a float64 copy of the vocabulary per token: that was half the worker's host time
+        per drawn token at 262,144 tokens, time the other sessions of the next pass wait (bench_engine.py,
+        `draft_host_time`)."""
+        best, where = -np.inf, (0, 0)
+        for k, part in enumerate(parts):
+            logp = part.logprobs
+            if logp.size == 0:
+                continue
+            i = int(np.argmax(logp))
+            if part.ids is None and self._not_text[i]:  # rare: the top is a special token; the top of the rest
+                i = int(np.argmax(np.where(self._not_text, -np.inf, logp)))
+            value = float(logp[i]) + part.log_scale
+            if value > best:
+                best, where = value, (k, i)
+        return where
 
     async def score(
         self, session: Session, append: bytes, rollback: int, pieces: list[bytes], top_k: int, partial: bool = False

@@ -25,8 +25,11 @@ measured in-process. Figures:
             1,536-token prompts arrive together, median gap over their first 12 tokens and in steady
             state / a bare batch-16 forward; a chat's second turn after a 1,500-token history, cold /
             warm time to first token (prefix cache); 32 concurrent 200-token sessions at a KV budget of
-            4 x 4,096 tokens, failures; the worker's per-step CPU outside the forward (commit,
-            re-tokenize the open tail, plan) at 2,000 / at 100 tokens of text (scripts/bench_engine.py).
+            4 x 4,096 tokens, failures; the worker's host time per drawn token while 32 sessions of the
+            real SmolLM2, then Gemma 3, draw 16 greedy tokens at once (information: the time a pass
+            waits for its sessions, which a GPU's short passes expose); the worker's per-step CPU outside
+            the forward (commit, re-tokenize the open tail, plan) at 2,000 / at 100 tokens of text
+            (scripts/bench_engine.py).
 7. few_rows  a decode pass of 2 / 3 / 4 / 8 sessions of a Gemma 3-shaped model (random weights, CPU, one
             thread) with the output layer computing a few rows as weight @ rows.T / with nn.Linear
             (model_worker/vocab_projection.py; target <= 1.0x).
@@ -770,6 +773,8 @@ def figure_engine(quick: bool) -> list[Figure]:
     from transformers import AutoTokenizer
 
     from model_worker import catalog
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
 
     torch.set_num_threads(1)
     model = bench_engine.random_model(bench_engine.SMOLLM2)
@@ -792,6 +797,20 @@ def figure_engine(quick: bool) -> list[Figure]:
     smol, gemma = (
         AutoTokenizer.from_pretrained(catalog.prepare(n, log=False)) for n in ("smollm2-135m-instruct", "gemma3-270m")
     )
+    for name in ("smollm2-135m-instruct", "gemma3-270m"):
+        loaded = load_model(str(catalog.prepare(name, log=False)), max_model_len=1024)
+        r = bench_engine.draft_host_time(Runtime(loaded), sessions=8 if quick else 32, tokens=4 if quick else 16)
+        del loaded
+        figures.append(
+            Figure(
+                f"engine_draft_host_{name.split('-')[0]}",
+                f"{name}: host time per drawn token, {r['sessions']} sessions drawing greedily at once",
+                r["host_us_per_token"],
+                " us",
+                details=r,
+                note=f"{100 * r['host_share']:.0f}% of the wall time; {r['passes']} passes for {r['tokens']} tokens",
+            )
+        )
     cpu = bench_engine.conditioning_cpu(smol, gemma, steps=50 if quick else 300)
     for kind, label in (("own", "its own tokens"), ("foreign", "another tokenizer's pieces")):
         short, long = cpu[kind][100], cpu[kind][2000]

@@ -275,6 +275,60 @@ def burst(runtime: Any, prompt_tokens: int, streams: int = 16, tokens: int = 24)
     return _gaps(arrivals, runtime.loaded.model, prompt_tokens, runtime.loaded.device)
 
 
+def draft_host_time(runtime: Any, sessions: int = 32, tokens: int = 16, prompt_tokens: int = 64) -> dict[str, float]:
+    """`sessions` sessions of distinct prompts drawing `tokens` greedy tokens each at once, in Draft calls (as
+    SAFE's drafter, and a model alone, draw on the worker): the worker's host time per drawn token, the wall
+    time not spent in forward passes (each token's distribution, its draw, the conditioner's bookkeeping, the
+    event loop), during which the other sessions of the next pass wait; and the passes run (`tokens` when
+    every pass carries every session)."""
+    import asyncio
+
+    from chorus_common.types import Prompt, SamplingParams
+
+    engine = runtime.engine
+    in_passes: list[float] = []
+    run_pass = engine._run
+
+    def timed(slices: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return run_pass(slices)
+        finally:
+            in_passes.append(time.perf_counter() - started)
+
+    engine._run = timed
+    prompts = _prompts(runtime.loaded.tokenizer, sessions, prompt_tokens)
+
+    async def run() -> float:
+        engine.start()
+        opened = [await runtime.open(Prompt(text=p)) for p in prompts]
+        greedy = SamplingParams()
+        await asyncio.gather(*(runtime.draft(s, b"", 0, 2, greedy, 0) for s in opened))  # prefills, first decode
+        in_passes.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(runtime.draft(s, b"", 0, tokens, greedy, 0) for s in opened))
+        wall = time.perf_counter() - started
+        for s in opened:
+            runtime.close(s)
+        await engine.stop()
+        return wall
+
+    try:
+        wall = asyncio.run(run())
+    finally:
+        del engine._run  # the instance attribute: the class's method again
+    host = wall - sum(in_passes)
+    return {
+        "sessions": sessions,
+        "tokens": tokens,
+        "wall_s": wall,
+        "in_passes_s": sum(in_passes),
+        "passes": len(in_passes),
+        "host_us_per_token": host / (sessions * tokens) * 1e6,
+        "host_share": host / wall,
+    }
+
+
 def engine_burst(
     model: Any, device: torch.device, prompt_tokens: int, streams: int = 16, tokens: int = 24, seed: int = 0
 ) -> dict[str, float]:

@@ -78,3 +78,21 @@ def test_bench_safe_reports_fixed_draft_variants_against_gac() -> None:
     assert "fixed" not in bench_safe.report({"prompts": [plain]}) and "again" not in bench_safe.report(
         {"prompts": [plain]}
     )
+
+
+def test_draft_host_time_splits_the_wall_time_at_the_passes(bench: ModuleType, tmp_path: Path) -> None:
+    """The worker's host time per drawn token (bench.py's engine section) on a tiny model: every token drawn,
+    the passes timed, the engine's own pass runner given back."""
+    import bench_engine  # on the path once bench.py is loaded
+
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
+    from tests.tiny_models import random_llama
+
+    runtime = Runtime(load_model(str(random_llama(tmp_path / "llama"))))
+    r = bench_engine.draft_host_time(runtime, sessions=4, tokens=3, prompt_tokens=16)
+    assert r["sessions"] == 4 and r["tokens"] == 3
+    assert r["passes"] >= 3  # a session late for a pass rides in the next: never fewer than the tokens
+    assert 0 < r["in_passes_s"] < r["wall_s"] and r["host_us_per_token"] > 0 and 0 < r["host_share"] < 1
+    assert "_run" not in vars(runtime.engine)
+    assert not runtime.sessions  # every session closed

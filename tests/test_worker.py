@@ -591,3 +591,52 @@ def test_long_prompts_in_chunks_and_shared_prefixes_match_the_reference(model_di
     expected += [reference.next_bytes(state)] * 2
     for got, want in zip(cached[:4], expected, strict=True):
         _assert_close(got, want)
+
+
+def test_a_greedy_draw_takes_what_the_sampling_path_takes_at_temperature_zero() -> None:
+    """`_likeliest` compares log-probabilities plus scales where the general path exponentiates them in
+    float64 and takes the argmax of the concatenation: the same part and entry, ties (the first of equals)
+    and special tokens (never drawn) included."""
+    from types import SimpleNamespace
+
+    from chorus_common.sampling import pick
+    from chorus_common.types import SamplingParams
+
+    def general(not_text: np.ndarray, parts: list[Part]) -> tuple[int, int]:
+        logps = []
+        for part in parts:
+            logp = part.logprobs.astype(np.float64) + part.log_scale
+            if part.ids is None:
+                logp[not_text] = -np.inf
+            logps.append(logp)
+        index = pick(np.exp(np.concatenate(logps)), SamplingParams(), np.random.default_rng(0))
+        starts = np.cumsum([0] + [lp.size for lp in logps])
+        k = int(np.searchsorted(starts, index, side="right")) - 1
+        return k, index - int(starts[k])
+
+    rng = np.random.default_rng(7)
+    vocab = 500
+    checked = {"masked top": 0, "tie": 0, "sparse wins": 0}
+    for case in range(400):
+        not_text = rng.random(vocab) < 0.05
+        dense = (rng.standard_normal(vocab) * 3).astype(np.float32)
+        if case % 4 == 0:  # the top is a special token
+            dense[int(np.flatnonzero(not_text)[0])] = dense.max() + 5
+            checked["masked top"] += 1
+        if case % 5 == 0:  # two text entries equal at the top
+            i, j = np.flatnonzero(~not_text)[[3, 40]]
+            dense[[i, j]] = dense[~not_text].max() + 1
+            checked["tie"] += 1
+        dense -= np.float32(np.log(np.exp(dense.astype(np.float64)).sum()))
+        parts = []
+        for _ in range(int(rng.integers(0, 3))):  # healing levels before the dense part: sparse, scaled
+            ids = rng.choice(vocab, size=int(rng.integers(1, 30)), replace=False).astype(np.uint32)
+            values = (rng.standard_normal(ids.size) - 1).astype(np.float32)
+            scale = float(rng.choice([0.0, -0.5, float(values.max() * -1 + dense.max())]))  # now and then a tie
+            parts.append(Part(1, scale, ids, values))
+        parts.append(Part(0, float(rng.choice([0.0, -1.25])), None, dense))
+        fake = SimpleNamespace(_not_text=not_text)
+        got = Runtime._likeliest(fake, parts)  # type: ignore[arg-type]
+        assert got == general(not_text, parts), case
+        checked["sparse wins"] += got[0] < len(parts) - 1
+    assert all(checked.values()), checked
