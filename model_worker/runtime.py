@@ -213,22 +213,28 @@ class Runtime:
     ) -> StepResult:
         """Commit `append` (after dropping `rollback` bytes) and return the distribution over the next bytes.
         `partial`: the appended text may end inside a token, so the last one stays open to extension."""
+        return await self._step(session, append, fmt, rollback, partial, self.vocab_size >= OFF_LOOP_VOCAB)
+
+    async def _step(
+        self, session: Session, append: bytes, fmt: Format, rollback: int, partial: bool, off_loop: bool
+    ) -> StepResult:
         self._move(session, rollback, append, partial)
         plan = self._plan(session.text)
         stats = await self._ensure_rows(session.kv, session.text, plan, plan.rows_needed, self._branches([plan]))
         session.last_plan = plan
-        parts = await self._parts(plan, session.kv, fmt)
+        parts = await self._parts(plan, session.kv, fmt, off_loop)
         if stats is None:
             return StepResult(parts, 0, 0, 0, 0.0, 0.0)
         return StepResult(
             parts, stats.tokens_fed, 1, stats.batch_size, stats.queue_ms, stats.compute_ms, stats.queue_position
         )
 
-    async def _parts(self, plan: Plan, kv: SessionCache, fmt: Format) -> list[Part]:
-        """The step's distribution parts; over a large vocabulary in a thread of their own (a softmax and a
-        copy of every entry), so the event loop keeps answering other sessions and health checks."""
+    async def _parts(self, plan: Plan, kv: SessionCache, fmt: Format, off_loop: bool) -> list[Part]:
+        """The step's distribution parts; `off_loop`, in a thread of their own (over a large vocabulary a
+        step's parts are a softmax and a copy of every entry for the wire), so the event loop keeps answering
+        other sessions and health checks."""
         index = self.conditioner.index
-        if self.vocab_size < OFF_LOOP_VOCAB:
+        if not off_loop:
             return build_parts(plan, kv.rows, index, fmt, kv.branch_rows)
         loop = asyncio.get_running_loop()
         rows, branches = dict(kv.rows), dict(kv.branch_rows)
@@ -255,7 +261,9 @@ class Runtime:
         ended = False
         for _ in range(max_tokens):
             try:
-                out = await self.step(session, append, FULL, rollback, partial)
+                # On the loop: the draw below reads the parts at once, and a hand-off to the parts thread per
+                # token cost more than the softmax (bench_engine.draft_host_time: Gemma 3, 32 sessions).
+                out = await self._step(session, append, FULL, rollback, partial, off_loop=False)
             except ContextFull:
                 if not pieces:
                     raise
