@@ -133,10 +133,20 @@ def paged_attention(
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     out = query.new_empty(1, tokens, heads, values.shape[2])
+    plain = not softcap and query.dtype == keys.dtype == values.dtype == torch.float32
     for s in plan.seqs:
         n = s.q_len
-        q = query[0, :, s.q_start : s.q_start + n].reshape(kv_heads, group * n, dim)
         runs = s.runs[g]
+        if plain and n == 1 and len(runs) == 1 and not s.branches and s.masks[g] is None:
+            # A float32 decode over one run of blocks (a CPU's decodes past GATHER_UP_TO): the products below
+            # in three ops instead of a dozen, bitwise equal (tests/test_paged_attention.py); at these sizes
+            # a session's attention is mostly per-op overhead, paid per session and layer.
+            a, m = runs[0]
+            q = query[0, :, s.q_start].view(kv_heads, group, dim)
+            scores = torch.bmm(q, keys[:, a : a + m].transpose(1, 2)).mul_(scale)
+            out[0, s.q_start] = torch.bmm(torch.softmax(scores, -1), values[:, a : a + m]).view(heads, -1)
+            continue
+        q = query[0, :, s.q_start : s.q_start + n].reshape(kv_heads, group * n, dim)
         scores = (
             torch.cat([q @ keys[:, a : a + m].transpose(1, 2) for a, m in runs], -1)
             if len(runs) > 1
