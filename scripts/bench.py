@@ -808,7 +808,8 @@ def figure_engine(quick: bool) -> list[Figure]:
                 r["host_us_per_token"],
                 " us",
                 details=r,
-                note=f"{100 * r['host_share']:.0f}% of the wall time; {r['passes']} passes for {r['tokens']} tokens",
+                note=f"{100 * r['host_share']:.0f}% of the wall time; {r['passes']} passes for {r['tokens']} tokens; "
+                f"{r['drawn']} drawn",
             )
         )
     cpu = bench_engine.conditioning_cpu(smol, gemma, steps=50 if quick else 300)
