@@ -314,10 +314,11 @@ class Runtime:
     def _likeliest(self, parts: list[Part]) -> tuple[int, int]:
         """Greedy: the part and the offset in it of the likeliest text entry, the one `pick` finds over the
         parts' probabilities concatenated (the first of equals), compared in log space. exp is increasing, and
-        float32 log-probabilities that differ, plus a part's scale, stay apart in float64, so the choice is the
-        same without an exp and a float64 copy of the vocabulary per token: that was half the worker's host time
-        per drawn token at 262,144 tokens, time the other sessions of the next pass wait (bench_engine.py,
-        `draft_host_time`)."""
+        float32 log-probabilities that differ, plus one part's scale, stay apart in float64, so the choice is the
+        same (across parts, two entries within float64 rounding of each other could tie after exp, where the
+        earlier part won; here the larger does) without an exp and a float64 copy of the vocabulary per token:
+        that was half the worker's host time per drawn token at 262,144 tokens, time the other sessions of the
+        next pass wait (bench_engine.py, `draft_host_time`)."""
         best, where = -np.inf, (0, 0)
         for k, part in enumerate(parts):
             logp = part.logprobs
