@@ -321,7 +321,8 @@ def agreement_figures(
         agree, largest = 0, 0.0
         for fed, got in results:
             with torch.inference_mode():
-                full = model(input_ids=torch.tensor([fed], device=device)).logits[0].float().cpu()
+                logits = model(input_ids=torch.tensor([fed], device=device)).logits[0]
+                full = torch.log_softmax(logits.float(), -1).cpu()  # the engine's rows are log-probabilities
             largest = max(largest, max(float((row - full[p]).abs().max()) for p, row in got))
             agree += all(int(row.argmax()) == int(full[p].argmax()) for p, row in got)
         rows.append(
@@ -331,7 +332,7 @@ def agreement_figures(
                 "streams": len(prompts),
                 "tokens": tokens,
                 "agreeing_streams": agree,
-                "largest_logit_diff": largest,
+                "largest_logprob_diff": largest,
                 "graphs_captured": engine.runner.static.captured,
             }
         )
@@ -361,10 +362,15 @@ def server_figures(
     once: the server's tokens/s, against the engine stepping the same batch at the same context in process,
     in the decode form the worker runs there (static on CUDA, ragged on a CPU). Each session's greedy
     tokens are checked against transformers' `generate` on the saved model (in bfloat16 the two round
-    attention differently and may part at near-ties: counted, not asserted)."""
+    attention differently and may part at near-ties: counted, not asserted). The worker's own metrics over
+    the timed Draft calls split its wall time: the passes it ran, their mean batch, and its host time per
+    drawn token (the wall time outside forward passes, as bench_engine.draft_host_time counts it in process)."""
     import asyncio
+    import socket
     import subprocess
+    import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
     from transformers import AutoModelForCausalLM
 
     from chorus_common.types import Prompt, SamplingParams
@@ -386,6 +392,22 @@ def server_figures(
     rng = random.Random(0)
     prompts = [_prompt(rng, prompt_words) for _ in range(max(batches))]
     port_file = workdir / "server-port"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+
+    def passes() -> dict[str, float]:
+        """The worker's forward-pass and batch-size histograms' sums and counts, so far."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        wanted = {"chorus_worker_forward_seconds", "chorus_worker_batch_size"}
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name in wanted
+            for sample in family.samples
+            if sample.name.endswith(("_sum", "_count"))
+        }
+
     options = {
         "--model": path,
         "--device": device.type,
@@ -395,6 +417,7 @@ def server_figures(
         "--max-model-len": 8 * prompt_words + tokens + 64,
         "--kv-budget-mib": 2048,
         "--max-sessions": max(batches),
+        "--metrics-port": metrics_port,
     }
     command = [sys.executable, "-m", "model_worker", *(str(x) for kv in options.items() for x in kv)]
     worker = subprocess.Popen(command, cwd=ROOT)
@@ -406,7 +429,7 @@ def server_figures(
             time.sleep(0.2)
         address = f"127.0.0.1:{port_file.read_text()}"
 
-        async def drive(batch: int) -> tuple[float, list[bytes], str]:
+        async def drive(batch: int) -> tuple[float, list[bytes], str, dict[str, float]]:
             client = WorkerClient(address)
             try:
                 await client.wait_ready(60)
@@ -417,20 +440,29 @@ def server_figures(
                 await asyncio.gather(*(s.open(Prompt(text=p), f"bench-{i}") for i, (s, p) in enumerate(opened)))
                 # The prefills and a first decode (on CUDA its batch shape's graph is captured then, not timed).
                 firsts = await asyncio.gather(*(s.draft(b"", 0, 2, greedy, 0, 0) for s in sessions))
+                before = passes()
                 started = time.perf_counter()
                 drafts = await asyncio.gather(*(s.draft(b"", 0, tokens, greedy, 0, 0) for s in sessions))
                 elapsed = time.perf_counter() - started
+                during = {k: v - before.get(k, 0.0) for k, v in passes().items()}
                 for s in sessions:
                     s.cancel()
                 texts = [b"".join(f.pieces + d.pieces) for f, d in zip(firsts, drafts, strict=True)]
                 drawn = sum(len(d.pieces) for d in drafts)
-                return drawn / elapsed, texts, info.device
+                count = during["chorus_worker_forward_seconds_count"]
+                split = {
+                    "passes": count,
+                    "mean_batch": during["chorus_worker_batch_size_sum"] / max(1.0, count),
+                    "in_passes_share": during["chorus_worker_forward_seconds_sum"] / elapsed,
+                    "host_us_per_token": (elapsed - during["chorus_worker_forward_seconds_sum"]) / drawn * 1e6,
+                }
+                return drawn / elapsed, texts, info.device, split
             finally:
                 await client.close()
 
         rows = []
         for batch in batches:
-            server_tok_s, texts, served_on = asyncio.run(drive(batch))
+            server_tok_s, texts, served_on, split = asyncio.run(drive(batch))
             agree = 0
             for prompt, text in zip(prompts[:batch], texts, strict=True):
                 ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -453,6 +485,7 @@ def server_figures(
                     "engine_tok_s": engine_tok_s,
                     "server_vs_engine": server_tok_s / engine_tok_s,
                     "sessions_equal_to_generate": agree,
+                    **split,
                 }
             )
         return rows
@@ -493,15 +526,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"forward, {r['streams']} streams of {'/'.join(map(str, r['prompt_tokens']))}-token prompts, "
             f"{r['tokens']} steps (a greedy token; every fourth, a piece of three) | "
             f"{r['agreeing_streams']}/{r['streams']} streams agree on every token; "
-            f"largest logit difference {r['largest_logit_diff']:.1e} |"
+            f"largest log-probability difference {r['largest_logprob_diff']:.1e} |"
         )
     for r in report.get("server", []):
         lines.append(
             f"| worker server (`python -m model_worker`, gRPC) on {r['served_on']}, {report['server_shape']}-shaped "
             f"(vocabulary {r['vocab']}), {r['batch']} session(s) drawing {r['tokens']} greedy tokens at once | "
             f"{r['server_tok_s']:.0f} tok/s, {r['server_vs_engine']:.2f}x the engine in process ("
-            f"{r['engine_tok_s']:.0f} tok/s at {r['context']} tokens); {r['sessions_equal_to_generate']}/{r['batch']} "
-            f"sessions equal to `generate` |"
+            f"{r['engine_tok_s']:.0f} tok/s at {r['context']} tokens); {r['passes']:.0f} passes of "
+            f"{r['mean_batch']:.1f} sessions, {r['in_passes_share']:.0%} of the time in them, host "
+            f"{r['host_us_per_token']:.0f} us per token; {r['sessions_equal_to_generate']}/{r['batch']} sessions "
+            "equal to `generate` |"
         )
     for r in report.get("decode_ratio", []):
         lines.append(
