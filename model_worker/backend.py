@@ -23,7 +23,7 @@ class SessionCache(Protocol):
 
     ids: list[int]
     rows: dict[int, torch.Tensor]
-    # branch -> the next-token log-probabilities after its tokens placed from its position on (conditioning.Branch)
+    # branch -> the output logits after its tokens placed from its position on (conditioning.Branch)
     branch_rows: dict[Branch, torch.Tensor]
 
     def keep_rows(self, positions: set[int], branches: Collection[Branch] = ()) -> None: ...
@@ -62,8 +62,7 @@ class Backend(Protocol):
     async def forward(
         self, cache: SessionCache, new_ids: list[int], want: Collection[int], branches: Collection[Branch] = ()
     ) -> PassStats:
-        """Append new_ids; cache.rows then holds the next-token log-probabilities (float32 tensors on the
-        host) at the `want` positions among them, and
+        """Append new_ids; cache.rows then holds the output logits at the `want` positions among them, and
         cache.branch_rows those of the `branches` that start at positions among them (rows after other
         tokens from such a position on: they see the keys before it and each other, in the same pass)."""
         ...

@@ -272,7 +272,7 @@ class Conditioner:
 
     def commit(self, state: TextState, piece: bytes, boundary_row: Any = None, partial: bool = False) -> None:
         """Append committed bytes. At the model's boundary, a piece that is one of its tokens is that token
-        (of several with the same bytes, the likeliest under boundary_row, the log-probabilities after the boundary,
+        (of several with the same bytes, the likeliest under boundary_row, the logits after the boundary,
         else the one the tokenizer writes),
         unless `partial`: the piece may end inside a token, so it joins the tail and stays open."""
         if not piece:

@@ -1,5 +1,4 @@
-"""Turn a pass's output rows (next-token log-probabilities on the host, model_runner._split_rows) into the parts
-of a next-bytes distribution (see conditioning.py)."""
+"""Turn output logits into the parts of a next-bytes distribution (see conditioning.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ def build_parts(
     alt = _alt_rows(plan, branches)
     for j, prefix in enumerate(plan.levels):
         k = plan.open - j  # this part's tokens replace the last k
-        before = rows[n - 1 - k]
+        before = torch.log_softmax(rows[n - 1 - k].float(), dim=-1)
         parts += _sparse(before, index.extensions(prefix), len(prefix), scale, fmt.top_k, replaces=k)
         if k == 1 and alt is not None:  # the run's other spelling, then what follows it
             weight, after_alt, rest = _alt_weight(plan, before, alt, scale)
@@ -58,7 +57,7 @@ def build_parts(
             else:
                 parts.append(dense_part(after_alt, weight, fmt, replaces=-1))
         scale += float(before[plan.extra[len(plan.extra) - k]])
-    after = rows[n - 1]
+    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     if plan.pending:
         parts += _sparse(after, index.extensions(plan.pending), len(plan.pending), scale, fmt.top_k)
     elif plan.inside:  # a character spelt with tokens up to here: the next one goes on with it
@@ -76,7 +75,7 @@ def _alt_rows(plan: Plan, branches: Mapping[Branch, torch.Tensor] | None) -> lis
     keys = branch_rows(plan.branch)
     if not all(key in branches for key in keys):
         return None
-    return [branches[key] for key in keys]
+    return [torch.log_softmax(branches[key].float(), dim=-1) for key in keys]
 
 
 def _alt_weight(
@@ -129,7 +128,7 @@ def lookup_logprob(
     ends: list[tuple[float, torch.Tensor]] = []  # (log scale, logprobs) of the rows after which the text may end
     for j, prefix in enumerate(plan.levels):
         k = plan.open - j
-        before = rows[n - 1 - k]
+        before = torch.log_softmax(rows[n - 1 - k].float(), dim=-1)
         options.append((prefix, scale, before))
         if k == 1 and alt is not None:
             weight, after_alt, rest = _alt_weight(plan, before, alt, scale)
@@ -137,7 +136,7 @@ def lookup_logprob(
             if not rest:
                 ends.append((weight, after_alt))
         scale += float(before[plan.extra[len(plan.extra) - k]])
-    after = rows[n - 1]
+    after = torch.log_softmax(rows[n - 1].float(), dim=-1)
     if not (plan.inside and not plan.pending and candidate and not 0x80 <= candidate[0] < 0xC0):
         options.append((plan.pending, scale, after))  # inside a character, only what continues it
     if not candidate:

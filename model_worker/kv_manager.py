@@ -40,8 +40,8 @@ class SessionKV:
     """One session's cache: the tokens whose keys and values are stored, where, and the output rows kept."""
 
     ids: list[int] = field(default_factory=list)  # tokens cached, in order
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> next-token log-probabilities after it
-    # branch -> the log-probabilities after its tokens placed from its position on (conditioning.Branch)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> output logits after it
+    # branch -> the output logits after its tokens placed from its position on (conditioning.Branch)
     branch_rows: dict[Branch, torch.Tensor] = field(default_factory=dict)
     tables: list[list[int | None]] = field(default_factory=list)  # per group: block of each logical block
     keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks (prefix caching)

@@ -153,8 +153,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
-        """One pass; per slice, its wanted positions' and branches' next-token log-probabilities
-        (float32, on the host)."""
+        """One pass; per slice, its wanted positions' and branches' output logits (float32)."""
         shape = self.static.shape_of(slices)
         if shape is not None:
             return self.static.run(slices, shape)
@@ -176,11 +175,7 @@ class ModelRunner:
 
 
 def _split_rows(logits: torch.Tensor, wanted: list[list[RowKey]]) -> list[dict[RowKey, torch.Tensor]]:
-    """Per slice, its wanted rows as float32 log-probabilities on the host: normalised in one op over the
-    pass's rows and copied off the device in one transfer (on a GPU, a softmax and a copy per session each
-    waited for the device in turn, between passes: server_figures in scripts/bench_gpu.py), then each row
-    cloned, so that a session that keeps its row does not keep the whole pass's."""
-    rows = torch.log_softmax(logits, dim=-1, dtype=torch.float32).cpu()
+    rows = logits.float()
     out, i = [], 0
     for positions in wanted:
         out.append({p: rows[i + j].clone() for j, p in enumerate(positions)})

@@ -29,8 +29,9 @@ side by side in one run (medians):
    transformers does on CUDA by default (torch.compile with CUDA graphs), at batch 1 and 32;
 7. the worker *server* (`python -m model_worker`, a subprocess answering gRPC, CUDA graphs on) with a
    SmolLM2-shaped model: 1 and 32 sessions drawing greedy tokens at once (Draft calls, after two untimed),
-   tokens/s against the engine stepping the same batch in this process, and every session's text against
-   `generate`.
+   tokens/s against the engine stepping the same batch in this process (after an untimed round), its passes,
+   their mean batch and its host time per token from the worker's own metrics, and every session's text
+   against `generate`.
 First of all (not numbered: a check, not a speed) the engine's output rows on the device against a plain
 forward of the same model (`agreement`). The sections' keys: agreement, server, members, burst, decode_ratio,
 gac, me, generate_compiled: the order they run in (`--only` takes these keys).
@@ -321,8 +322,7 @@ def agreement_figures(
         agree, largest = 0, 0.0
         for fed, got in results:
             with torch.inference_mode():
-                logits = model(input_ids=torch.tensor([fed], device=device)).logits[0]
-                full = torch.log_softmax(logits.float(), -1).cpu()  # the engine's rows are log-probabilities
+                full = model(input_ids=torch.tensor([fed], device=device)).logits[0].float().cpu()
             largest = max(largest, max(float((row - full[p]).abs().max()) for p, row in got))
             agree += all(int(row.argmax()) == int(full[p].argmax()) for p, row in got)
         rows.append(
@@ -332,7 +332,7 @@ def agreement_figures(
                 "streams": len(prompts),
                 "tokens": tokens,
                 "agreeing_streams": agree,
-                "largest_logprob_diff": largest,
+                "largest_logit_diff": largest,
                 "graphs_captured": engine.runner.static.captured,
             }
         )
@@ -534,7 +534,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"forward, {r['streams']} streams of {'/'.join(map(str, r['prompt_tokens']))}-token prompts, "
             f"{r['tokens']} steps (a greedy token; every fourth, a piece of three) | "
             f"{r['agreeing_streams']}/{r['streams']} streams agree on every token; "
-            f"largest log-probability difference {r['largest_logprob_diff']:.1e} |"
+            f"largest logit difference {r['largest_logit_diff']:.1e} |"
         )
     for r in report.get("server", []):
         lines.append(

@@ -49,7 +49,7 @@ TOKENS = 24
 class Row:
     tail: str  # the prompt's end
     first: int | None  # the first step where the greedy tokens differ, None if none does
-    worst: float  # the largest log-probability difference over the steps before it
+    worst: float  # the largest logit difference over the steps before it
     first_rows: tuple[torch.Tensor, torch.Tensor]  # the engine's and transformers' logits at the first step
 
 
@@ -82,7 +82,7 @@ async def compare(name: str, dtype: str, gpu_form: bool = False) -> tuple[list[R
             first_rows = (kv.rows[len(ids) - 1].double(), ref.logits[0][0].double())
             for step in range(min(TOKENS, len(ref.logits))):
                 ours = kv.rows[len(kv.ids) - 1].float()
-                theirs = torch.log_softmax(ref.logits[step][0].float(), -1)  # our rows are log-probabilities
+                theirs = ref.logits[step][0].float()
                 worst = max(worst, float((ours - theirs).abs().max()))
                 token = int(ours.argmax())
                 if token != int(ref.sequences[0, len(ids) + step]):
@@ -149,7 +149,7 @@ def main() -> int:
             print(f"{name} {dtype}{form}: {agree}/{len(rows)} prompts agree for {TOKENS} tokens", flush=True)
             for row in rows:
                 verdict = "agree" if row.first is None else f"differ at token {row.first}"
-                print(f"  {row.tail!r:28} {verdict:18} largest log-probability difference {row.worst:.4g}", flush=True)
+                print(f"  {row.tail!r:28} {verdict:18} largest logit difference {row.worst:.4g}", flush=True)
             if dtype != "float32":
                 ours, theirs = kl_from_float32(name, rows)
                 print(f"  median KL from the float32 model: engine {ours:.2e}, transformers {theirs:.2e}", flush=True)

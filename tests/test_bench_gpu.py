@@ -51,7 +51,7 @@ def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
     assert all(r["engine_ms"] > 0 and r["static_ms"] > 0 for r in report["decode_ratio"])
     assert [r["model"] for r in report["agreement"]] == ["smollm2-135m", "gemma-3-270m"]
     for r in report["agreement"]:  # the engine's static decode form against a plain forward, past the window
-        assert r["agreeing_streams"] == r["streams"] == 8 and r["largest_logprob_diff"] < 1e-4
+        assert r["agreeing_streams"] == r["streams"] == 8 and r["largest_logit_diff"] < 1e-4
     # The worker server itself (a subprocess, over gRPC), greedy: every session writes what generate writes.
     assert [r["batch"] for r in report["server"]] == [1, 32]
     for r in report["server"]:

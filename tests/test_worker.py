@@ -251,6 +251,25 @@ def test_concurrent_sessions_share_forward_passes_exactly(model_dir: Path) -> No
     assert not runtime.sessions and runtime.kv_cache_bytes() == 0
 
 
+def test_a_pass_leaves_each_session_a_row_of_its_own(model_dir: Path) -> None:
+    """Each session keeps the output row of its last pass until its next step: a row owns its storage, so a
+    session that idles does not keep the rows of the other sessions of that pass."""
+    runtime = Runtime(load_model(str(model_dir)), max_sessions=3)
+
+    async def rows() -> tuple[list[torch.Tensor], list[int]]:
+        runtime.engine.start()
+        sessions = [await runtime.open(Prompt(text=p)) for p in ("a", "hello world", "12+35=")]
+        outs = await asyncio.gather(*(runtime.step(s, b"", FULL) for s in sessions))
+        await runtime.engine.stop()
+        return [s.kv.rows[len(s.kv.ids) - 1] for s in sessions], [o.batch_size for o in outs]
+
+    got, batches = asyncio.run(rows())
+    assert batches == [3, 3, 3]  # one pass
+    for row in got:
+        assert row.dtype == torch.float32 and row.dim() == 1
+        assert row.untyped_storage().nbytes() == row.numel() * row.element_size()
+
+
 @pytest.mark.parametrize(
     ("static_decode", "gather_all", "fused", "capped"),
     [
