@@ -360,8 +360,8 @@ def server_figures(
     download) is saved and served; per batch, that many sessions open with distinct prompts, draw two
     greedy tokens (their prefill and a first decode), then `tokens` more each in one Draft call, all at
     once, twice (new sessions, same prompts; the first round untimed, so that no CUDA graph is captured
-    while timing): the server's tokens/s, against the engine stepping the same batch at the same context in process,
-    in the decode form the worker runs there (static on CUDA, ragged on a CPU). Each session's greedy
+    while timing): the server's tokens/s, against the engine stepping the same batch at the same context
+    in process, in the decode form the worker runs there (static on CUDA, ragged on a CPU). Each session's greedy
     tokens are checked against transformers' `generate` on the saved model (in bfloat16 the two round
     attention differently and may part at near-ties: counted, not asserted). The worker's own metrics over
     the timed Draft calls split its wall time: the passes it ran, their mean batch, and its host time per
