@@ -292,24 +292,26 @@ class Runtime:
         # rejected draft then leave other tokens than a shorter draft's did (fixed 5- and 1-token SAFE drafts
         # stopped writing the same text, tests/test_real_strategies.py). Its distribution still counts both.
         parts = [part for part in parts if part.replaces >= 0]
-        if sampling.temperature == 0:
-            k, offset = self._likeliest(parts)
-        else:
-            logps = []
-            for part in parts:
-                logp = part.logprobs.astype(np.float64) + part.log_scale
-                if part.ids is None:
-                    logp[self._not_text] = -np.inf
-                logps.append(logp)
-            index = pick(np.exp(np.concatenate(logps)), sampling, rng)
-            starts = np.cumsum([0] + [lp.size for lp in logps])
-            k = int(np.searchsorted(starts, index, side="right")) - 1
-            offset = index - int(starts[k])
+        k, offset = self._likeliest(parts) if sampling.temperature == 0 else self._sampled(parts, sampling, rng)
         part = parts[k]
         token = offset if part.ids is None else int(part.ids[offset])
         if part.ids is None and token in self._eos:
             return None
         return token, part
+
+    def _sampled(self, parts: list[Part], sampling: SamplingParams, rng: np.random.Generator) -> tuple[int, int]:
+        """The part and the offset in it of an entry drawn from the parts' probabilities concatenated (specials
+        of the full vocabulary masked)."""
+        logps = []
+        for part in parts:
+            logp = part.logprobs.astype(np.float64) + part.log_scale
+            if part.ids is None:
+                logp[self._not_text] = -np.inf
+            logps.append(logp)
+        index = pick(np.exp(np.concatenate(logps)), sampling, rng)
+        starts = np.cumsum([0] + [lp.size for lp in logps])
+        k = int(np.searchsorted(starts, index, side="right")) - 1
+        return k, index - int(starts[k])
 
     def _likeliest(self, parts: list[Part]) -> tuple[int, int]:
         """Greedy: the part and the offset in it of the likeliest text entry, the one `pick` finds over the

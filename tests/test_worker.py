@@ -613,25 +613,12 @@ def test_long_prompts_in_chunks_and_shared_prefixes_match_the_reference(model_di
 
 
 def test_a_greedy_draw_takes_what_the_sampling_path_takes_at_temperature_zero() -> None:
-    """`_likeliest` compares log-probabilities plus scales where the general path exponentiates them in
-    float64 and takes the argmax of the concatenation: the same part and entry, ties (the first of equals)
-    and special tokens (never drawn) included."""
+    """`_likeliest` compares log-probabilities plus scales where the sampling path (`_sampled`) exponentiates
+    them in float64 and takes the argmax of the concatenation at temperature 0: the same part and entry, ties
+    (the first of equals) and special tokens (never drawn) included."""
     from types import SimpleNamespace
 
-    from chorus_common.sampling import pick
     from chorus_common.types import SamplingParams
-
-    def general(not_text: np.ndarray, parts: list[Part]) -> tuple[int, int]:
-        logps = []
-        for part in parts:
-            logp = part.logprobs.astype(np.float64) + part.log_scale
-            if part.ids is None:
-                logp[not_text] = -np.inf
-            logps.append(logp)
-        index = pick(np.exp(np.concatenate(logps)), SamplingParams(), np.random.default_rng(0))
-        starts = np.cumsum([0] + [lp.size for lp in logps])
-        k = int(np.searchsorted(starts, index, side="right")) - 1
-        return k, index - int(starts[k])
 
     rng = np.random.default_rng(7)
     vocab = 500
@@ -656,6 +643,7 @@ def test_a_greedy_draw_takes_what_the_sampling_path_takes_at_temperature_zero() 
         parts.append(Part(0, float(rng.choice([0.0, -1.25])), None, dense))
         fake = SimpleNamespace(_not_text=not_text)
         got = Runtime._likeliest(fake, parts)  # type: ignore[arg-type]
-        assert got == general(not_text, parts), case
+        # The sampling path at temperature 0: pick's argmax over the probabilities concatenated.
+        assert got == Runtime._sampled(fake, parts, SamplingParams(), np.random.default_rng(0)), case  # type: ignore[arg-type]
         checked["sparse wins"] += got[0] < len(parts) - 1
     assert all(checked.values()), checked
