@@ -360,10 +360,11 @@ def server_figures(
     download) is saved and served; per batch, that many sessions open with distinct prompts, draw two
     greedy tokens (their prefill and a first decode), then `tokens` more each in one Draft call, all at
     once, twice (new sessions, same prompts; the first round untimed, so that no CUDA graph is captured
-    while timing): the server's tokens/s, against the engine stepping the same batch at the same context
-    in process, in the decode form the worker runs there (static on CUDA, ragged on a CPU). Each session's greedy
-    tokens are checked against transformers' `generate` on the saved model (in bfloat16 the two round
-    attention differently and may part at near-ties: counted, not asserted). The worker's own metrics over
+    while timing): the server's tokens/s, against the engine stepping the same batch in process at the
+    longest session's context halfway through (the width of the server's passes), in the decode form the
+    worker runs there (static on CUDA, ragged on a CPU). Each session's greedy tokens are checked against
+    transformers' `generate` on the saved model (in bfloat16 the two round attention differently and may
+    part at near-ties: counted, not asserted). The worker's own metrics over
     the timed Draft calls split its wall time: the passes it ran, their mean batch, and its host time per
     drawn token (the wall time outside forward passes, as bench_engine.draft_host_time counts it in process)."""
     import asyncio
@@ -477,7 +478,9 @@ def server_figures(
                 with torch.inference_mode():
                     out = model.generate(ids, max_new_tokens=tokens + 2, do_sample=False, pad_token_id=0)
                 agree += text == b"".join(table[int(t)] for t in out[0, ids.shape[1] :])
-            context = len(tokenizer(prompts[0]).input_ids) + tokens // 2
+            # The longest session's context halfway through the timed drafts: a pass's block width is its
+            # longest session's, so the engine steps passes of the width most of the server's had.
+            context = max(len(tokenizer(p).input_ids) for p in prompts[:batch]) + 2 + tokens // 2
             # The decode form the worker runs on this device: static (graphs) on CUDA, ragged elsewhere.
             engine = bench_engine.EngineDecode(model, batch, context, device, static=device.type == "cuda")
             engine_tok_s = batch / _median_time(engine.step, 5)
