@@ -43,7 +43,7 @@ class Engine:
         cuda_graphs: bool = WorkerArgs.cuda_graphs,
     ) -> None:
         self.kv = kv
-        self.runner = ModelRunner(model, kv, device, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, kv, device, cuda_graphs=cuda_graphs, name=name)
         self._name = name
         self.max_batched_tokens = max_batched_tokens
         self.prefill_chunk = min(prefill_chunk, max_batched_tokens)
@@ -187,7 +187,9 @@ class Engine:
                     if not s.feed.future.done():
                         s.feed.future.set_exception(exc)
                 continue
-            compute_ms = (time.perf_counter() - started) * 1e3
+            returned = time.perf_counter()
+            self.runner.clock.handed(started, returned)
+            compute_ms = (returned - started) * 1e3
             metrics.STEP_LATENCY.labels(self._name).observe(compute_ms / 1e3)
             metrics.BATCH_SIZE.labels(self._name).observe(len(slices))
             for s, got in zip(slices, rows, strict=True):

@@ -45,3 +45,15 @@ PREFIX_CACHE_HITS = Counter(
 PREFIX_CACHE_EVICTIONS = Counter(
     "chorus_worker_prefix_cache_evictions", "Cached KV blocks whose space was reused.", ["model_name"]
 )
+PASS_PHASE = Histogram(
+    "chorus_worker_pass_phase_seconds",
+    "Time of each phase of a forward pass (pass_clock.py): dispatch, wait (CUDA), prepare, forward, rows, "
+    "return, and the device's own time for the pass (CUDA).",
+    ["model_name", "phase"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+GRAPH_CAPTURES = Counter(
+    "chorus_worker_cuda_graph_captures",
+    "CUDA graphs captured (one per decode pass shape met; each capture holds up that pass by a fraction of a second).",
+    ["model_name"],
+)

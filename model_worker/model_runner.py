@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from model_worker import paged_attention, vocab_projection
+from model_worker import metrics, paged_attention, vocab_projection
 from model_worker.conditioning import Branch, branch_rows
 from model_worker.kv_manager import KVManager
 from model_worker.paged_attention import GatheredDecodes, PassCache, PassPlan, SeqAttention
+from model_worker.pass_clock import PassClock
 from model_worker.scheduler import Slice
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class PassInput:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVManager, device: torch.device, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, model: Any, kv: KVManager, device: torch.device, cuda_graphs: bool = False, name: str = "model"
+    ) -> None:
         self.model = model
+        self.name = name
         self.kv = kv
         self.device = device
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -85,6 +89,7 @@ class ModelRunner:
         model.set_attn_implementation(paged_attention.NAME)
         vocab_projection.few_rows(model)  # CPU float32: a few rows' logits at one row's cost
         self.static = StaticDecoder(self, cuda_graphs=cuda_graphs and device.type == "cuda")
+        self.clock = PassClock(device, name)
 
     # ------------------------------------------------------------------ ragged passes
 
@@ -154,12 +159,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, slices: list[Slice]) -> list[dict[RowKey, torch.Tensor]]:
         """One pass; per slice, its wanted positions' and branches' output logits (float32)."""
+        self.clock.begin()
         shape = self.static.shape_of(slices)
         if shape is not None:
-            return self.static.run(slices, shape)
-        batch = self.prepare(slices)
-        logits = self.forward(batch.input_ids, batch.position_ids, batch.plan, batch.keep)[0]
-        return _split_rows(logits, batch.wanted)
+            rows = self.static.run(slices, shape)
+        else:
+            batch = self.prepare(slices)
+            self.clock.mark("prepare")
+            logits = self.forward(batch.input_ids, batch.position_ids, batch.plan, batch.keep)[0]
+            self.clock.mark("forward")
+            rows = _split_rows(logits, batch.wanted)
+        self.clock.end()
+        return rows
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan: PassPlan, keep: Any) -> torch.Tensor:
         out = self.model(
@@ -363,7 +374,9 @@ class StaticDecoder:
     def run(self, slices: list[Slice], key: tuple[int, int, int]) -> list[dict[RowKey, torch.Tensor]]:
         """One pass of these slices in the bucket `shape_of` gave them."""
         batch, tokens, width = key
+        clock = self.runner.clock
         tensors = self.inputs(slices, batch, tokens, width)
+        clock.mark("prepare")
         captured = self._graphs.get(key) if self.cuda_graphs else None
         if self.cuda_graphs and captured is None and len(self._graphs) >= MAX_GRAPHS:
             if not self._said_full:
@@ -372,6 +385,7 @@ class StaticDecoder:
         elif self.cuda_graphs and captured is None:
             try:
                 captured = self._graphs[key] = _Captured.capture(self, tensors)
+                metrics.GRAPH_CAPTURES.labels(self.runner.name).inc()
                 log.info("captured a CUDA graph: %d sessions of %d tokens, %d blocks wide", *key)
             except Exception:  # a model whose forward cannot be captured still serves, without graphs
                 log.exception("capturing a CUDA graph failed: short passes run eagerly from now on")
@@ -380,6 +394,7 @@ class StaticDecoder:
             logits = captured.replay(tensors)
         else:
             logits = self.runner.forward(tensors[0], tensors[1], self._plan(tensors), 0)[0]
+        clock.mark("forward")
         keep = [i * tokens + p - s.start for i, s in enumerate(slices) for p in s.want]
         return _split_rows(logits[torch.tensor(keep, dtype=torch.long, device=logits.device)], [s.want for s in slices])
 

@@ -345,6 +345,60 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(words))
 
 
+PHASES = ("dispatch", "wait", "prepare", "forward", "rows", "return", "device")  # model_worker/pass_clock.py
+
+
+def _pass_phases(text: str, model_name: str) -> dict[str, float]:
+    """From a worker's Prometheus metrics text, for one model name: its forward passes' and batch sizes' sums
+    and counts, the CUDA graphs it captured, and each pass phase's seconds and observations so far
+    (`phase:<name>`, `count:<name>`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model_name") != model_name:
+                continue
+            if family.name == "chorus_worker_pass_phase_seconds" and sample.name.endswith(("_sum", "_count")):
+                kind = "phase" if sample.name.endswith("_sum") else "count"
+                out[f"{kind}:{sample.labels['phase']}"] = sample.value
+            elif family.name in ("chorus_worker_forward_seconds", "chorus_worker_batch_size") and sample.name.endswith(
+                ("_sum", "_count")
+            ):
+                out[sample.name] = sample.value
+            elif sample.name == "chorus_worker_cuda_graph_captures_total":
+                out["captures"] = sample.value
+    return out
+
+
+def _profile_summary(path: Path, top: int = 30, least: int = 20) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's raw (collapsed) stacks, per thread with at least `least` samples: the functions with the
+    largest share of its samples, counted inclusively (once per stack that holds them)."""
+    totals: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        thread, *frames = stack.split(";")
+        totals[thread] = totals.get(thread, 0) + int(n)
+        seen = counts.setdefault(thread, {})
+        for name in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] for f in frames}:
+            seen[name] = seen.get(name, 0) + int(n)
+    return {
+        f"{thread} ({totals[thread]} samples)": [
+            (name, round(n / totals[thread], 3)) for name, n in sorted(seen.items(), key=lambda kv: -kv[1])[:top]
+        ]
+        for thread, seen in counts.items()
+        if totals[thread] >= least
+    }
+
+
+def _phase_ms(during: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per pass of each phase measured (phases the worker does not run are left out)."""
+    return {p: during[f"phase:{p}"] / during[f"count:{p}"] * 1e3 for p in PHASES if during.get(f"count:{p}", 0) > 0}
+
+
 def server_figures(
     config: dict[str, Any],
     device: torch.device,
@@ -353,6 +407,8 @@ def server_figures(
     prompt_words: int,
     tokens: int,
     workdir: Path,
+    switch_intervals: tuple[float | None, ...] = (None,),
+    profile: Path | None = None,
 ) -> list[dict[str, Any]]:
     """The worker *server* on this device, as a pod runs it (`python -m model_worker`, gRPC), against the
     engine in this process on the same weights. A model of `config`'s shape (random weights) with a
@@ -364,15 +420,19 @@ def server_figures(
     longest session's context halfway through (the width of the server's passes), in the decode form the
     worker runs there (static on CUDA, ragged on a CPU). Each session's greedy tokens are checked against
     transformers' `generate` on the saved model (in bfloat16 the two round attention differently and may
-    part at near-ties: counted, not asserted). The worker's own metrics over
-    the timed Draft calls split its wall time: the passes it ran, their mean batch, and its host time per
-    drawn token (the wall time outside forward passes, as bench_engine.draft_host_time counts it in process)."""
+    part at near-ties: counted, not asserted). The worker's own metrics over the timed Draft calls split
+    its wall time: the passes it ran, their mean batch, its host time per drawn token (the wall time
+    outside forward passes, as bench_engine.draft_host_time counts it in process), and each pass's phases
+    (model_worker/pass_clock.py) beside the same phases of the engine's steps in process.
+    `switch_intervals`: a worker per value, with Python's thread switch interval set to it (None: as is;
+    the forward thread and the event loop share one interpreter lock). `profile`: py-spy samples the (first)
+    worker over further rounds of the largest batch, its stacks written there and summarised in the row."""
     import asyncio
     import socket
     import subprocess
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import REGISTRY, generate_latest
     from transformers import AutoModelForCausalLM
 
     from chorus_common.types import Prompt, SamplingParams
@@ -393,120 +453,149 @@ def server_figures(
     table, _ = token_byte_table(tokenizer, len(tokenizer))
     rng = random.Random(0)
     prompts = [_prompt(rng, prompt_words) for _ in range(max(batches))]
-    port_file = workdir / "server-port"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    generated: dict[int, bytes] = {}  # prompt index -> generate's greedy text
 
-    def passes() -> dict[str, float]:
-        """The worker's forward-pass and batch-size histograms' sums and counts, so far."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        wanted = {"chorus_worker_forward_seconds", "chorus_worker_batch_size"}
-        return {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name in wanted
-            for sample in family.samples
-            if sample.name.endswith(("_sum", "_count"))
-        }
-
-    options = {
-        "--model": path,
-        "--device": device.type,
-        "--dtype": str(dtype).removeprefix("torch."),
-        "--port": 0,
-        "--port-file": port_file,
-        "--max-model-len": 8 * prompt_words + tokens + 64,
-        "--kv-budget-mib": 2048,
-        "--max-sessions": max(batches),
-        "--metrics-port": metrics_port,
-    }
-    command = [sys.executable, "-m", "model_worker", *(str(x) for kv in options.items() for x in kv)]
-    worker = subprocess.Popen(command, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 300
-        while not (port_file.exists() and port_file.read_text()):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker server did not start (exit code {worker.poll()})")
-            time.sleep(0.2)
-        address = f"127.0.0.1:{port_file.read_text()}"
-
-        async def drive(batch: int) -> tuple[float, list[bytes], str, dict[str, float]]:
-            client = WorkerClient(address)
-            greedy = SamplingParams()
-
-            async def draw(sessions: list[Any]) -> tuple[list[Any], list[Any], float, dict[str, float]]:
-                opened = zip(sessions, prompts[:batch], strict=True)
-                await asyncio.gather(*(s.open(Prompt(text=p), f"bench-{i}") for i, (s, p) in enumerate(opened)))
-                firsts = await asyncio.gather(*(s.draft(b"", 0, 2, greedy, 0, 0) for s in sessions))  # prefills
-                before = passes()
-                started = time.perf_counter()
-                drafts = await asyncio.gather(*(s.draft(b"", 0, tokens, greedy, 0, 0) for s in sessions))
-                elapsed = time.perf_counter() - started
-                during = {k: v - before.get(k, 0.0) for k, v in passes().items()}
-                for s in sessions:
-                    s.cancel()
-                return firsts, drafts, elapsed, during
-
-            try:
-                await client.wait_ready(60)
-                info = await client.info()
-                # A round untimed first, the same sessions' work: on CUDA every pass shape the timed round
-                # meets (its batch, and each width its contexts grow through) is captured then, as a
-                # long-running server has, and the prompts' blocks are in the prefix cache.
-                await draw([client.session(timeout=600) for _ in range(batch)])
-                firsts, drafts, elapsed, during = await draw([client.session(timeout=600) for _ in range(batch)])
-                texts = [b"".join(f.pieces + d.pieces) for f, d in zip(firsts, drafts, strict=True)]
-                drawn = sum(len(d.pieces) for d in drafts)
-                count = during["chorus_worker_forward_seconds_count"]
-                split = {
-                    "passes": count,
-                    "mean_batch": during["chorus_worker_batch_size_sum"] / max(1.0, count),
-                    "in_passes_share": during["chorus_worker_forward_seconds_sum"] / elapsed,
-                    "host_us_per_token": (elapsed - during["chorus_worker_forward_seconds_sum"]) / drawn * 1e6,
-                }
-                return drawn / elapsed, texts, info.device, split
-            finally:
-                await client.close()
-
-        rows = []
-        for batch in batches:
-            server_tok_s, texts, served_on, split = asyncio.run(drive(batch))
-            agree = 0
-            for prompt, text in zip(prompts[:batch], texts, strict=True):
-                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    def agreeing(texts: list[bytes]) -> int:
+        for i in range(len(texts)):
+            if i not in generated:
+                ids = tokenizer(prompts[i], return_tensors="pt").input_ids.to(device)
                 with torch.inference_mode():
                     out = model.generate(ids, max_new_tokens=tokens + 2, do_sample=False, pad_token_id=0)
-                agree += text == b"".join(table[int(t)] for t in out[0, ids.shape[1] :])
-            # The longest session's context halfway through the timed drafts: a pass's block width is its
-            # longest session's, so the engine steps passes of the width most of the server's had.
+                generated[i] = b"".join(table[int(t)] for t in out[0, ids.shape[1] :])
+        return sum(text == generated[i] for i, text in enumerate(texts))
+
+    engines: dict[int, dict[str, Any]] = {}
+
+    def engine_figures(batch: int) -> dict[str, Any]:
+        """The engine in this process, the same batch at the longest session's context halfway through the
+        timed drafts (a pass's block width is its longest session's), in the decode form the worker runs
+        there: static (graphs) on CUDA, ragged elsewhere."""
+        if batch not in engines:
             context = max(len(tokenizer(p).input_ids) for p in prompts[:batch]) + 2 + tokens // 2
-            # The decode form the worker runs on this device: static (graphs) on CUDA, ragged elsewhere.
             engine = bench_engine.EngineDecode(model, batch, context, device, static=device.type == "cuda")
-            engine_tok_s = batch / _median_time(engine.step, 5)
+            for _ in range(2):  # its first pass (a capture on CUDA), and the one whose device time the next reads
+                engine.step()
+            before = _pass_phases(generate_latest(REGISTRY).decode(), "bench")
+            tok_s = batch / _median_time(engine.step, 5)
+            after = _pass_phases(generate_latest(REGISTRY).decode(), "bench")
+            during = {k: v - before.get(k, 0.0) for k, v in after.items()}
+            engines[batch] = {"context": context, "engine_tok_s": tok_s, "engine_phase_ms": _phase_ms(during)}
             del engine
-            rows.append(
-                {
-                    "batch": batch,
-                    "tokens": tokens,
-                    "context": context,
-                    "vocab": len(tokenizer),
-                    "served_on": served_on,
-                    "server_tok_s": server_tok_s,
-                    "engine_tok_s": engine_tok_s,
-                    "server_vs_engine": server_tok_s / engine_tok_s,
-                    "sessions_equal_to_generate": agree,
-                    **split,
-                }
-            )
-        return rows
-    finally:
-        worker.terminate()
+        return engines[batch]
+
+    rows = []
+    for interval in switch_intervals:
+        port_file = workdir / f"server-port-{interval}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            metrics_port = s.getsockname()[1]
+
+        def passes() -> dict[str, float]:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"  # noqa: B023 - read while this worker runs
+            return _pass_phases(urllib.request.urlopen(url, timeout=10).read().decode(), "server-model")
+
+        options = {
+            "--model": path,
+            "--device": device.type,
+            "--dtype": str(dtype).removeprefix("torch."),
+            "--port": 0,
+            "--port-file": port_file,
+            "--max-model-len": 8 * prompt_words + tokens + 64,
+            "--kv-budget-mib": 2048,
+            "--max-sessions": max(batches),
+            "--metrics-port": metrics_port,
+        }
+        launch = ["-m", "model_worker"]
+        if interval is not None:  # the worker module run after the interpreter's switch interval is set
+            code = f"import runpy, sys; sys.setswitchinterval({interval}); runpy.run_module('model_worker', run_name='__main__')"  # noqa: E501
+            launch = ["-c", code]
+        command = [sys.executable, *launch, *(str(x) for kv in options.items() for x in kv)]
+        worker = subprocess.Popen(command, cwd=ROOT)
         try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            deadline = time.monotonic() + 300
+            while not (port_file.exists() and port_file.read_text()):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker server did not start (exit code {worker.poll()})")
+                time.sleep(0.2)
+            address = f"127.0.0.1:{port_file.read_text()}"
+
+            async def drive(batch: int) -> tuple[float, list[bytes], str, dict[str, float]]:
+                client = WorkerClient(address)  # noqa: B023 - this worker's
+                greedy = SamplingParams()
+
+                async def draw(sessions: list[Any]) -> tuple[list[Any], list[Any], float, dict[str, float]]:
+                    opened = zip(sessions, prompts[:batch], strict=True)
+                    await asyncio.gather(*(s.open(Prompt(text=p), f"bench-{i}") for i, (s, p) in enumerate(opened)))
+                    firsts = await asyncio.gather(*(s.draft(b"", 0, 2, greedy, 0, 0) for s in sessions))  # prefills
+                    before = passes()
+                    started = time.perf_counter()
+                    drafts = await asyncio.gather(*(s.draft(b"", 0, tokens, greedy, 0, 0) for s in sessions))
+                    elapsed = time.perf_counter() - started
+                    during = {k: v - before.get(k, 0.0) for k, v in passes().items()}
+                    for s in sessions:
+                        s.cancel()
+                    return firsts, drafts, elapsed, during
+
+                try:
+                    await client.wait_ready(60)
+                    info = await client.info()
+                    # A round untimed first, the same sessions' work: on CUDA every pass shape the timed round
+                    # meets (its batch, and each width its contexts grow through) is captured then, as a
+                    # long-running server has, and the prompts' blocks are in the prefix cache.
+                    await draw([client.session(timeout=600) for _ in range(batch)])
+                    firsts, drafts, elapsed, during = await draw([client.session(timeout=600) for _ in range(batch)])
+                    texts = [b"".join(f.pieces + d.pieces) for f, d in zip(firsts, drafts, strict=True)]
+                    drawn = sum(len(d.pieces) for d in drafts)
+                    count = during["chorus_worker_forward_seconds_count"]
+                    split = {
+                        "passes": count,
+                        "mean_batch": during["chorus_worker_batch_size_sum"] / max(1.0, count),
+                        "in_passes_share": during["chorus_worker_forward_seconds_sum"] / elapsed,
+                        "host_us_per_token": (elapsed - during["chorus_worker_forward_seconds_sum"]) / drawn * 1e6,
+                        "server_phase_ms": _phase_ms(during),
+                        "captures_in_window": during.get("captures", 0.0),
+                    }
+                    if profile is not None and batch == max(batches):
+                        # Rounds more, under a sampling profiler (not timed): where the worker's threads spend it.
+                        pid = str(worker.pid)  # noqa: B023 - this worker's
+                        spy = subprocess.Popen(
+                            [
+                                *("py-spy", "record", "--pid", pid, "--duration", "4", "--rate", "250"),
+                                *("--format", "raw", "--threads", "--nonblocking", "--output", str(profile)),
+                            ]
+                        )
+                        while spy.poll() is None:
+                            await draw([client.session(timeout=600) for _ in range(batch)])
+                        split["profile"] = _profile_summary(profile)
+                    return drawn / elapsed, texts, info.device, split
+                finally:
+                    await client.close()
+
+            for batch in batches:
+                server_tok_s, texts, served_on, split = asyncio.run(drive(batch))
+                engine = engine_figures(batch)
+                rows.append(
+                    {
+                        "batch": batch,
+                        "tokens": tokens,
+                        "switch_interval_s": interval,
+                        "vocab": len(tokenizer),
+                        "served_on": served_on,
+                        "server_tok_s": server_tok_s,
+                        **engine,
+                        "server_vs_engine": server_tok_s / engine["engine_tok_s"],
+                        "sessions_equal_to_generate": agreeing(texts),
+                        **split,
+                    }
+                )
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    return rows
 
 
 def compiled_generate_figures(
@@ -540,6 +629,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"largest logit difference {r['largest_logit_diff']:.1e} |"
         )
     for r in report.get("server", []):
+        interval = r.get("switch_interval_s")
+        switch = "" if interval is None else f"; thread switch interval {interval * 1e3:g} ms"
         lines.append(
             f"| worker server (`python -m model_worker`, gRPC) on {r['served_on']}, {report['server_shape']}-shaped "
             f"(vocabulary {r['vocab']}), {r['batch']} session(s) drawing {r['tokens']} greedy tokens at once | "
@@ -547,7 +638,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['engine_tok_s']:.0f} tok/s at {r['context']} tokens); {r['passes']:.0f} passes of "
             f"{r['mean_batch']:.1f} sessions, {r['in_passes_share']:.0%} of the time in them, host "
             f"{r['host_us_per_token']:.0f} us per token; {r['sessions_equal_to_generate']}/{r['batch']} sessions "
-            "equal to `generate` |"
+            f"equal to `generate`{switch} |"
+        )
+        lines.append(
+            "| the same: ms per pass by phase, server / engine in process (model_worker/pass_clock.py) | "
+            + ", ".join(
+                f"{p} {r['server_phase_ms'].get(p, 0.0):.2f} / {r['engine_phase_ms'].get(p, 0.0):.2f}" for p in PHASES
+            )
+            + " |"
         )
     for r in report.get("decode_ratio", []):
         lines.append(
@@ -599,6 +697,21 @@ def main(argv: list[str] | None = None) -> int:
         "150 s left); the report is written after every section, so a run stopped early keeps what it measured",
     )
     parser.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections (by their JSON key)")
+    parser.add_argument(
+        "--server-profile",
+        action="store_true",
+        help="the server section samples its worker with py-spy (which must be installed) over extra rounds; "
+        "the stacks go to worker-profile.txt beside --json",
+    )
+    parser.add_argument(
+        "--server-switch-intervals",
+        nargs="+",
+        type=lambda v: None if v == "default" else float(v),
+        default=[None],
+        metavar="SECONDS",
+        help="the server section starts a worker per value, with Python's thread switch interval set to it "
+        "(`default`: left as it is, 5 ms)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("model_worker").setLevel(logging.INFO)  # says which CUDA graphs were captured, or why not
@@ -612,8 +725,18 @@ def main(argv: list[str] | None = None) -> int:
     burst_lengths, streams = ((16, 48), 4) if tiny else ((64, 1536), 16)
     decode_contexts = (16, 48) if tiny else (64, 512, 1536)
     started = time.perf_counter()
-    models = {n: bench_engine.random_model(c, dtype, str(device)) for n, c in configs.items()}
-    first_name, first = next(iter(models.items()))
+    built: dict[str, Any] = {}
+
+    def models() -> dict[str, Any]:
+        """The members, built when a section first needs them (`--only server` or `agreement` never does)."""
+        if not built:
+            built.update({n: bench_engine.random_model(c, dtype, str(device)) for n, c in configs.items()})
+        return built
+
+    def first() -> Any:
+        return models()[first_name]
+
+    first_name = next(iter(configs))
     report: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if not tiny else "cpu (tiny shapes)",
@@ -628,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def members() -> list[dict[str, Any]]:
         rows = []
-        for name, model in models.items():
+        for name, model in models().items():
             rows += member_figures(name, configs[name], model, device, dtype, (1, 8, 32), context, rounds)
         return rows
 
@@ -647,15 +770,28 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="chorus-bench-gpu-")
     sections: list[tuple[str, Any, float]] = [  # (key, what measures it, seconds it needs left to start)
         ("agreement", lambda: agreement_figures(small, device, agreement_lengths, 4, 16), 0.0),
-        ("server", lambda: server_figures(server_shape, device, dtype, (1, 32), *server_size, Path(workdir)), 0.0),
+        (
+            "server",
+            lambda: server_figures(
+                server_shape,
+                device,
+                dtype,
+                (1, 32),
+                *server_size,
+                Path(workdir),
+                tuple(args.server_switch_intervals),
+                args.json.with_name("worker-profile.txt") if args.server_profile else None,
+            ),
+            0.0,
+        ),
         ("members", members, 0.0),
-        ("burst", lambda: [bench_engine.engine_burst(first, device, n, streams) for n in burst_lengths], 0.0),
-        ("decode_ratio", lambda: bench_engine.decode_step_ratio(first, decode_contexts, 16, rounds, device), 0.0),
-        ("gac", lambda: gac_figures(models, configs, device, context, rounds), 0.0),
-        ("me", lambda: me_figure(models, device, context, me_tokens), 0.0),
+        ("burst", lambda: [bench_engine.engine_burst(first(), device, n, streams) for n in burst_lengths], 0.0),
+        ("decode_ratio", lambda: bench_engine.decode_step_ratio(first(), decode_contexts, 16, rounds, device), 0.0),
+        ("gac", lambda: gac_figures(models(), configs, device, context, rounds), 0.0),
+        ("me", lambda: me_figure(models(), device, context, me_tokens), 0.0),
         (
             "generate_compiled",
-            lambda: compiled_generate_figures(first_name, first, device, (1, 32), context, 2, 64 if not tiny else 8),
+            lambda: compiled_generate_figures(first_name, first(), device, (1, 32), context, 2, 64 if not tiny else 8),
             0.0 if tiny else 150.0,
         ),
     ]

@@ -61,6 +61,12 @@ def test_the_gpu_bench_runs_with_tiny_shapes_on_the_cpu(tmp_path: Path) -> None:
         # token at least), and some host time lies around them.
         assert r["passes"] >= r["tokens"] and r["mean_batch"] * r["passes"] == pytest.approx(r["batch"] * r["tokens"])
         assert 0 < r["in_passes_share"] < 1 and r["host_us_per_token"] > 0
+        # Each pass's phases (model_worker/pass_clock.py), the server's and the engine's in process; the
+        # device's own ones exist on CUDA only; no CUDA graph on a CPU.
+        assert set(r["server_phase_ms"]) == {"dispatch", "prepare", "forward", "rows", "return"}
+        assert set(r["engine_phase_ms"]) == {"prepare", "forward", "rows"}
+        assert all(ms > 0 for ms in (*r["server_phase_ms"].values(), *r["engine_phase_ms"].values()))
+        assert r["captures_in_window"] == 0
     assert "worker server" in report["table"]
     assert [r["batch"] for r in report["generate_compiled"]] == [1, 32]
     assert all(r["generate_compiled_tok_s"] > 0 for r in report["generate_compiled"])
