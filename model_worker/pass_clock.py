@@ -26,10 +26,8 @@ from model_worker import metrics
 class PassClock:
     def __init__(self, device: torch.device, model_name: str) -> None:
         self.cuda = device.type == "cuda"
-        self._phase = {
-            p: metrics.PASS_PHASE.labels(model_name, p)
-            for p in ("dispatch", "wait", "prepare", "forward", "rows", "return", "device")
-        }
+        phases = ["dispatch", "prepare", "forward", "rows", "return"] + (["wait", "device"] if self.cuda else [])
+        self._phase = {p: metrics.PASS_PHASE.labels(model_name, p) for p in phases}
         self._at = 0.0
         self.started_at = 0.0  # when the forward thread began the last pass
         self.ended_at = 0.0  # and ended it

@@ -102,12 +102,19 @@ def test_worker_metrics(loop: LoopThread) -> None:
             after[("chorus_worker_batch_size_count", label)] - before[("chorus_worker_batch_size_count", label)]
             == passes
         )
+        # Every pass timed phase by phase (pass_clock.py): the host's phases once each (on a CPU, no device ones).
+        for phase in ("dispatch", "prepare", "forward", "rows", "return"):
+            key = (("model_name", "arith-bpe"), ("phase", phase))
+            count = "chorus_worker_pass_phase_seconds_count"
+            assert after[(count, key)] - before.get((count, key), 0) == passes, phase
+        assert not any(dict(labels).get("phase") in ("wait", "device") for _, labels in after)
         assert after[("chorus_worker_sessions", label)] == 0
         assert after[("chorus_worker_kv_cache_bytes", label)] == 0
         assert after[("chorus_worker_kv_usage_ratio", label)] == 0
         for name, labels in after:
             if name.startswith("chorus_"):
-                assert dict(labels).keys() <= {"model_name", "le"} and ("model_name", "arith-bpe") in labels, name
+                assert dict(labels).keys() <= {"model_name", "le", "phase"}, name
+                assert ("model_name", "arith-bpe") in labels, name
     finally:
         worker.stop()
 
