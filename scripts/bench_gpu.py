@@ -712,7 +712,22 @@ def main(argv: list[str] | None = None) -> int:
         help="the server section starts a worker per value, with Python's thread switch interval set to it "
         "(`default`: left as it is, 5 ms)",
     )
+    parser.add_argument(
+        "--table-from",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print the table of these reports' sections together (a later report's section "
+        "replaces an earlier one's)",
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        merged: dict[str, Any] = {}
+        for path in args.table_from:
+            report = json.loads(path.read_text())
+            merged.update({k: v for k, v in report.items() if k not in ("errors", "skipped")})
+        print(markdown({**merged, "errors": {}, "skipped": []}))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("model_worker").setLevel(logging.INFO)  # says which CUDA graphs were captured, or why not
     tiny = args.tiny or not torch.cuda.is_available()

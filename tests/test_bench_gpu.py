@@ -95,3 +95,18 @@ def test_sections_past_the_budget_are_skipped_and_said_so(tmp_path: Path) -> Non
     sections = ["agreement", "server", "members", "burst", "decode_ratio", "gac", "me", "generate_compiled"]
     assert report["skipped"] == sections
     assert "skipped: the time budget was spent" in report["table"]
+
+
+def test_a_table_is_printed_from_several_reports(tmp_path: Path, capsys: Any) -> None:
+    """`--table-from`: sections of several runs in one table, a later report's section replacing an earlier's."""
+    module = _load()
+    base = {"device": "NVIDIA H200", "first": "llama-3.1-8b", "errors": {}, "skipped": []}
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({**base, "me": {"ratio": 1.0, "me_tok_s": 10, "gac_tok_s": 10}, "skipped": ["gac"]}))
+    new.write_text(
+        json.dumps({**base, "me": {"ratio": 2.0, "me_tok_s": 20, "gac_tok_s": 10}, "gac": [{"batch": 1, "ratio": 1.5}]})
+    )
+    assert module.main(["--table-from", str(old), str(new)]) == 0
+    table = capsys.readouterr().out
+    assert "| ME / GaC tokens/s at batch 32 | 2.00x (20 vs 10) |" in table and "1.00x" not in table
+    assert "batch 1: step / sum of the two alone | 1.50x |" in table and "skipped" not in table
