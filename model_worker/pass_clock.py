@@ -5,7 +5,8 @@
   zeroed as sessions grow, the sessions' own softmaxes); the pass's first input copy would wait for it anyway;
 - prepare: its inputs built on the host and copied to the device;
 - forward: the model's forward pass, or a CUDA graph's replay, as the host sees it (launches);
-- rows: the wanted output rows picked out;
+- rows: the wanted output rows picked out (on CUDA their index's copy waits for the device: most of a
+  pass's device time shows here);
 - return: from the forward thread finishing until the scheduler takes the rows;
 - device (CUDA): the device's own time for the pass, between two CUDA events, read at the next pass.
 
