@@ -84,6 +84,7 @@ def serve(args: WorkerArgs) -> None:
     """Run the worker until SIGTERM; a model that fails to load ends it with one line and exit status 1."""
     allocator.fix_mmap_threshold()
     allocator.bound_onednn_caches()  # before torch is imported (in run)
+    allocator.disable_mkl_buffer_cache()
     try:
         asyncio.run(run(args))
     except LoadFailed as exc:
