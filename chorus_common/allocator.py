@@ -17,6 +17,12 @@ meets a new shape at nearly every step (its attention's key lengths grow), so it
 (measured with scripts/load_test.py: Gemma 3's worker from 1,061 to 1,526 MB in ten minutes).
 `bound_onednn_caches` keeps 64 of each (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY): the same
 load test then stays level at the same speed (docs/load-test.md); float32 on a CPU does not use them.
+
+float32 matrix products on a CPU run through MKL, whose own allocator keeps the work buffers of every product
+it ran for the next one: a pass's output layer over Gemma 3's 262,144 tokens and the layers below it left
+about 16 MB held for good. `disable_mkl_buffer_cache` (MKL_DISABLE_FAST_MM) makes MKL allocate and free them
+as it goes: the same results bit for bit, at the same speed (measured: a 32-session Gemma 3 decode pass,
+364-368 ms against 381-388 ms with the cache; docs/load-test.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 256 * 1024
 ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, PyTorch's
 ONEDNN_CACHE_CAPACITY = 64
+MKL_BUFFER_CACHE = "MKL_DISABLE_FAST_MM"
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -76,3 +83,9 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> dict[str, str]
     for name in ONEDNN_CACHES:
         os.environ.setdefault(name, str(capacity))
     return {name: os.environ[name] for name in ONEDNN_CACHES}
+
+
+def disable_mkl_buffer_cache() -> str:
+    """Have MKL free its work buffers after each product instead of keeping them (left as it is where the
+    environment sets MKL_DISABLE_FAST_MM); call before torch first runs a model. Returns the variable's value."""
+    return os.environ.setdefault(MKL_BUFFER_CACHE, "1")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +196,26 @@ class PrefixIndex:
         # Tokens that begin with a UTF-8 continuation byte (0x80..0xBF): a contiguous run of the sorted keys.
         self.continuing: np.ndarray = self._ids[bisect_left(self._keys, b"\x80") : bisect_left(self._keys, b"\xc0")]
 
+    @property
+    def longest(self) -> int:
+        """The most bytes a token holds (1 for an empty index)."""
+        return int(self._lengths.max()) if self._lengths.size else 1
+
+    def exact(self, data: bytes) -> list[int]:
+        """Ids of the tokens whose bytes are exactly data, ascending."""
+        keys = self._keys
+        lo = bisect_left(keys, data)
+        if lo == len(keys) or keys[lo] != data:
+            return []
+        if lo + 1 == len(keys) or keys[lo + 1] != data:  # nearly always: one token
+            return [int(self._ids[lo])]
+        return self._ids[lo : bisect_right(keys, data, lo)].tolist()
+
+    def shared(self) -> Iterator[bytes]:
+        """The byte strings that several tokens spell (a byte-fallback token and a piece)."""
+        keys = self._keys
+        return (keys[k] for k in range(1, len(keys)) if keys[k] == keys[k - 1] and (k < 2 or keys[k - 2] != keys[k]))
+
     def extensions(self, prefix: bytes) -> np.ndarray:
         """Ids of the tokens strictly longer than prefix that start with it."""
         lo = bisect_left(self._keys, prefix)
@@ -244,22 +265,27 @@ class Conditioner:
         self._tokens = tokens
         self._special = special
         self.index = PrefixIndex(tokens, special)
-        self.ids_by_bytes: dict[bytes, list[int]] = {}  # text tokens by their exact bytes
-        for i, b in enumerate(tokens):
-            if b and not special[i]:
-                self.ids_by_bytes.setdefault(b, []).append(i)
-        for data, ids in self.ids_by_bytes.items():
-            if len(ids) > 1:  # say a byte-fallback token and a piece: the one the tokenizer writes goes first,
-                written: list[int] = []  # then pieces before byte-fallback tokens
-                with contextlib.suppress(UnicodeDecodeError):
-                    written = self.encode(data.decode("utf-8"), add_special_tokens=False)
-                pieces = tokenizer.convert_ids_to_tokens(ids)
-                rank = {
-                    i: (written != [i], bool(_BYTE_PIECE.fullmatch(p or ""))) for i, p in zip(ids, pieces, strict=True)
-                }
-                ids.sort(key=rank.__getitem__)
-        self._longest = max((len(b) for b in self.ids_by_bytes), default=1)
+        # Text tokens are found by their exact bytes in the index (ids_of), and only the few byte strings several
+        # tokens spell are kept here, ranked: a dict of every token's bytes to a list of its ids held 44 MB of
+        # Python objects for Gemma 3's 262,144 tokens.
+        self._ranked = {data: self._rank(data, self.index.exact(data)) for data in self.index.shared()}
+        self._longest = self.index.longest
         self._alts: dict[int, Alt | None] = {}  # by whitespace token: how the tokenizer spells it before a word
+
+    def _rank(self, data: bytes, ids: list[int]) -> list[int]:
+        """Tokens with the same bytes (say a byte-fallback token and a piece): the one the tokenizer writes goes
+        first, then pieces before byte-fallback tokens."""
+        written: list[int] = []
+        with contextlib.suppress(UnicodeDecodeError):
+            written = self.encode(data.decode("utf-8"), add_special_tokens=False)
+        pieces = self._tokenizer.convert_ids_to_tokens(ids)
+        rank = {i: (written != [i], bool(_BYTE_PIECE.fullmatch(p or ""))) for i, p in zip(ids, pieces, strict=True)}
+        return sorted(ids, key=rank.__getitem__)
+
+    def ids_of(self, data: bytes) -> list[int]:
+        """The text tokens whose bytes are exactly data, the one the tokenizer writes first; [] if none."""
+        ranked = self._ranked.get(data)
+        return list(ranked) if ranked is not None else self.index.exact(data)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -277,7 +303,7 @@ class Conditioner:
         unless `partial`: the piece may end inside a token, so it joins the tail and stays open."""
         if not piece:
             return
-        ids = self.ids_by_bytes.get(piece) if not state.tail and not partial else None
+        ids = self.ids_of(piece) if not state.tail and not partial else []
         state.generated += piece
         state._tail_cache = None
         if ids:
@@ -398,10 +424,10 @@ class Conditioner:
         at = 0
         while at < len(data):
             longest = min(self._longest, len(data) - at)
-            n = next((n for n in range(longest, 0, -1) if data[at : at + n] in self.ids_by_bytes), 0)
+            n, ids = next(((n, ids) for n in range(longest, 0, -1) if (ids := self.ids_of(data[at : at + n]))), (0, []))
             if not n:
                 return toks, pending
-            spelled.append(self.ids_by_bytes[data[at : at + n]][0])
+            spelled.append(ids[0])
             at += n
         return [*toks[: len(toks) - bool(toks)], *spelled], b""
 
@@ -467,7 +493,7 @@ class Conditioner:
         at = 0
         while at < len(data):
             for n in range(min(self._longest, len(data) - at), 0, -1):
-                match = self.ids_by_bytes.get(data[at : at + n])
+                match = self.ids_of(data[at : at + n])
                 if match:
                     ids.append(match[0])
                     lengths.append(n)

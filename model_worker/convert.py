@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,7 +11,10 @@ from chorus.v1 import common_pb2, worker_pb2
 from chorus_common.distribution_wire import part_to_proto
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from model_worker.distribution import Format, Part
-from model_worker.runtime import RequestError, Runtime
+from model_worker.errors import RequestError
+
+if TYPE_CHECKING:  # the runtime imports the modelling code (server.py)
+    from model_worker.runtime import Runtime
 
 _FORMATS = {
     worker_pb2.FULL_FP16: np.dtype(np.float16),

@@ -146,7 +146,7 @@ def lookup_logprob(
         terms = [float(torch.logsumexp(lp[ids], 0)) + s for s, lp in [*ends, (scale, after)]]
         return float(np.logaddexp.reduce(terms))
     for length in range(len(candidate), 0, -1):
-        spelled = [(s, lp, conditioner.ids_by_bytes.get(prefix + candidate[:length])) for prefix, s, lp in options]
+        spelled = [(s, lp, conditioner.ids_of(prefix + candidate[:length])) for prefix, s, lp in options]
         terms = [s + float(lp[i]) for s, lp, ids in spelled if ids for i in ids]
         if terms:
             return float(np.logaddexp.reduce(terms))

@@ -28,7 +28,6 @@ class LoadFailed(Exception):
 
 async def run(args: WorkerArgs) -> None:
     from model_worker.loading import load_model  # torch only where a model runs
-    from model_worker.runtime import Runtime
     from model_worker.server import WorkerServer
 
     tls = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca) if args.tls_cert and args.tls_key else None
@@ -53,6 +52,11 @@ async def run(args: WorkerArgs) -> None:
         # loop closed, it printed "Event loop is closed" and "never awaited" after the real error).
         await server.stop(grace=0)
         raise LoadFailed(args.model, exc) from exc
+    # The modelling code (transformers' and the engine's, ~100 MB of modules) only now: its objects fill the holes
+    # the tokenizer's loading left in the heap (it parses its vocabulary and merges into Python objects, then
+    # drops them), which would otherwise stay resident beside it (docs/load-test.md, "Worker memory").
+    from model_worker.runtime import Runtime
+
     budget = int(args.kv_budget_mib * 2**20)
     runtime = Runtime(
         loaded,
@@ -80,6 +84,7 @@ def serve(args: WorkerArgs) -> None:
     """Run the worker until SIGTERM; a model that fails to load ends it with one line and exit status 1."""
     allocator.fix_mmap_threshold()
     allocator.bound_onednn_caches()  # before torch is imported (in run)
+    allocator.disable_mkl_buffer_cache()
     try:
         asyncio.run(run(args))
     except LoadFailed as exc:

@@ -23,6 +23,7 @@ from model_worker.backend import Backend, SessionCache
 from model_worker.conditioning import Branch, Conditioner, Plan, TextState, branch_rows
 from model_worker.distribution import FULL, Format, Part, build_parts, lookup_logprob
 from model_worker.engine import Engine
+from model_worker.errors import AtCapacity, RequestError, SessionExpired
 from model_worker.host_memory import memory_left
 from model_worker.kv_layout import KVLayout
 from model_worker.kv_manager import KVManager
@@ -42,18 +43,6 @@ CPU_KV_SHARE = 0.5
 OFF_LOOP_VOCAB = 65536
 
 ROLES = ("system", "user", "assistant")
-
-
-class RequestError(ValueError):
-    """A request this worker cannot serve; the message names the field."""
-
-
-class SessionExpired(Exception):
-    """The session sat idle past the TTL and its KV cache was reclaimed (FAILED_PRECONDITION)."""
-
-
-class AtCapacity(Exception):
-    """The worker holds its maximum of sessions (RESOURCE_EXHAUSTED: retry later)."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -15,8 +15,11 @@ from chorus_common.security import TlsFiles
 from chorus_common.serving import DRAINING_METADATA, FAILED_METADATA, GrpcServer
 from chorus_common.worker_args import WorkerArgs
 from model_worker import convert
+from model_worker.errors import AtCapacity, RequestError, SessionExpired
 from model_worker.kv_manager import OutOfBlocks
-from model_worker.runtime import AtCapacity, RequestError, Runtime, Session, SessionExpired
+
+if TYPE_CHECKING:  # the runtime imports the modelling code: main.py imports it once the tokenizer is loaded
+    from model_worker.runtime import Runtime, Session
 
 log = logging.getLogger(__name__)
 

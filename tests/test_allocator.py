@@ -133,3 +133,49 @@ def test_bounded_onednn_caches_keep_a_bfloat16_model_from_growing_with_each_new_
         pytest.skip(f"torch kept no per-shape kernels on this CPU (grew {free} MB): nothing to bound")
     bounded = grown_mb("bound")
     assert bounded < 150, (bounded, free)  # MB, against about 500 unbounded on the sandbox
+
+
+# Float32 products the shape of Gemma 3's output layer over 1, 32 and 384 rows: what MKL's allocator still holds
+# after them (glibc's mmapped chunks, mallinfo2's hblkhd, in MB).
+MKL_PROBE = """
+import ctypes, sys
+from chorus_common import allocator
+if sys.argv[1] == "disable":
+    allocator.disable_mkl_buffer_cache()
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+allocator.fix_mmap_threshold()
+torch.set_num_threads(1)
+weight = torch.randn(262144, 640)
+before = libc.mallinfo2().hblkhd
+for n in (1, 32, 384):
+    out = torch.randn(n, 640) @ weight.T
+    del out
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_mkl_keeps_no_work_buffers_between_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chorus_common import allocator
+
+    env = {k: v for k, v in os.environ.items() if k != allocator.MKL_BUFFER_CACHE}
+
+    def held_mb(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", MKL_PROBE, mode], capture_output=True, text=True, check=True, env=env
+        )
+        return int(done.stdout)
+
+    cached = held_mb("cache")
+    if cached < 4:
+        pytest.skip(f"this torch's BLAS kept no work buffers ({cached} MB held): nothing to disable")
+    assert held_mb("disable") < 2, cached
+    monkeypatch.setenv(allocator.MKL_BUFFER_CACHE, "0")  # an operator's choice stands
+    assert allocator.disable_mkl_buffer_cache() == "0"

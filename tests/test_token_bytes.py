@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,6 +99,51 @@ def test_kind_from_the_normalizer() -> None:
     legacy.backend_tokenizer.decoder = None
     legacy.backend_tokenizer.model = models.BPE()  # no byte_fallback flag to go by either
     assert tokenizer_kind(legacy) == "sentencepiece"
+
+
+class _Whole(AssertionError):
+    pass
+
+
+class _PartsOnly:
+    """A backend tokenizer that refuses to hand out its whole JSON or its vocabulary as a dict: for Gemma 3
+    (262,144 tokens, 514,906 merges) either was ~200 MB of short-lived Python objects in the worker."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("to_str", "get_vocab"):
+            raise _Whole(f"backend.{name}() reads the whole vocabulary")
+        return getattr(self._backend, name)
+
+
+class _Tokenizer:
+    """A tokenizer whose backend is _PartsOnly."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self._tokenizer = tokenizer
+        self.backend_tokenizer = _PartsOnly(tokenizer.backend_tokenizer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+
+@pytest.mark.parametrize(
+    "build", [byte_level_bpe, sentencepiece_byte_fallback, sentencepiece_legacy, sentencepiece_plain]
+)
+def test_the_table_is_read_from_the_backends_parts(build: Callable[[], PreTrainedTokenizerFast]) -> None:
+    """Where the backend's normalizer, pre-tokenizer or decoder name the family, the table and the kind come
+    from those parts and the model's tokens one by one, never the whole JSON: the same table."""
+    tokenizer = build()
+    wrapped = _Tokenizer(tokenizer)
+    with pytest.raises(_Whole):
+        wrapped.backend_tokenizer.to_str()
+    assert tokenizer_kind(wrapped) == tokenizer_kind(tokenizer)
+    assert token_byte_table(wrapped, len(tokenizer) + 3) == token_byte_table(tokenizer, len(tokenizer) + 3)
 
 
 # --- byte-level -------------------------------------------------------------------------------
