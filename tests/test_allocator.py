@@ -116,6 +116,12 @@ def test_the_onednn_kernel_caches_are_bounded_unless_the_environment_sets_them(
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
 
 
+def _probe_mb(code: str, mode: str, env: dict[str, str]) -> int:
+    """Run a probe script in a fresh interpreter (its allocator and BLAS untouched by this one); the MB it prints."""
+    done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, env=env)
+    return int(done.stdout)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps_rollup")
 def test_bounded_onednn_caches_keep_a_bfloat16_model_from_growing_with_each_new_shape() -> None:
     from chorus_common.allocator import ONEDNN_CACHES
@@ -123,10 +129,7 @@ def test_bounded_onednn_caches_keep_a_bfloat16_model_from_growing_with_each_new_
     env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES}
 
     def grown_mb(mode: str) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", ONEDNN_PROBE, mode], capture_output=True, text=True, check=True, env=env
-        )
-        return int(done.stdout)
+        return _probe_mb(ONEDNN_PROBE, mode, env)
 
     free = grown_mb("free")
     if free < 200:
@@ -168,10 +171,7 @@ def test_mkl_keeps_no_work_buffers_between_products(monkeypatch: pytest.MonkeyPa
     env = {k: v for k, v in os.environ.items() if k != allocator.MKL_BUFFER_CACHE}
 
     def held_mb(mode: str) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", MKL_PROBE, mode], capture_output=True, text=True, check=True, env=env
-        )
-        return int(done.stdout)
+        return _probe_mb(MKL_PROBE, mode, env)
 
     cached = held_mb("cache")
     if cached < 4:
