@@ -647,3 +647,28 @@ def test_a_greedy_draw_takes_what_the_sampling_path_takes_at_temperature_zero() 
         assert got == Runtime._sampled(fake, parts, SamplingParams(), np.random.default_rng(0)), case  # type: ignore[arg-type]
         checked["sparse wins"] += got[0] < len(parts) - 1
     assert all(checked.values()), checked
+
+
+def test_a_greedy_draft_reads_the_top_of_the_logits_as_the_parts_would_give_it() -> None:
+    """Where the text ends on a token boundary a greedy draft takes the top text token of the last row's logits
+    (`_greedy_token`) instead of building the distribution: the token `_likeliest` picks from that row's dense
+    part, with the top a special token (never drawn) and ties (the first of equals) included."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 500
+    checked = {"masked top": 0, "tie": 0}
+    for case in range(200):
+        not_text = torch.rand(vocab, generator=gen) < 0.05
+        row = torch.randn(vocab, generator=gen) * 3
+        if case % 4 == 0:  # the top is a special token
+            row[int(torch.nonzero(not_text)[0])] = row.max() + 5
+            checked["masked top"] += 1
+        if case % 5 == 0:  # two text entries equal at the top
+            text = torch.nonzero(~not_text)[:, 0]
+            row[text[[3, 40]]] = row[~not_text].max() + 1
+            checked["tie"] += 1
+        fake = SimpleNamespace(_not_text=not_text.numpy())
+        part = Part(0, 0.0, None, torch.log_softmax(row, -1).numpy())
+        assert Runtime._greedy_token(fake, row) == Runtime._likeliest(fake, [part])[1], case  # type: ignore[arg-type]
+    assert all(checked.values()), checked
