@@ -256,15 +256,11 @@ class Runtime:
         dists: list[list[Part]] = []
         fed = passes = 0
         ended = False
-        # Greedy without reports: where the text ends on a token boundary the draw is the top of the last row
-        # itself (`_greedy_token`), and no distribution is built (a softmax over the vocabulary and, on a GPU,
-        # its copy to the host: the largest part of a drafting worker's host time per token).
-        greedy = sampling.temperature == 0 and not report_top_k
         for _ in range(max_tokens):
             try:
-                # On the loop: the draw below reads the parts at once, and a hand-off to the parts thread per
-                # token cost more than the softmax (bench_engine.draft_host_time: Gemma 3, 32 sessions).
-                out = await self._step(session, append, FULL, rollback, partial, off_loop=False, with_parts=not greedy)
+                # The rows only: the draw below builds the parts it needs, on the loop (a hand-off to the parts
+                # thread per token cost more than the softmax: bench_engine.draft_host_time, Gemma 3, 32 sessions).
+                out = await self._step(session, append, FULL, rollback, partial, off_loop=False, with_parts=False)
             except ContextFull:
                 if not pieces:
                     raise
@@ -277,7 +273,7 @@ class Runtime:
             if report_top_k:
                 fmt = Format(report_top_k, FULL.dtype)
                 dists.append(build_parts(plan, kv.rows, self.conditioner.index, fmt, kv.branch_rows))
-            drawn = self._draw_after(plan, kv, None if greedy else out.parts, sampling, rng)
+            drawn = self._draw_after(plan, kv, sampling, rng)
             if drawn is None:
                 ended = True
                 break
@@ -288,20 +284,16 @@ class Runtime:
         return DraftResult(pieces, ended, dists, fed, passes)
 
     def _draw_after(
-        self,
-        plan: Plan,
-        kv: SessionCache,
-        parts: list[Part] | None,
-        sampling: SamplingParams,
-        rng: np.random.Generator,
+        self, plan: Plan, kv: SessionCache, sampling: SamplingParams, rng: np.random.Generator
     ) -> tuple[int, int, int] | None:
         """A draft's next token after the plan: (token, bytes of it already committed, tokens it replaces), or
-        None for end of sequence. `parts`: the step's, or None where it built none (greedy)."""
-        if parts is None and not (plan.levels or plan.pending or plan.inside):  # one dense part: its top, directly
+        None for end of sequence. Greedy, where the text ends on a token boundary, the draw is the top of the last
+        row itself (`_greedy_token`) and no distribution is built (a softmax over the vocabulary and, on a GPU,
+        its copy to the host: the largest part of a drafting worker's host time per token)."""
+        if sampling.temperature == 0 and not (plan.levels or plan.pending or plan.inside):  # one dense part
             token = self._greedy_token(kv.rows[len(plan) - 1])
             return None if token in self._eos else (token, 0, 0)
-        if parts is None:
-            parts = build_parts(plan, kv.rows, self.conditioner.index, FULL, kv.branch_rows)
+        parts = build_parts(plan, kv.rows, self.conditioner.index, FULL, kv.branch_rows)
         drawn = self._draw(parts, sampling, rng)
         return None if drawn is None else (drawn[0], drawn[1].skip_bytes, drawn[1].replaces)
 

@@ -44,6 +44,7 @@ It finishes in under 8 minutes on one H200.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -51,10 +52,12 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -434,7 +437,6 @@ def server_figures(
     worker over further rounds of the largest batch, its stacks written there and summarised in the row."""
     import asyncio
     import socket
-    import subprocess
     import urllib.request
 
     from prometheus_client import REGISTRY, generate_latest
@@ -515,17 +517,10 @@ def server_figures(
             code = f"import runpy, sys; sys.setswitchinterval({interval}); runpy.run_module('model_worker', run_name='__main__')"  # noqa: E501
             launch = ["-c", code]
         command = [sys.executable, *launch, *(str(x) for kv in options.items() for x in kv)]
-        worker = subprocess.Popen(command, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 300
-            while not (port_file.exists() and port_file.read_text()):
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the worker server did not start (exit code {worker.poll()})")
-                time.sleep(0.2)
-            address = f"127.0.0.1:{port_file.read_text()}"
+        with _worker_server(command, port_file) as (worker, address):
 
             async def drive(batch: int) -> tuple[float, list[bytes], str, dict[str, float]]:
-                client = WorkerClient(address)  # noqa: B023 - this worker's
+                client = WorkerClient(address)
                 greedy = SamplingParams()
 
                 async def draw(sessions: list[Any]) -> tuple[list[Any], list[Any], float, dict[str, float]]:
@@ -562,7 +557,7 @@ def server_figures(
                     }
                     if profile is not None and batch == max(batches):
                         # Rounds more, under a sampling profiler (not timed): where the worker's threads spend it.
-                        pid = str(worker.pid)  # noqa: B023 - this worker's
+                        pid = str(worker.pid)
                         spy = subprocess.Popen(
                             [
                                 *("py-spy", "record", "--pid", pid, "--duration", "4", "--rate", "250"),
@@ -593,14 +588,28 @@ def server_figures(
                         **split,
                     }
                 )
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
     return rows
+
+
+@contextlib.contextmanager
+def _worker_server(command: list[str], port_file: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A worker server started with `command` (which writes its port to `port_file`): the process and its
+    address once it listens; stopped on the way out."""
+    worker = subprocess.Popen(command, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (port_file.exists() and port_file.read_text()):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker server did not start (exit code {worker.poll()})")
+            time.sleep(0.2)
+        yield worker, f"127.0.0.1:{port_file.read_text()}"
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def compiled_generate_figures(
