@@ -66,6 +66,14 @@ class WorkerArgs:
         default=512, metadata=_arg("tokens per forward pass: every decode, then prompt chunks of several sessions")
     )
     prefill_chunk: int = field(default=256, metadata=_arg("most prompt tokens of one session per forward pass"))
+    decode_stretch: float = field(
+        default=0.0,
+        metadata=_arg(
+            "keep a pass that carries decodes within this many times the decodes' own time, by taking fewer "
+            "prompt tokens into it: smoother writing during bursts of prompts, later first tokens for them "
+            "(0 = off: prompt chunks fill max-batched-tokens)"
+        ),
+    )
     cuda_graphs: bool = field(
         default=True,
         metadata=_arg("on CUDA, run decode-only passes as captured CUDA graphs (bucketed batch sizes)", parse=_bool),
@@ -85,6 +93,8 @@ class WorkerArgs:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.decode_stretch != 0 and not self.decode_stretch > 1:
+            raise ValueError(f"--decode-stretch: 0 (off) or more than 1, got {self.decode_stretch}")
 
     @staticmethod
     def flag(name: str) -> str:

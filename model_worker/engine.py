@@ -5,6 +5,11 @@ A round takes every waiting feed it can: decodes whole, prompts in chunks, up to
 tokens in one ragged pass. A feed's first tokens are looked up in the prefix cache before it is planned;
 the blocks a slice writes are reserved before its pass. A feed that finds no free blocks waits for
 `kv_wait` seconds (blocks free as sessions end or roll back), then fails with OutOfBlocks.
+
+With `decode_stretch` S (Sarathi-Serve's stall-free budget, off at 0), a pass that carries decodes takes only as
+many prompt tokens as keep it within S times the decodes' own time, from a running estimate of both costs
+(`PassCosts`): sessions that already write keep their pace while a burst of prompts is read, and the prompts
+wait longer for their first token.
 """
 
 from __future__ import annotations
@@ -24,10 +29,48 @@ from model_worker.backend import KVReport
 from model_worker.conditioning import Branch
 from model_worker.kv_manager import KVManager, OutOfBlocks, SessionKV
 from model_worker.model_runner import ModelRunner
-from model_worker.scheduler import Feed, PassStats, Slice, plan_round
+from model_worker.scheduler import SHORT, Feed, PassStats, Slice, plan_round
 
 # The longest a round waits for the sessions of the last pass to send their next feeds.
 RETURN_WINDOW_S = 0.02
+
+
+class PassCosts:
+    """Running estimates of a pass's two parts, from the passes run: the seconds its decodes (feeds of at most
+    SHORT tokens) take together, and the seconds per prompt token. A pass of one part times that part; a pass
+    of both, the part it spent most on (the other at its estimate taken off), once one part is known."""
+
+    WEIGHT = 0.3  # of the newest pass in each running mean
+
+    def __init__(self) -> None:
+        self.decodes_s: float | None = None
+        self.prompt_token_s: float | None = None
+
+    def observe(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
+        decodes_s, token_s = self.decodes_s, self.prompt_token_s
+        if not prompt_tokens:
+            if decodes:
+                self.decodes_s = self._mean(decodes_s, seconds)
+        elif not decodes:
+            self.prompt_token_s = self._mean(token_s, seconds / prompt_tokens)
+        elif token_s is not None and (decodes_s is None or decodes_s >= prompt_tokens * token_s):
+            self.decodes_s = self._mean(decodes_s, max(seconds - prompt_tokens * token_s, 0.0))
+        elif decodes_s is not None:
+            self.prompt_token_s = self._mean(token_s, max(seconds - decodes_s, 0.0) / prompt_tokens)
+
+    def prompt_budget(self, stretch: float) -> int | None:
+        """Prompt tokens a pass with decodes may add to stay within `stretch` times their time: none while the
+        decodes' time is unknown (a pass of decodes alone times them: while prompts wait, no other pass would),
+        no cap (None) while a prompt token's cost is (the pass's prompt chunks time it), else at least one, so
+        a prompt always advances."""
+        if self.decodes_s is None:
+            return 0
+        if not self.prompt_token_s:
+            return None
+        return max(1, int((stretch - 1.0) * self.decodes_s / self.prompt_token_s))
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new
 
 
 class Engine:
@@ -41,12 +84,15 @@ class Engine:
         prefill_chunk: int = WorkerArgs.prefill_chunk,
         kv_wait_s: float = WorkerArgs.kv_wait,
         cuda_graphs: bool = WorkerArgs.cuda_graphs,
+        decode_stretch: float = WorkerArgs.decode_stretch,
     ) -> None:
         self.kv = kv
         self.runner = ModelRunner(model, kv, device, cuda_graphs=cuda_graphs, name=name)
         self._name = name
         self.max_batched_tokens = max_batched_tokens
         self.prefill_chunk = min(prefill_chunk, max_batched_tokens)
+        self.decode_stretch = decode_stretch
+        self.costs = PassCosts()
         self.kv_wait_s = kv_wait_s
         self._waiting: list[Feed] = []
         self._wakeup = asyncio.Event()
@@ -172,7 +218,7 @@ class Engine:
                 if feed.remaining == 0:
                     self._finish(feed)
             waiting = [f for f in self._waiting if not f.future.done()]
-            slices = plan_round(waiting, self.max_batched_tokens, self.prefill_chunk, self._reserve)
+            slices = plan_round(waiting, self._pass_tokens(waiting), self.prefill_chunk, self._reserve)
             self._count_evictions()
             if not slices:
                 await self._wait_for_blocks(waiting)
@@ -192,11 +238,22 @@ class Engine:
             compute_ms = (returned - started) * 1e3
             metrics.STEP_LATENCY.labels(self._name).observe(compute_ms / 1e3)
             metrics.BATCH_SIZE.labels(self._name).observe(len(slices))
+            decodes = [len(s.tokens) for s in slices if s.feed.remaining <= SHORT]
+            self.costs.observe(compute_ms / 1e3, len(decodes), sum(len(s.tokens) for s in slices) - sum(decodes))
             for s, got in zip(slices, rows, strict=True):
                 self._record(s, got, compute_ms, len(slices))
             self._returning = {id(s.feed.kv) for s in slices if s.feed.future.done()}
             self._last_pass_s = compute_ms / 1e3
             metrics.QUEUE_DEPTH.labels(self._name).set(sum(not f.future.done() for f in self._waiting))
+
+    def _pass_tokens(self, waiting: list[Feed]) -> int:
+        """The next pass's token budget: max_batched_tokens, or with decode_stretch and decodes waiting, the
+        decodes' tokens and the prompt tokens that keep the pass within the stretch."""
+        if not self.decode_stretch:
+            return self.max_batched_tokens
+        short = sum(f.remaining for f in waiting if f.remaining <= SHORT)
+        prompts = self.costs.prompt_budget(self.decode_stretch) if short else None
+        return self.max_batched_tokens if prompts is None else min(self.max_batched_tokens, short + prompts)
 
     async def _gather_returning(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sessions whose feeds the last pass finished usually send their next one at once (after their

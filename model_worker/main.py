@@ -68,6 +68,7 @@ async def run(args: WorkerArgs) -> None:
         block_size=args.block_size,
         prefix_caching=args.prefix_caching,
         cuda_graphs=args.cuda_graphs,
+        decode_stretch=args.decode_stretch,
     )
     await asyncio.to_thread(runtime.engine.warm_up)
     allocator.give_back_free_memory()  # what loading parsed and dropped (tokenizer files, weight buffers)

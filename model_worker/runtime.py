@@ -76,6 +76,7 @@ class Runtime:
         block_size: int = WorkerArgs.block_size,
         prefix_caching: bool = WorkerArgs.prefix_caching,
         cuda_graphs: bool = WorkerArgs.cuda_graphs,
+        decode_stretch: float = WorkerArgs.decode_stretch,
     ) -> None:
         self.loaded = loaded
         self.context_length = loaded.context_length  # a session's tokens, prompt included
@@ -105,7 +106,15 @@ class Runtime:
         )
         self.conditioner = Conditioner(loaded.tokenizer, self.tokens, self.special)
         self.engine: Backend = Engine(
-            loaded.model, loaded.device, kv, loaded.name, max_batched_tokens, prefill_chunk, kv_wait_s, cuda_graphs
+            loaded.model,
+            loaded.device,
+            kv,
+            loaded.name,
+            max_batched_tokens,
+            prefill_chunk,
+            kv_wait_s,
+            cuda_graphs,
+            decode_stretch,
         )
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)

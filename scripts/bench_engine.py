@@ -261,18 +261,25 @@ def burst(runtime: Any, prompt_tokens: int, streams: int = 16, tokens: int = 24)
 
     prompts = _prompts(runtime.loaded.tokenizer, streams, prompt_tokens)
 
-    async def run() -> list[list[float]]:
+    async def run() -> tuple[float, list[list[float]]]:
         runtime.engine.start()
+        started = time.perf_counter()
         sessions = await asyncio.gather(*(runtime.open(Prompt(text=p)) for p in prompts))
         arrivals: list[list[float]] = [[] for _ in sessions]
         await asyncio.gather(*(_greedy(runtime, s, tokens, a) for s, a in zip(sessions, arrivals, strict=True)))
         for s in sessions:
             runtime.close(s)
         await runtime.engine.stop()
-        return arrivals
+        return started, arrivals
 
-    arrivals = asyncio.run(run())
-    return _gaps(arrivals, runtime.loaded.model, prompt_tokens, runtime.loaded.device)
+    started, arrivals = asyncio.run(run())
+    firsts = [times[0] - started for times in arrivals]
+    return {
+        **_gaps(arrivals, runtime.loaded.model, prompt_tokens, runtime.loaded.device),
+        "ttft_p50_s": statistics.median(firsts),
+        "ttft_max_s": max(firsts),
+        "last_token_max_s": max(times[-1] for times in arrivals) - started,
+    }
 
 
 def draft_host_time(runtime: Any, sessions: int = 32, tokens: int = 16, prompt_tokens: int = 64) -> dict[str, float]:

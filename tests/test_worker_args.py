@@ -39,6 +39,7 @@ def _non_defaults() -> WorkerArgs:
         prefix_caching=False,
         max_batched_tokens=1024,
         prefill_chunk=128,
+        decode_stretch=1.5,
         cuda_graphs=False,
         session_ttl=60.0,
         tls_cert=Path("/t/c.crt"),
@@ -62,6 +63,8 @@ def test_bad_settings_are_refused_by_the_command_line() -> None:
         WorkerArgs.parse(["--model", "x", "--quantization", "2bit"])
     with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
         WorkerArgs.parse(["--model", "x", "--tls-cert", "c.crt"])
+    with pytest.raises(SystemExit, match=r"--decode-stretch: 0 \(off\) or more than 1, got 0.9"):
+        WorkerArgs.parse(["--model", "x", "--decode-stretch", "0.9"])
 
 
 def test_spawn_worker_passes_a_models_config_entry_and_options_over_it() -> None:
