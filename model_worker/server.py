@@ -32,6 +32,10 @@ class _ShuttingDown(Exception):
     pass
 
 
+# Once the grace period is over, how long a session between messages is given for its client's next one.
+BETWEEN_MESSAGES_S = 1.0
+
+
 class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
     def __init__(self) -> None:
         self.runtime: Runtime | None = None  # None while the model loads
@@ -66,6 +70,28 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         if not work.done() or work.cancelled():
             raise _ShuttingDown
         return work.result()
+
+    async def _next_request(
+        self, requests: AsyncIterator[worker_pb2.SessionRequest]
+    ) -> worker_pb2.SessionRequest | None:
+        """The session's next message (None: the client closed), or _ShuttingDown once the grace period is
+        over. A session between messages then ends when its client's next one arrives (a coordinator sends it
+        within milliseconds), or BETWEEN_MESSAGES_S later: ended while its client may be writing, gRPC's asyncio
+        client can report its own INTERNAL ("Internal error from Core") in place of the status and its
+        draining mark (grpc/grpc#36066), and the coordinator would count a draining worker as lost."""
+        message = asyncio.ensure_future(anext(requests, None))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not message.done():
+                await asyncio.wait((message,), timeout=BETWEEN_MESSAGES_S)
+        finally:
+            stop.cancel()
+            if not message.done():
+                message.cancel()
+        if self.stopping.is_set():
+            raise _ShuttingDown
+        return message.result()
 
     async def _handle(
         self, runtime: Runtime, session: Session | None, request: worker_pb2.SessionRequest
@@ -110,7 +136,7 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         self.running += 1
         requests = aiter(request_iterator)
         try:
-            while (request := await self._unless_stopping(anext(requests, None))) is not None:
+            while (request := await self._next_request(requests)) is not None:
                 if self.draining and session is None:
                     raise _ShuttingDown  # refused once its first message is read: the client sees this status
                 try:

@@ -286,3 +286,40 @@ def test_sessions_still_running_when_the_grace_period_ends_fail_with_shutting_do
         assert victim.process.wait(15) == 0
     finally:
         victim.stop()
+
+
+def test_a_session_between_messages_when_the_grace_ends_reads_the_draining_status_on_its_next_one(
+    tmp_path: Path,
+) -> None:
+    """Ended while its client was about to write, a session's status could reach the client as gRPC's own
+    INTERNAL (grpc/grpc#36066), and a draining worker would read as lost. Between messages when the grace
+    period ends, the session is ended on the client's next message: that write goes through and the read
+    after it gets UNAVAILABLE with the draining mark."""
+    from chorus_common.serving import DRAINING_KEY
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
+    from model_worker.server import WorkerServer
+
+    model = never_ending_llama(tmp_path)
+
+    async def run() -> None:
+        server = WorkerServer("127.0.0.1:0")
+        await server.start()
+        await server.ready(Runtime(load_model(str(model))))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = worker_pb2_grpc.ModelWorkerStub(channel).Session(timeout=30)
+            await call.write(worker_pb2.SessionRequest(open=worker_pb2.SessionOpen(prompt={"text": "a"})))
+            await call.read()
+            step = worker_pb2.SessionRequest(step=worker_pb2.SessionStep(append=b"", format=worker_pb2.TOP_K, top_k=4))
+            await call.write(step)
+            await call.read()
+            stopping = asyncio.ensure_future(server.stop(grace=0))
+            await asyncio.sleep(0.3)  # the grace period is over while the session waits for its next message
+            await call.write(step)  # goes through: the session is still open
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call.read()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+            assert any(key == DRAINING_KEY for key, _ in caught.value.trailing_metadata() or ())
+            await stopping
+
+    asyncio.run(run())
