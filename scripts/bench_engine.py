@@ -338,11 +338,17 @@ def draft_host_time(runtime: Any, sessions: int = 32, tokens: int = 16, prompt_t
 
 
 def engine_burst(
-    model: Any, device: torch.device, prompt_tokens: int, streams: int = 16, tokens: int = 24, seed: int = 0
+    model: Any,
+    device: torch.device,
+    prompt_tokens: int,
+    streams: int = 16,
+    tokens: int = 24,
+    seed: int = 0,
+    decode_stretch: float = 0.0,
 ) -> dict[str, float]:
     """burst() through the engine alone: `streams` sessions of random `prompt_tokens`-token prompts (no shared
     prefix) arrive together, then each feeds back its most likely token. The worker's defaults: token budget
-    and prefill chunk, prefix caching, CUDA graphs on CUDA."""
+    and prefill chunk, prefix caching, CUDA graphs on CUDA; `decode_stretch` as the worker's flag."""
     import asyncio
 
     from model_worker.engine import Engine
@@ -354,7 +360,7 @@ def engine_burst(
     prompts = [torch.randint(10, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(streams)]
     layout = KVLayout.of(model.config, next(model.parameters()).dtype)
     kv = KVManager(layout, 0, streams, prompt_tokens + tokens + 1, 16, device)
-    engine = Engine(model, device, kv, "bench", cuda_graphs=device.type == "cuda")
+    engine = Engine(model, device, kv, "bench", cuda_graphs=device.type == "cuda", decode_stretch=decode_stretch)
     engine.warm_up()
 
     async def stream(prompt: list[int], arrivals: list[float]) -> None:
@@ -376,7 +382,7 @@ def engine_burst(
         await engine.stop()
         return arrivals
 
-    return _gaps(asyncio.run(run()), model, prompt_tokens, device)
+    return {**_gaps(asyncio.run(run()), model, prompt_tokens, device), "decode_stretch": decode_stretch}
 
 
 def _gaps(arrivals: list[list[float]], model: Any, prompt_tokens: int, device: torch.device) -> dict[str, float]:
