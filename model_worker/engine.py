@@ -238,8 +238,9 @@ class Engine:
             compute_ms = (returned - started) * 1e3
             metrics.STEP_LATENCY.labels(self._name).observe(compute_ms / 1e3)
             metrics.BATCH_SIZE.labels(self._name).observe(len(slices))
-            decodes = [len(s.tokens) for s in slices if s.feed.remaining <= SHORT]
-            self.costs.observe(compute_ms / 1e3, len(decodes), sum(len(s.tokens) for s in slices) - sum(decodes))
+            if self.decode_stretch:
+                decodes = [len(s.tokens) for s in slices if s.feed.remaining <= SHORT]
+                self.costs.observe(compute_ms / 1e3, len(decodes), sum(len(s.tokens) for s in slices) - sum(decodes))
             for s, got in zip(slices, rows, strict=True):
                 self._record(s, got, compute_ms, len(slices))
             self._returning = {id(s.feed.kv) for s in slices if s.feed.future.done()}
