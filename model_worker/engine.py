@@ -8,7 +8,7 @@ the blocks a slice writes are reserved before its pass. A feed that finds no fre
 
 With `decode_stretch` S (Sarathi-Serve's stall-free budget, off at 0), a pass that carries decodes takes only as
 many prompt tokens as keep it within S times the decodes' own time, from a running estimate of both costs
-(`PassCosts`): sessions that already write keep their pace while a burst of prompts is read, and the prompts
+(`scheduler.PassCosts`): sessions that already write keep their pace while a burst of prompts is read, and the prompts
 wait longer for their first token.
 """
 
@@ -29,48 +29,10 @@ from model_worker.backend import KVReport
 from model_worker.conditioning import Branch
 from model_worker.kv_manager import KVManager, OutOfBlocks, SessionKV
 from model_worker.model_runner import ModelRunner
-from model_worker.scheduler import SHORT, Feed, PassStats, Slice, plan_round
+from model_worker.scheduler import SHORT, Feed, PassCosts, PassStats, Slice, plan_round
 
 # The longest a round waits for the sessions of the last pass to send their next feeds.
 RETURN_WINDOW_S = 0.02
-
-
-class PassCosts:
-    """Running estimates of a pass's two parts, from the passes run: the seconds its decodes (feeds of at most
-    SHORT tokens) take together, and the seconds per prompt token. A pass of one part times that part; a pass
-    of both, the part it spent most on (the other at its estimate taken off), once one part is known."""
-
-    WEIGHT = 0.3  # of the newest pass in each running mean
-
-    def __init__(self) -> None:
-        self.decodes_s: float | None = None
-        self.prompt_token_s: float | None = None
-
-    def observe(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
-        decodes_s, token_s = self.decodes_s, self.prompt_token_s
-        if not prompt_tokens:
-            if decodes:
-                self.decodes_s = self._mean(decodes_s, seconds)
-        elif not decodes:
-            self.prompt_token_s = self._mean(token_s, seconds / prompt_tokens)
-        elif token_s is not None and (decodes_s is None or decodes_s >= prompt_tokens * token_s):
-            self.decodes_s = self._mean(decodes_s, max(seconds - prompt_tokens * token_s, 0.0))
-        elif decodes_s is not None:
-            self.prompt_token_s = self._mean(token_s, max(seconds - decodes_s, 0.0) / prompt_tokens)
-
-    def prompt_budget(self, stretch: float) -> int | None:
-        """Prompt tokens a pass with decodes may add to stay within `stretch` times their time: none while the
-        decodes' time is unknown (a pass of decodes alone times them: while prompts wait, no other pass would),
-        no cap (None) while a prompt token's cost is (the pass's prompt chunks time it), else at least one, so
-        a prompt always advances."""
-        if self.decodes_s is None:
-            return 0
-        if not self.prompt_token_s:
-            return None
-        return max(1, int((stretch - 1.0) * self.decodes_s / self.prompt_token_s))
-
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new
 
 
 class Engine:

@@ -1,5 +1,6 @@
 """Which tokens the next forward pass runs: every waiting decode, then prefill chunks of as many sessions
-as the token budget allows (SGLang's and vLLM's chunked-prefill rule), each with its KV blocks reserved."""
+as the token budget allows (SGLang's and vLLM's chunked-prefill rule), each with its KV blocks reserved; and,
+for `--decode-stretch`, what a pass's two parts cost (PassCosts)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,41 @@ def plan_round(
         slices.append(Slice(feed, tokens, start, want, tuple(b for b in feed.branches if start <= b[0] < start + n)))
         budget -= n
     return slices
+
+
+class PassCosts:
+    """Running estimates of a pass's two parts, from the passes run: the seconds its decodes (feeds of at most
+    SHORT tokens) take together, and the seconds per prompt token. A pass of one part times that part; a pass
+    of both, the part it spent most on (the other at its estimate taken off), once one part is known."""
+
+    WEIGHT = 0.3  # of the newest pass in each running mean
+
+    def __init__(self) -> None:
+        self.decodes_s: float | None = None
+        self.prompt_token_s: float | None = None
+
+    def observe(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
+        decodes_s, token_s = self.decodes_s, self.prompt_token_s
+        if not prompt_tokens:
+            if decodes:
+                self.decodes_s = self._mean(decodes_s, seconds)
+        elif not decodes:
+            self.prompt_token_s = self._mean(token_s, seconds / prompt_tokens)
+        elif token_s is not None and (decodes_s is None or decodes_s >= prompt_tokens * token_s):
+            self.decodes_s = self._mean(decodes_s, max(seconds - prompt_tokens * token_s, 0.0))
+        elif decodes_s is not None:
+            self.prompt_token_s = self._mean(token_s, max(seconds - decodes_s, 0.0) / prompt_tokens)
+
+    def prompt_budget(self, stretch: float) -> int | None:
+        """Prompt tokens a pass with decodes may add to stay within `stretch` times their time: none while the
+        decodes' time is unknown (a pass of decodes alone times them: while prompts wait, no other pass would),
+        no cap (None) while a prompt token's cost is unknown (the pass's prompt chunks time it), else at least one, so
+        a prompt always advances."""
+        if self.decodes_s is None:
+            return 0
+        if not self.prompt_token_s:
+            return None
+        return max(1, int((stretch - 1.0) * self.decodes_s / self.prompt_token_s))
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new

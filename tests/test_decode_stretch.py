@@ -1,5 +1,5 @@
 """`--decode-stretch`: a pass that carries decodes takes only the prompt tokens that keep it within the stretch
-of the decodes' own time (model_worker/engine.py, PassCosts), and what it computes does not change."""
+of the decodes' own time (model_worker/engine.py, scheduler.PassCosts), and what it computes does not change."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 
 from chorus_common.types import Prompt
 from model_worker.distribution import Format
-from model_worker.engine import PassCosts
 from model_worker.loading import load_model
 from model_worker.runtime import Runtime
-from model_worker.scheduler import SHORT
+from model_worker.scheduler import SHORT, PassCosts
 from tests.tiny_models import random_llama
 
 FULL = Format(top_k=0, dtype=np.dtype(np.float32))
