@@ -57,41 +57,23 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         for chunk in convert.vocabulary_chunks(await self._runtime(context), request.chunk_size):
             yield chunk
 
-    async def _unless_stopping(self, awaitable: Awaitable[T]) -> T:
-        """Await, unless the worker stops first (then the work is cancelled and _ShuttingDown raised)."""
+    async def _unless_stopping(self, awaitable: Awaitable[T], settle: float = 0.0) -> T:
+        """Await, unless the worker stops first (then the work is cancelled and _ShuttingDown raised). With
+        `settle`, work pending when the worker stops gets that long more to complete, and _ShuttingDown is raised
+        then, its result dropped: the point is when the stop is answered."""
         work = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
             await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
+            if settle and not work.done():
+                await asyncio.wait((work,), timeout=settle)
         finally:
             stop.cancel()
             if not work.done():
                 work.cancel()
-        if not work.done() or work.cancelled():
+        if not work.done() or work.cancelled() or (settle and self.stopping.is_set()):
             raise _ShuttingDown
         return work.result()
-
-    async def _next_request(
-        self, requests: AsyncIterator[worker_pb2.SessionRequest]
-    ) -> worker_pb2.SessionRequest | None:
-        """The session's next message (None: the client closed), or _ShuttingDown once the grace period is
-        over. A session between messages then ends when its client's next one arrives (a coordinator sends it
-        within milliseconds), or BETWEEN_MESSAGES_S later: ended while its client may be writing, gRPC's asyncio
-        client can report its own INTERNAL ("Internal error from Core") in place of the status and its
-        draining mark (grpc/grpc#36066), and the coordinator would count a draining worker as lost."""
-        message = asyncio.ensure_future(anext(requests, None))
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not message.done():
-                await asyncio.wait((message,), timeout=BETWEEN_MESSAGES_S)
-        finally:
-            stop.cancel()
-            if not message.done():
-                message.cancel()
-        if self.stopping.is_set():
-            raise _ShuttingDown
-        return message.result()
 
     async def _handle(
         self, runtime: Runtime, session: Session | None, request: worker_pb2.SessionRequest
@@ -136,7 +118,11 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
         self.running += 1
         requests = aiter(request_iterator)
         try:
-            while (request := await self._next_request(requests)) is not None:
+            # A session between messages when the grace period ends is ended once its client's next one arrives
+            # (a coordinator sends it within milliseconds), or BETWEEN_MESSAGES_S later: ended while its client may
+            # be writing, gRPC's asyncio client can report its own INTERNAL ("Internal error from Core") in place
+            # of the status and its draining mark (grpc/grpc#36066), and a draining worker would read as lost.
+            while (request := await self._unless_stopping(anext(requests, None), BETWEEN_MESSAGES_S)) is not None:
                 if self.draining and session is None:
                     raise _ShuttingDown  # refused once its first message is read: the client sees this status
                 try:
