@@ -69,9 +69,9 @@ class WorkerArgs:
     decode_stretch: float = field(
         default=0.0,
         metadata=_arg(
-            "keep a pass that carries decodes within this many times the decodes' own time, by taking fewer "
-            "prompt tokens into it: smoother writing during bursts of prompts, later first tokens for them "
-            "(0 = off: prompt chunks fill max-batched-tokens)"
+            "keep a pass that carries decodes within this many times a pass of every waiting session's decode, "
+            "by taking fewer prompt tokens into it: smoother writing during bursts of prompts, later first "
+            "tokens for them (0 = off: prompt chunks fill max-batched-tokens)"
         ),
     )
     cuda_graphs: bool = field(

@@ -7,9 +7,9 @@ the blocks a slice writes are reserved before its pass. A feed that finds no fre
 `kv_wait` seconds (blocks free as sessions end or roll back), then fails with OutOfBlocks.
 
 With `decode_stretch` S (Sarathi-Serve's stall-free budget, off at 0), a pass that carries decodes takes only as
-many prompt tokens as keep it within S times the decodes' own time, from a running estimate of both costs
-(`scheduler.PassCosts`): sessions that already write keep their pace while a burst of prompts is read, and the prompts
-wait longer for their first token.
+many prompt tokens as keep it within S times a pass of every waiting session's decode (their pace once all of them
+write), from a running estimate of both costs (`scheduler.PassCosts`): sessions that already write keep about that
+pace while a burst of prompts is read, and the prompts wait longer for their first token.
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ class Engine:
         decodes' tokens and the prompt tokens that keep the pass within the stretch."""
         if not self.decode_stretch:
             return self.max_batched_tokens
-        short = sum(f.remaining for f in waiting if f.remaining <= SHORT)
-        prompts = self.costs.prompt_budget(self.decode_stretch) if short else None
-        return self.max_batched_tokens if prompts is None else min(self.max_batched_tokens, short + prompts)
+        short = [f.remaining for f in waiting if f.remaining <= SHORT]
+        prompts = self.costs.prompt_budget(self.decode_stretch, len(short), len(waiting)) if short else None
+        return self.max_batched_tokens if prompts is None else min(self.max_batched_tokens, sum(short) + prompts)
 
     async def _gather_returning(self, loop: asyncio.AbstractEventLoop) -> None:
         """Sessions whose feeds the last pass finished usually send their next one at once (after their

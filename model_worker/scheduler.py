@@ -86,37 +86,54 @@ def plan_round(
 
 class PassCosts:
     """Running estimates of a pass's two parts, from the passes run: the seconds its decodes (feeds of at most
-    SHORT tokens) take together, and the seconds per prompt token. A pass of one part times that part; a pass
-    of both, the part it spent most on (the other at its estimate taken off), once one part is known."""
+    SHORT tokens) take together, with how many there were, and the seconds per prompt token. A pass of one part
+    times that part; a pass of both, the part it spent most on (the other at its estimate taken off), once one
+    part is known."""
 
     WEIGHT = 0.3  # of the newest pass in each running mean
 
     def __init__(self) -> None:
         self.decodes_s: float | None = None
+        self.decodes = 0.0  # the decodes in the passes that timed decodes_s (their running mean)
         self.prompt_token_s: float | None = None
 
     def observe(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
         decodes_s, token_s = self.decodes_s, self.prompt_token_s
         if not prompt_tokens:
             if decodes:
-                self.decodes_s = self._mean(decodes_s, seconds)
+                self._decodes_took(seconds, decodes)
         elif not decodes:
             self.prompt_token_s = self._mean(token_s, seconds / prompt_tokens)
         elif token_s is not None and (decodes_s is None or decodes_s >= prompt_tokens * token_s):
-            self.decodes_s = self._mean(decodes_s, max(seconds - prompt_tokens * token_s, 0.0))
+            self._decodes_took(max(seconds - prompt_tokens * token_s, 0.0), decodes)
         elif decodes_s is not None:
             self.prompt_token_s = self._mean(token_s, max(seconds - decodes_s, 0.0) / prompt_tokens)
 
-    def prompt_budget(self, stretch: float) -> int | None:
-        """Prompt tokens a pass with decodes may add to stay within `stretch` times their time: none while the
-        decodes' time is unknown (a pass of decodes alone times them: while prompts wait, no other pass would),
-        no cap (None) while a prompt token's cost is unknown (the pass's prompt chunks time it), else at least one, so
-        a prompt always advances."""
+    def prompt_budget(self, stretch: float, decodes: int, sessions: int) -> int | None:
+        """Prompt tokens a pass with `decodes` decodes may add, of `sessions` feeds waiting in all: as many as
+        keep it within `stretch` times a pass of every waiting session's decode (what their writing will take
+        once all of them write: a bare pass of them is what a burst's gaps are held to). None while a prompt token's
+        cost is unknown (no cap: the pass's prompt chunks time it); none at all while the decodes' time is
+        unknown (a pass of decodes alone times them: while prompts wait, no other pass would); else at least
+        one, so a prompt always advances."""
         if self.decodes_s is None:
             return 0
         if not self.prompt_token_s:
             return None
-        return max(1, int((stretch - 1.0) * self.decodes_s / self.prompt_token_s))
+        ceiling = stretch * self.decodes_time(max(sessions, decodes))
+        return max(1, int((ceiling - self.decodes_time(decodes)) / self.prompt_token_s))
+
+    def decodes_time(self, decodes: int) -> float:
+        """Seconds a pass of `decodes` decodes takes: the measured time, each decode more or fewer at a prompt
+        token's cost (one more row through the same weights; a decode row's attention over its context makes
+        it dearer, so the estimate errs low and the cap on the safe side)."""
+        assert self.decodes_s is not None and self.prompt_token_s is not None
+        return max(self.decodes_s + (decodes - self.decodes) * self.prompt_token_s, 0.0)
+
+    def _decodes_took(self, seconds: float, decodes: int) -> None:
+        first = self.decodes_s is None
+        self.decodes_s = self._mean(self.decodes_s, seconds)
+        self.decodes = decodes if first else (1 - self.WEIGHT) * self.decodes + self.WEIGHT * decodes
 
     def _mean(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new

@@ -921,6 +921,26 @@ def _real_engine_figures(quick: bool) -> list[Figure]:
             r,
         ),
     ]
+    # What the stretch costs when streams write longer than the burst's 24 tokens: prompts get a small share of
+    # each pass while any stream writes, the streams start one by one, and their decodes share fewer passes.
+    length, tokens = (256, 48) if quick else (512, 64)
+    runs = [bench_engine.burst(Runtime(loaded, decode_stretch=s), length, streams, tokens) for s in (0.0, STRETCH)]
+    plain_run, stretched = runs
+    figures.append(
+        Figure(
+            "engine_stretch_long_writes",
+            f"  --decode-stretch {STRETCH} on {streams} streams of {length}-token prompts writing {tokens} tokens: "
+            "last token / without",
+            stretched["last_token_max_s"] / plain_run["last_token_max_s"],
+            "x",
+            None,
+            None,
+            {"without": plain_run, "with": stretched},
+            note=f"last token {stretched['last_token_max_s']:.1f} vs {plain_run['last_token_max_s']:.1f} s; first "
+            f"token p50 {stretched['ttft_p50_s']:.1f} vs {plain_run['ttft_p50_s']:.1f} s; median gap, first 12 "
+            f"tokens {stretched['burst_gap_ms']:.0f} vs {plain_run['burst_gap_ms']:.0f} ms",
+        )
+    )
     r = bench_engine.reuse(Runtime(loaded), history_tokens=500 if quick else 1500)
     figures.append(
         Figure(

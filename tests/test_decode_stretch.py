@@ -1,5 +1,6 @@
 """`--decode-stretch`: a pass that carries decodes takes only the prompt tokens that keep it within the stretch
-of the decodes' own time (model_worker/engine.py, scheduler.PassCosts), and what it computes does not change."""
+of a pass of every waiting session's decode (model_worker/engine.py, scheduler.PassCosts), and what it computes
+does not change."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ FULL = Format(top_k=0, dtype=np.dtype(np.float32))
 
 def test_pass_costs_learn_both_parts_and_give_the_prompt_budget() -> None:
     costs = PassCosts()
-    assert costs.prompt_budget(1.3) == 0  # the decodes' time unknown: they run alone once, to time them
+    assert costs.prompt_budget(1.3, 16, 16) == 0  # the decodes' time unknown: they run alone once, to time them
     costs.observe(0.2, decodes=16, prompt_tokens=0)
-    assert costs.prompt_budget(1.3) is None  # a prompt token's cost unknown: no cap, the chunks time it
+    assert costs.prompt_budget(1.3, 16, 16) is None  # a prompt token's cost unknown: no cap, the chunks time it
     costs.observe(0.2 + 0.5, decodes=16, prompt_tokens=100)  # 5 ms each beside the decodes' 200
     assert costs.prompt_token_s == pytest.approx(0.005)
-    assert costs.decodes_s == pytest.approx(0.2)
-    assert costs.prompt_budget(1.3) == 12  # 0.3 x 200 ms / 5 ms
-    assert costs.prompt_budget(2.0) == 40
+    assert (costs.decodes_s, costs.decodes) == (pytest.approx(0.2), 16)
+    assert costs.prompt_budget(1.3, 16, 16) == 12  # 0.3 x 200 ms / 5 ms
+    assert costs.prompt_budget(2.0, 16, 16) == 40
     # A pass spent mostly on decodes times them (its prompt tokens at their known cost taken off)...
     costs.observe(0.31, decodes=16, prompt_tokens=10)
     assert costs.decodes_s == pytest.approx(0.7 * 0.2 + 0.3 * 0.26)
@@ -45,7 +46,24 @@ def test_pass_costs_learn_both_parts_and_give_the_prompt_budget() -> None:
     fresh.observe(0.5, decodes=0, prompt_tokens=100)
     assert fresh.prompt_token_s == pytest.approx(0.005)
     costs.decodes_s, costs.prompt_token_s = 0.001, 1.0
-    assert costs.prompt_budget(1.1) == 1  # a prompt always advances
+    assert costs.prompt_budget(1.1, 16, 16) == 1  # a prompt always advances
+
+
+def test_the_budget_is_held_to_a_pass_of_every_waiting_sessions_decode() -> None:
+    """While a burst is read, the few sessions that already write may slow to S times the pace all of them
+    will write at, not S times their own: a decode more costs about a prompt token."""
+    costs = PassCosts()
+    costs.observe(0.09, decodes=4, prompt_tokens=0)  # 4 decodes: 90 ms
+    costs.observe(0.09 + 100 * 0.005, decodes=4, prompt_tokens=100)  # 5 ms a prompt token
+    assert costs.decodes_time(4) == pytest.approx(0.09)
+    assert costs.decodes_time(16) == pytest.approx(0.09 + 12 * 0.005)
+    assert costs.decodes_time(1) == pytest.approx(0.09 - 3 * 0.005)
+    assert costs.decodes_time(0) == pytest.approx(0.07)
+    # 1 session writes, 15 prompts wait: 1.3 x 150 ms, less that one decode's 75 ms, in 5 ms tokens.
+    assert costs.prompt_budget(1.3, 1, 16) == int((1.3 * 0.15 - 0.075) / 0.005)
+    # The more of them write, the fewer prompt tokens fit beside them; with none waiting, S x their own time.
+    assert costs.prompt_budget(1.3, 8, 16) < costs.prompt_budget(1.3, 1, 16)
+    assert costs.prompt_budget(1.3, 4, 4) == int(0.3 * 0.09 / 0.005)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +76,7 @@ class _FixedCosts(PassCosts):
 
     def __init__(self, decodes_s: float, prompt_token_s: float) -> None:
         super().__init__()
-        self.decodes_s, self.prompt_token_s = decodes_s, prompt_token_s
+        self.decodes_s, self.decodes, self.prompt_token_s = decodes_s, 1.0, prompt_token_s
 
     def observe(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
         pass
@@ -69,7 +87,8 @@ def _decode_beside_a_prompt(loaded: Any, stretch: float) -> tuple[list[tuple[int
     and the long prompt's first distribution."""
     runtime = Runtime(loaded, prefill_chunk=64, max_batched_tokens=256, decode_stretch=stretch)
     engine = runtime.engine
-    engine.costs = _FixedCosts(decodes_s=0.04, prompt_token_s=0.01)  # stretch 1.5: 2 prompt tokens per pass
+    # One decode 40 ms, two sessions 50 ms: stretch 1.5 leaves 75 - 40 ms, 3 prompt tokens per pass.
+    engine.costs = _FixedCosts(decodes_s=0.04, prompt_token_s=0.01)
     passes: list[tuple[int, int]] = []
     run = engine._run
 
@@ -98,10 +117,10 @@ def _decode_beside_a_prompt(loaded: Any, stretch: float) -> tuple[list[tuple[int
 def test_passes_with_decodes_take_only_the_prompt_tokens_the_stretch_allows(loaded: Any) -> None:
     stretched, with_stretch = _decode_beside_a_prompt(loaded, 1.5)
     mixed = [prompt for decodes, prompt in stretched if decodes and prompt]
-    assert mixed and max(mixed) <= 2
+    assert mixed and max(mixed) <= 3
     # Without it the same passes take whole chunks (this test can tell the two apart).
     plain, without = _decode_beside_a_prompt(loaded, 0.0)
-    assert max(prompt for decodes, prompt in plain if decodes) > 2
+    assert max(prompt for decodes, prompt in plain if decodes) > 3
     # And the prompt's distribution is what it was, however its tokens were split over passes.
     assert with_stretch.keys() == without.keys()
     for skip, logprobs in with_stretch.items():
