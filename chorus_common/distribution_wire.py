@@ -19,17 +19,22 @@ _IDS = np.dtype("<u4")
 def part_to_proto(part: DistributionPart) -> worker_pb2.DistributionPart:
     """A part as it travels: float16 logprobs stay float16, any other dtype goes as float32. A sparse part
     has ids (no ids on the wire means dense)."""
+    wire = worker_pb2.DistributionPart()
+    write_part(part, wire)
+    return wire
+
+
+def write_part(part: DistributionPart, wire: worker_pb2.DistributionPart) -> None:
+    """part_to_proto into a message already in place (`response.step.parts.add()`): a part handed to a
+    parent's constructor is copied whole, a millisecond for a full distribution of 262,144 entries."""
     if part.ids is not None and part.ids.size == 0:
         raise ValueError("a sparse distribution part without ids reads as a dense one: leave the part out")
     half = part.logprobs.dtype == np.float16
-    dtype = worker_pb2.FLOAT16 if half else worker_pb2.FLOAT32
-    return worker_pb2.DistributionPart(
-        skip_bytes=part.skip_bytes,
-        log_scale=part.log_scale,
-        ids=b"" if part.ids is None else part.ids.astype(_IDS, copy=False).tobytes(),
-        logprobs=part.logprobs.astype(_DTYPES[dtype], copy=False).tobytes(),
-        dtype=dtype,
-    )
+    wire.dtype = worker_pb2.FLOAT16 if half else worker_pb2.FLOAT32
+    wire.skip_bytes = part.skip_bytes
+    wire.log_scale = part.log_scale
+    wire.ids = b"" if part.ids is None else part.ids.astype(_IDS, copy=False).tobytes()
+    wire.logprobs = part.logprobs.astype(_DTYPES[wire.dtype], copy=False).tobytes()
 
 
 def part_from_proto(part: worker_pb2.DistributionPart) -> DistributionPart:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from chorus.v1 import common_pb2, worker_pb2
-from chorus_common.distribution_wire import part_to_proto
+from chorus_common.distribution_wire import write_part
 from chorus_common.types import DraftResult, Prompt, SamplingParams, ScoreResult, StepResult
 from model_worker.distribution import Format, Part
 from model_worker.errors import RequestError
@@ -49,50 +49,57 @@ def sampling_from_proto(sampling: worker_pb2.Sampling) -> SamplingParams:
     return SamplingParams(sampling.temperature, sampling.top_p or 1.0, sampling.top_k)
 
 
+# Responses are built in place: a message handed to its parent's constructor is copied whole, and a full
+# distribution is a megabyte (chorus_common.distribution_wire.write_part).
+
+
 def draft_to_proto(out: DraftResult) -> worker_pb2.SessionResponse:
-    return worker_pb2.SessionResponse(
-        draft=worker_pb2.DraftResult(
-            pieces=out.pieces,
-            ended=out.ended,
-            dists=[_position(parts) for parts in out.dists],
-            tokens_fed=out.tokens_fed,
-            forward_passes=out.forward_passes,
-        )
-    )
+    response = worker_pb2.SessionResponse()
+    draft = response.draft
+    draft.SetInParent()
+    draft.pieces.extend(out.pieces)
+    draft.ended = out.ended
+    for parts in out.dists:
+        _write_position(parts, draft.dists.add())
+    draft.tokens_fed = out.tokens_fed
+    draft.forward_passes = out.forward_passes
+    return response
 
 
 def score_to_proto(out: ScoreResult) -> worker_pb2.SessionResponse:
-    return worker_pb2.SessionResponse(
-        score=worker_pb2.ScoreResult(
-            positions=[_position(parts) for parts in out.positions],
-            tokens_fed=out.tokens_fed,
-            forward_passes=out.forward_passes,
-        )
-    )
+    response = worker_pb2.SessionResponse()
+    score = response.score
+    score.SetInParent()
+    for parts in out.positions:
+        _write_position(parts, score.positions.add())
+    score.tokens_fed = out.tokens_fed
+    score.forward_passes = out.forward_passes
+    return response
 
 
 def lookup_to_proto(logprobs: list[float]) -> worker_pb2.SessionResponse:
     return worker_pb2.SessionResponse(lookup=worker_pb2.LookupResult(logprobs=logprobs))
 
 
-def _position(parts: list[Part] | None) -> worker_pb2.PositionDistribution:
-    if parts is None:
-        return worker_pb2.PositionDistribution(boundary=False)
-    return worker_pb2.PositionDistribution(boundary=True, parts=[part_to_proto(p) for p in parts])
+def _write_position(parts: list[Part] | None, wire: worker_pb2.PositionDistribution) -> None:
+    wire.boundary = parts is not None
+    for part in parts or ():
+        write_part(part, wire.parts.add())
 
 
 def step_to_proto(out: StepResult) -> worker_pb2.SessionResponse:
-    return worker_pb2.SessionResponse(
-        step=worker_pb2.StepResult(
-            parts=[part_to_proto(p) for p in out.parts],
-            tokens_fed=out.tokens_fed,
-            forward_passes=out.forward_passes,
-            batch_size=out.batch_size,
-            queue_ms=out.queue_ms,
-            compute_ms=out.compute_ms,
-            queue_position=out.queue_position,
-        )
-    )
+    response = worker_pb2.SessionResponse()
+    step = response.step
+    step.SetInParent()
+    for part in out.parts:
+        write_part(part, step.parts.add())
+    step.tokens_fed = out.tokens_fed
+    step.forward_passes = out.forward_passes
+    step.batch_size = out.batch_size
+    step.queue_ms = out.queue_ms
+    step.compute_ms = out.compute_ms
+    step.queue_position = out.queue_position
+    return response
 
 
 def info_to_proto(runtime: Runtime) -> worker_pb2.ModelInfo:
