@@ -35,6 +35,8 @@ measured in-process. Figures:
             (model_worker/vocab_projection.py; target <= 1.0x).
 8. long_streams  16 concurrent streams with 1,536-token prompts on the real SmolLM2 (one thread, a
             1 s step timeout): failures (target 0), time to first token and inter-token latency.
+9. wire     a real Gemma 3 worker over gRPC (262,144 tokens, one thread): a step's time outside the
+            forward with the full float32 distribution (1 MiB) / with the top 10 (information).
 
 Prints a table (figure, value, target, PASS/MISS) and writes it with the details as JSON.
 """
@@ -1044,7 +1046,49 @@ async def figure_long_streams(quick: bool) -> list[Figure]:
 # ---------------------------------------------------------------------------------------------
 
 
-FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "safe", "engine", "few_rows", "long_streams")
+async def figure_wire(quick: bool) -> list[Figure]:
+    """What a full distribution costs a step beyond the forward: a Gemma 3 worker (262,144 tokens, one thread)
+    over gRPC, one session writing, each step's round trip less the worker's compute_ms, with full float32
+    distributions (1 MiB) and with the top 10, in interleaved rounds."""
+    from chorus_common.types import Prompt
+    from coordinator.workers import Transport, WorkerClient
+    from model_worker import catalog
+
+    path = catalog.prepare("gemma3-270m", log=False)
+    rounds, steps = (2, 10) if quick else (4, 20)
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as tmp:
+        with worker_output_to(Path(tmp) / "workers.log"):
+            process = cluster.spawn_worker(ModelSpec(name="gemma3", path=str(path)), timeout=600, threads=1)
+        client = WorkerClient(process.address)
+        outside: dict[str, list[float]] = {"full": [], "top10": []}
+        try:
+            for _ in range(rounds):
+                for name, transport in (("full", Transport(0, False)), ("top10", Transport(10, False))):
+                    session = client.session(None)
+                    await session.open(Prompt(text="The capital of France is"), "bench-wire")
+                    await session.step(b"", transport)
+                    for _ in range(steps):
+                        started = time.perf_counter()
+                        result = await session.step(b" the", transport)
+                        outside[name].append((time.perf_counter() - started) * 1e3 - result.compute_ms)
+                    session.cancel()
+        finally:
+            await client.close()
+            process.stop()
+    full, top = _median(outside["full"]), _median(outside["top10"])
+    return [
+        Figure(
+            "wire_full_step",
+            "Gemma 3 worker over gRPC: a step's time outside the forward, full float32 distribution / top 10",
+            full / top,
+            "x",
+            details={"full_ms": full, "top10_ms": top, "steps": len(outside["full"])},
+            note=f"{full:.1f} vs {top:.1f} ms",
+        )
+    ]
+
+
+FIGURES = ("gac", "cpu", "streams", "memory", "strategies", "safe", "engine", "few_rows", "long_streams", "wire")
 
 
 def machine() -> dict[str, Any]:
@@ -1113,6 +1157,8 @@ async def run(args: argparse.Namespace) -> list[Figure]:
         figures += await figure_long_streams(args.quick)
     if "cpu" in only:
         figures += figure_cpu(args.quick)
+    if "wire" in only:
+        figures += await figure_wire(args.quick)
     if "memory" in only:
         figures += await figure_memory(*((50, 500) if args.quick else (500, 5000)))
     return figures
