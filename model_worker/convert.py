@@ -49,31 +49,26 @@ def sampling_from_proto(sampling: worker_pb2.Sampling) -> SamplingParams:
     return SamplingParams(sampling.temperature, sampling.top_p or 1.0, sampling.top_k)
 
 
-# Responses are built in place: a message handed to its parent's constructor is copied whole, and a full
-# distribution is a megabyte (chorus_common.distribution_wire.write_part).
+# A response's distributions are written into it in place: a message handed to its parent's constructor is
+# copied whole, and a full distribution is a megabyte (chorus_common.distribution_wire.write_part). The
+# scalars go through the constructors (a copy of a few bytes).
 
 
 def draft_to_proto(out: DraftResult) -> worker_pb2.SessionResponse:
-    response = worker_pb2.SessionResponse()
-    draft = response.draft
-    draft.SetInParent()
-    draft.pieces.extend(out.pieces)
-    draft.ended = out.ended
+    draft = worker_pb2.DraftResult(
+        pieces=out.pieces, ended=out.ended, tokens_fed=out.tokens_fed, forward_passes=out.forward_passes
+    )
+    response = worker_pb2.SessionResponse(draft=draft)
     for parts in out.dists:
-        _write_position(parts, draft.dists.add())
-    draft.tokens_fed = out.tokens_fed
-    draft.forward_passes = out.forward_passes
+        _write_position(parts, response.draft.dists.add())
     return response
 
 
 def score_to_proto(out: ScoreResult) -> worker_pb2.SessionResponse:
-    response = worker_pb2.SessionResponse()
-    score = response.score
-    score.SetInParent()
+    score = worker_pb2.ScoreResult(tokens_fed=out.tokens_fed, forward_passes=out.forward_passes)
+    response = worker_pb2.SessionResponse(score=score)
     for parts in out.positions:
-        _write_position(parts, score.positions.add())
-    score.tokens_fed = out.tokens_fed
-    score.forward_passes = out.forward_passes
+        _write_position(parts, response.score.positions.add())
     return response
 
 
@@ -88,17 +83,17 @@ def _write_position(parts: list[Part] | None, wire: worker_pb2.PositionDistribut
 
 
 def step_to_proto(out: StepResult) -> worker_pb2.SessionResponse:
-    response = worker_pb2.SessionResponse()
-    step = response.step
-    step.SetInParent()
+    step = worker_pb2.StepResult(
+        tokens_fed=out.tokens_fed,
+        forward_passes=out.forward_passes,
+        batch_size=out.batch_size,
+        queue_ms=out.queue_ms,
+        compute_ms=out.compute_ms,
+        queue_position=out.queue_position,
+    )
+    response = worker_pb2.SessionResponse(step=step)
     for part in out.parts:
-        write_part(part, step.parts.add())
-    step.tokens_fed = out.tokens_fed
-    step.forward_passes = out.forward_passes
-    step.batch_size = out.batch_size
-    step.queue_ms = out.queue_ms
-    step.compute_ms = out.compute_ms
-    step.queue_position = out.queue_position
+        write_part(part, response.step.parts.add())
     return response
 
 
