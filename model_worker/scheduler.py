@@ -131,9 +131,8 @@ class PassCosts:
         return max(self.decodes_s + (decodes - self.decodes) * self.prompt_token_s, 0.0)
 
     def _decodes_took(self, seconds: float, decodes: int) -> None:
-        first = self.decodes_s is None
+        self.decodes = self._mean(None if self.decodes_s is None else self.decodes, decodes)
         self.decodes_s = self._mean(self.decodes_s, seconds)
-        self.decodes = decodes if first else (1 - self.WEIGHT) * self.decodes + self.WEIGHT * decodes
 
     def _mean(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new
