@@ -303,7 +303,7 @@ class Members:
             if not _lost(exc):
                 raise
             reason = f"{exc.code().name}: {exc.details()}"
-            draining = _marked(exc, DRAINING_KEY)
+            draining = _marked(exc, DRAINING_KEY) or await self.clients[i].draining(timeout=HEALTH_TIMEOUT)
         finally:
             if not task.done():
                 task.cancel()

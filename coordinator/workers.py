@@ -106,6 +106,21 @@ class WorkerClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    async def draining(self, timeout: float) -> bool:
+        """Whether the worker process answers its liveness check but no longer serves: it is shutting down. For
+        a session that ended with gRPC's own status and no mark: ended by a draining worker while its client
+        wrote, gRPC's asyncio client can read INTERNAL in place of the status (grpc/grpc#36066)."""
+        health = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            live, ready = await asyncio.gather(
+                health.Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=timeout),
+                health.Check(health_pb2.HealthCheckRequest(), timeout=timeout),
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return live.status == serving and ready.status != serving
+
     async def info(self, timeout: float = 30.0) -> WorkerInfo:
         info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
         return WorkerInfo(

@@ -34,6 +34,8 @@ class _ShuttingDown(Exception):
 
 # Once the grace period is over, how long a session between messages is given for its client's next one.
 BETWEEN_MESSAGES_S = 1.0
+# How long health checks are still answered after sessions were ended by the grace period's end.
+ENDED_SESSIONS_LINGER_S = 0.5
 
 
 class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
@@ -121,7 +123,8 @@ class WorkerService(worker_pb2_grpc.ModelWorkerServicer):
             # A session between messages when the grace period ends is ended once its client's next one arrives
             # (a coordinator sends it within milliseconds), or BETWEEN_MESSAGES_S later: ended while its client may
             # be writing, gRPC's asyncio client can report its own INTERNAL ("Internal error from Core") in place
-            # of the status and its draining mark (grpc/grpc#36066), and a draining worker would read as lost.
+            # of the status and its draining mark (grpc/grpc#36066). A coordinator that reads it asks the health
+            # service (answered for ENDED_SESSIONS_LINGER_S more), so the worker reads as draining, not lost.
             while (request := await self._unless_stopping(anext(requests, None), BETWEEN_MESSAGES_S)) is not None:
                 if self.draining and session is None:
                     raise _ShuttingDown  # refused once its first message is read: the client sees this status
@@ -195,10 +198,15 @@ class WorkerServer:
         while self.service.running and loop.time() < deadline:
             await asyncio.sleep(0.05)
         # Sessions still running when the grace period is over end with UNAVAILABLE "shutting down".
+        ended = self.service.running
         self.service.stopping.set()
         deadline = loop.time() + 5.0
         while self.service.running and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        if ended:
+            # A client that read gRPC's own INTERNAL in place of that status (grpc/grpc#36066) asks the health
+            # service why; stop() would refuse the question.
+            await asyncio.sleep(ENDED_SESSIONS_LINGER_S)
         # A grace of a second, not 0: the sessions' final statuses ("shutting down") must reach their
         # clients before the connections close (cut, a client reads gRPC's own "Internal error from Core").
         await self.grpc.server.stop(1.0)

@@ -323,3 +323,62 @@ def test_a_session_between_messages_when_the_grace_ends_reads_the_draining_statu
             await stopping
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("draining", [True, False])
+def test_an_unmarked_internal_from_a_worker_that_no_longer_serves_reads_as_draining(
+    loop: LoopThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, draining: bool
+) -> None:
+    """The rest of the race above: a session the grace period ends while its client writes can still reach the
+    coordinator as gRPC's own INTERNAL, with no mark. The coordinator then asks the worker's health service:
+    alive but not serving is a worker shutting down, not a lost one. The control: the same INTERNAL from a
+    worker that still serves reads as lost."""
+    from model_worker.loading import load_model
+    from model_worker.runtime import Runtime
+    from model_worker.server import WorkerServer, WorkerService
+
+    hit = asyncio.Event()
+    plain = WorkerService.Session
+
+    async def broken_under_the_client(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for response in plain(self, request_iterator, context):
+            if hit.is_set():
+                await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+            yield response
+
+    monkeypatch.setattr(WorkerService, "Session", broken_under_the_client)
+    model = never_ending_llama(tmp_path, MODELS / "arith-sp")
+
+    async def start() -> WorkerServer:
+        server = WorkerServer("127.0.0.1:0")
+        await server.start()
+        await server.ready(Runtime(load_model(str(model))))
+        return server
+
+    server = loop.run(start())
+
+    async def break_it() -> None:
+        if draining:
+            server.service.draining = True
+            await server.grpc.set_serving(False)
+        hit.set()
+
+    try:
+        spec = ModelSpec(name="endless", path=str(model))
+        worker = WorkerProcess(spec=spec, address=f"127.0.0.1:{server.port}", process=None)  # type: ignore[arg-type]
+        with (
+            coordinator(loop, make_config([worker])) as target,
+            chorus.Client(target, timeout=60, retries=0) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            running = pool.submit(client.generate, prompt="hello", max_new_tokens=LONG)
+            time.sleep(1.0)  # a few steps in
+            loop.run(break_it())
+            with pytest.raises(chorus.ChorusError) as caught:
+                running.result(timeout=60)
+        if draining:
+            _says_draining_not_lost(caught.value, worker)
+        else:
+            assert f"the worker of model {spec.name!r} was lost" in caught.value.details, caught.value.details
+    finally:
+        loop.run(server.stop(grace=0))
