@@ -67,11 +67,12 @@ class WorkerArgs:
     )
     prefill_chunk: int = field(default=256, metadata=_arg("most prompt tokens of one session per forward pass"))
     decode_stretch: float = field(
-        default=0.0,
+        default=2.0,
         metadata=_arg(
-            "keep a pass that carries decodes within this many times a pass of every waiting session's decode, "
-            "by taking fewer prompt tokens into it: smoother writing during bursts of prompts, later first "
-            "tokens for them (0 = off: prompt chunks fill max-batched-tokens)"
+            "keep a pass that carries decodes within this many times the engine's estimate of a pass of every "
+            "waiting session's decode, by taking fewer prompt tokens into it: sessions that write keep their pace "
+            "while a burst of prompts is read, and those prompts wait longer for their first token (0 = off: "
+            "prompt chunks fill max-batched-tokens, most throughput)"
         ),
     )
     cuda_graphs: bool = field(

@@ -6,10 +6,11 @@ tokens in one ragged pass. A feed's first tokens are looked up in the prefix cac
 the blocks a slice writes are reserved before its pass. A feed that finds no free blocks waits for
 `kv_wait` seconds (blocks free as sessions end or roll back), then fails with OutOfBlocks.
 
-With `decode_stretch` S (Sarathi-Serve's stall-free budget, off at 0), a pass that carries decodes takes only as
-many prompt tokens as keep it within S times a pass of every waiting session's decode (their pace once all of them
-write), from a running estimate of both costs (`scheduler.PassCosts`): sessions that already write keep about that
-pace while a burst of prompts is read, and the prompts wait longer for their first token.
+With `decode_stretch` S (Sarathi-Serve's stall-free budget; 2 by default, off at 0), while more waits than one pass
+holds, a pass that carries decodes takes only as many prompt tokens as keep it within S times a pass of every
+waiting session's decode (their pace once all of them write), from a running estimate of both costs
+(`scheduler.PassCosts`): sessions that already write keep about that pace while a burst of prompts is read, and the
+prompts wait longer for their first token.
 """
 
 from __future__ import annotations
@@ -215,6 +216,10 @@ class Engine:
         if not self.decode_stretch:
             return self.max_batched_tokens
         short = [f.remaining for f in waiting if f.remaining <= SHORT]
+        if sum(f.remaining for f in waiting) <= self.max_batched_tokens:
+            # What waits fits in one pass (a few prompts, a burst's tail): read it whole. The writers wait one
+            # pass of the budget, not several stretched ones, and then all write together.
+            return self.max_batched_tokens
         prompts = self.costs.prompt_budget(self.decode_stretch, len(short), len(waiting)) if short else None
         return self.max_batched_tokens if prompts is None else min(self.max_batched_tokens, sum(short) + prompts)
 

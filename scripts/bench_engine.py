@@ -344,11 +344,11 @@ def engine_burst(
     streams: int = 16,
     tokens: int = 24,
     seed: int = 0,
-    decode_stretch: float = 0.0,
+    decode_stretch: float | None = None,
 ) -> dict[str, float]:
     """burst() through the engine alone: `streams` sessions of random `prompt_tokens`-token prompts (no shared
     prefix) arrive together, then each feeds back its most likely token. The worker's defaults: token budget
-    and prefill chunk, prefix caching, CUDA graphs on CUDA; `decode_stretch` as the worker's flag."""
+    and prefill chunk, prefix caching, CUDA graphs on CUDA, and `decode_stretch` unless one is given."""
     import asyncio
 
     from model_worker.engine import Engine
@@ -360,6 +360,10 @@ def engine_burst(
     prompts = [torch.randint(10, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(streams)]
     layout = KVLayout.of(model.config, next(model.parameters()).dtype)
     kv = KVManager(layout, 0, streams, prompt_tokens + tokens + 1, 16, device)
+    from chorus_common.worker_args import WorkerArgs
+
+    if decode_stretch is None:
+        decode_stretch = WorkerArgs.decode_stretch
     engine = Engine(model, device, kv, "bench", cuda_graphs=device.type == "cuda", decode_stretch=decode_stretch)
     engine.warm_up()
 

@@ -82,10 +82,12 @@ class _FixedCosts(PassCosts):
         pass
 
 
-def _decode_beside_a_prompt(loaded: Any, stretch: float) -> tuple[list[tuple[int, int]], dict]:
-    """One session writes while another's long prompt is read: each pass's (decode tokens, prompt tokens),
-    and the long prompt's first distribution."""
-    runtime = Runtime(loaded, prefill_chunk=64, max_batched_tokens=256, decode_stretch=stretch)
+def _decode_beside_a_prompt(
+    loaded: Any, stretch: float, repeats: int = 12, budget: int = 64
+) -> tuple[list[tuple[int, int]], dict]:
+    """One session writes while another's prompt (`repeats` times a 9-word sentence) is read, at most `budget`
+    tokens a pass: each pass's (decode tokens, prompt tokens), and the prompt's first distribution."""
+    runtime = Runtime(loaded, prefill_chunk=64, max_batched_tokens=budget, decode_stretch=stretch)
     engine = runtime.engine
     # One decode 40 ms, two sessions 50 ms: stretch 1.5 leaves 75 - 40 ms, 3 prompt tokens per pass.
     engine.costs = _FixedCosts(decodes_s=0.04, prompt_token_s=0.01)
@@ -103,7 +105,7 @@ def _decode_beside_a_prompt(loaded: Any, stretch: float) -> tuple[list[tuple[int
         engine.start()
         writer = await runtime.open(Prompt(text="a"))
         await runtime.step(writer, b"", FULL)
-        reader = await runtime.open(Prompt(text="the quick brown fox jumps over the lazy dog " * 3))
+        reader = await runtime.open(Prompt(text="the quick brown fox jumps over the lazy dog " * repeats))
         first = asyncio.ensure_future(runtime.step(reader, b"", FULL))
         for piece in (b"b", b"c", b"d", b"e", b"f", b"g"):
             await runtime.step(writer, piece, FULL)
@@ -127,10 +129,18 @@ def test_passes_with_decodes_take_only_the_prompt_tokens_the_stretch_allows(load
         np.testing.assert_allclose(logprobs, without[skip], atol=1e-5)
 
 
+def test_a_prompt_that_fits_in_one_pass_is_read_whole_beside_the_decodes(loaded: Any) -> None:
+    """The stretch holds the writers' pace while more waits than one pass holds; a prompt (or a burst's tail)
+    that fits is read in one pass: the writers wait that pass once, not several stretched ones."""
+    passes, _ = _decode_beside_a_prompt(loaded, 1.5, repeats=3, budget=256)
+    mixed = [prompt for decodes, prompt in passes if decodes and prompt]
+    assert mixed and mixed[0] > 3 and sum(mixed) == mixed[0]  # the whole prompt, in the first pass beside a decode
+
+
 def test_the_decodes_are_timed_alone_once_when_prompts_never_leave_them_a_pass(loaded: Any) -> None:
     """A burst keeps prompt chunks in every pass, so no pass of decodes alone would time them: the engine runs
     one (the prompts wait that pass), then caps the passes by what it measured."""
-    runtime = Runtime(loaded, prefill_chunk=32, max_batched_tokens=256, decode_stretch=1.5)
+    runtime = Runtime(loaded, prefill_chunk=32, max_batched_tokens=32, decode_stretch=1.5)
     engine = runtime.engine
     decodes_alone_while_prompts_waited = []
     run = engine._run
