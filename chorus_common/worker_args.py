@@ -67,7 +67,7 @@ class WorkerArgs:
     )
     prefill_chunk: int = field(default=256, metadata=_arg("most prompt tokens of one session per forward pass"))
     decode_stretch: float = field(
-        default=2.0,
+        default=1.5,
         metadata=_arg(
             "keep a pass that carries decodes within this many times the engine's estimate of a pass of every "
             "waiting session's decode, by taking fewer prompt tokens into it: sessions that write keep their pace "

@@ -6,7 +6,7 @@ tokens in one ragged pass. A feed's first tokens are looked up in the prefix cac
 the blocks a slice writes are reserved before its pass. A feed that finds no free blocks waits for
 `kv_wait` seconds (blocks free as sessions end or roll back), then fails with OutOfBlocks.
 
-With `decode_stretch` S (Sarathi-Serve's stall-free budget; 2 by default, off at 0), while more waits than one pass
+With `decode_stretch` S (Sarathi-Serve's stall-free budget; 1.5 by default, off at 0), while more waits than one pass
 holds, a pass that carries decodes takes only as many prompt tokens as keep it within S times a pass of every
 waiting session's decode (their pace once all of them write), from a running estimate of both costs
 (`scheduler.PassCosts`): sessions that already write keep about that pace while a burst of prompts is read, and the
