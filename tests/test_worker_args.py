@@ -39,7 +39,7 @@ def _non_defaults() -> WorkerArgs:
         prefix_caching=False,
         max_batched_tokens=1024,
         prefill_chunk=128,
-        decode_stretch=1.5,
+        decode_stretch=1.7,
         cuda_graphs=False,
         session_ttl=60.0,
         tls_cert=Path("/t/c.crt"),
