@@ -110,16 +110,15 @@ class WorkerClient:
         """Whether the worker process answers its liveness check but no longer serves: it is shutting down. For
         a session that ended with gRPC's own status and no mark: ended by a draining worker while its client
         wrote, gRPC's asyncio client can read INTERNAL in place of the status (grpc/grpc#36066)."""
-        health = health_pb2_grpc.HealthStub(self.channel)
+        if not await self.alive(timeout):
+            return False
         try:
-            live, ready = await asyncio.gather(
-                health.Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=timeout),
-                health.Check(health_pb2.HealthCheckRequest(), timeout=timeout),
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.aio.AioRpcError:
             return False
-        serving = health_pb2.HealthCheckResponse.SERVING
-        return live.status == serving and ready.status != serving
+        return reply.status != health_pb2.HealthCheckResponse.SERVING
 
     async def info(self, timeout: float = 30.0) -> WorkerInfo:
         info = await self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)

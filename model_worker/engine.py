@@ -215,11 +215,11 @@ class Engine:
         decodes' tokens and the prompt tokens that keep the pass within the stretch."""
         if not self.decode_stretch:
             return self.max_batched_tokens
-        short = [f.remaining for f in waiting if f.remaining <= SHORT]
         if sum(f.remaining for f in waiting) <= self.max_batched_tokens:
             # What waits fits in one pass (a few prompts, a burst's tail): read it whole. The writers wait one
             # pass of the budget, not several stretched ones, and then all write together.
             return self.max_batched_tokens
+        short = [f.remaining for f in waiting if f.remaining <= SHORT]
         prompts = self.costs.prompt_budget(self.decode_stretch, len(short), len(waiting)) if short else None
         return self.max_batched_tokens if prompts is None else min(self.max_batched_tokens, sum(short) + prompts)
 

@@ -295,11 +295,12 @@ def worker_output_to(log: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def spawn(path: Path, name: str) -> Worker:
+def spawn(path: Path, name: str, options: dict[str, Any] | None = None) -> Worker:
+    """A worker of one thread (options: WorkerArgs fields over the defaults)."""
     port = _free_port()
     spec = ModelSpec(name=name, path=str(path))
     with worker_output_to(path.parent / "workers.log"):
-        process = cluster.spawn_worker(spec, timeout=600, threads=1, metrics_port=port)
+        process = cluster.spawn_worker(spec, timeout=600, threads=1, metrics_port=port, options=options)
     return Worker(name, process, port)
 
 
