@@ -3,6 +3,7 @@
     python scripts/load_test.py [--config configs/default.yaml] [--clients 64] [--seconds 60]
                                 [--warmup 5] [--phases 4] [--max-growth 0.03]
                                 [--prompt-tokens N] [--kv-budget-mib MIB] [--dtype bfloat16]
+                                [--baseline]
 
 Starts the config's workers and a coordinator, each in its own process (`chorus coordinator
 --port 0 --worker NAME=ADDRESS ...`, so the memory measured is the server's, not this process's
@@ -24,6 +25,12 @@ prints, after each phase, the coordinator's Python heap and where it grew most (
 Requests are short sums unless `--prompt-tokens N` sends prompts of about N tokens that no other request
 shares: then the workers' prefix caches fill, and on a CPU each worker grows to about its idle size plus its
 KV pool (`--kv-budget-mib`, over the config's `kv_budget_mib`) before levelling off (docs/load-test.md).
+
+`--baseline` then measures what each model takes in transformers alone, in a fresh process once the cluster
+has stopped: its tokenizer and its model loaded as the worker loads them (same directory, dtype, one CPU
+thread), `generate` greedy on the warm-up's prompt, then garbage collected and the heap trimmed; the report
+gives that resident memory beside the worker's highest floor (`worker_floor_over_transformers_alone`). It is
+the floor of the stack the worker is built on, one sequence at a time with nothing kept.
 """
 
 from __future__ import annotations
@@ -52,11 +59,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import chorus
 from chorus_local import cluster
-from coordinator.config import load_config
+from coordinator.config import ModelSpec, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"chorus serving on \S+:(\d+)")
 SAMPLE_S = 0.5  # how often resident memory is read during a phase
+WARM_PROMPT = "1+1="
 
 
 @dataclasses.dataclass
@@ -117,6 +125,28 @@ def _report(*_):
 signal.signal(signal.SIGUSR1, _report)
 """
 MAIN = "import sys; from chorus.cli import main; sys.exit(main())"
+
+# --baseline: one model in transformers alone (argv: model directory or GGUF file, dtype, prompt, new tokens);
+# prints its resident memory in MiB. MKL keeps no work buffers, as in a worker (chorus_common.allocator).
+TRANSFORMERS_ALONE = """
+import ctypes, gc, os, sys
+from pathlib import Path
+os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+import psutil, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+path, dtype, prompt, new_tokens = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if path.is_file() else {
+    "pretrained_model_name_or_path": str(path)}
+tokenizer = AutoTokenizer.from_pretrained(**where)
+model = AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype)).eval()
+with torch.inference_mode():
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+gc.collect()
+ctypes.CDLL(None).malloc_trim(0)
+print(psutil.Process().memory_info().rss / 2**20)
+"""
 
 
 def _start_coordinator(
@@ -179,7 +209,7 @@ async def _phase(target: str, args: argparse.Namespace, seconds: float, pids: di
 async def _run(args: argparse.Namespace, target: str, pids: dict[str, int]) -> tuple[dict[str, object], Counter]:
     async with chorus.AsyncClient(target) as warm:
         for _ in range(20):
-            await warm.generate(prompt="1+1=", max_new_tokens=args.max_new_tokens)
+            await warm.generate(prompt=WARM_PROMPT, max_new_tokens=args.max_new_tokens)
     phases = [await _phase(target, args, args.warmup, pids)]  # the warm-up: fills caches and allocator pools
     phases += [await _phase(target, args, args.seconds / args.phases, pids) for _ in range(args.phases)]
     run = phases[1:]
@@ -209,6 +239,29 @@ async def _run(args: argparse.Namespace, target: str, pids: dict[str, int]) -> t
         },
     }
     return report, phases[0].codes
+
+
+def transformers_alone_mb(spec: ModelSpec, new_tokens: int) -> float:
+    """The resident memory, in MiB, of `spec`'s model in transformers alone (--baseline), on a CPU."""
+    from model_worker import catalog
+
+    assert spec.path is not None
+    dtype = "float32" if spec.dtype == "auto" else spec.dtype  # a worker's auto on a CPU
+    model = catalog.resolve(spec.path)
+    command = [sys.executable, "-c", TRANSFORMERS_ALONE, model, dtype, WARM_PROMPT, str(new_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+    return float(done.stdout.split()[-1])
+
+
+def with_baseline(report: dict[str, object], specs: list[ModelSpec], new_tokens: int) -> dict[str, object]:
+    """The report with each model's memory in transformers alone, and its worker's highest floor over it."""
+    floors: dict[str, list[float]] = report["rss_mb_floor_by_phase"]  # type: ignore[assignment]
+    alone = {s.name: round(transformers_alone_mb(s, new_tokens), 1) for s in specs}
+    return {
+        **report,
+        "rss_mb_transformers_alone": alone,
+        "worker_floor_over_transformers_alone": {n: round(max(floors[n]) / mb, 3) for n, mb in alone.items()},
+    }
 
 
 def later_half_growth_pct(floors: list[float]) -> float:
@@ -251,6 +304,11 @@ def main() -> int:
         choices=("auto", "float32", "float16", "bfloat16"),
         help="every worker's dtype, over the config's (bfloat16 on a CPU runs fast only with bfloat16 instructions)",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="after the run, each model's resident memory in transformers alone (a greedy generate), beside its worker",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="each request's deadline, seconds")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument(
@@ -285,6 +343,8 @@ def main() -> int:
                 coordinator.wait()
         for w in workers:
             w.stop()
+    if args.baseline:
+        report = with_baseline(report, [m for m in config.models if m.address is None], args.max_new_tokens)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

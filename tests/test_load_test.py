@@ -52,3 +52,20 @@ def test_long_prompts_are_distinct_and_about_as_long_as_asked(load_test: ModuleT
     assert all(p.startswith("Add up: ") and p.endswith(" =") for p in prompts)
     assert all([len(n) for n in p.split()[2:-1]] == [6] * 42 for p in prompts)
     assert load_test.prompt_of(rng, 0).endswith("=") and "+" in load_test.prompt_of(rng, 0)
+
+
+def test_the_baseline_is_the_model_in_transformers_alone(load_test: ModuleType, tmp_path: Path) -> None:
+    """--baseline: each model's resident memory in a fresh transformers process, over the size of its weights;
+    the ratio divides the worker's highest floor by it."""
+    from coordinator.config import ModelSpec
+    from tests.tiny_models import random_gemma3
+
+    model = random_gemma3(tmp_path / "gemma3")
+    weights_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+    spec = ModelSpec(name="tiny", path=str(model))
+    report = {"rss_mb_floor_by_phase": {"tiny": [150.0, 400.0, 390.0]}}
+    got = load_test.with_baseline(report, [spec], 4)
+    alone = got["rss_mb_transformers_alone"]["tiny"]
+    assert alone > 100 + weights_mb  # torch and transformers imported, the weights loaded
+    assert got["worker_floor_over_transformers_alone"] == {"tiny": round(400.0 / alone, 3)}
+    assert got["rss_mb_floor_by_phase"] == report["rss_mb_floor_by_phase"]
