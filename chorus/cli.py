@@ -135,12 +135,19 @@ def _up(args: argparse.Namespace) -> int:
 def _coordinator(args: argparse.Namespace) -> int:
     config = _load(args.config, local_workers=False)
     if config.discovery.mode == "kubernetes":
+        if args.worker:
+            raise SystemExit("--worker: the config's discovery.mode is kubernetes, which finds the workers itself")
         asyncio.run(_serve(config, [], args.port, args.metrics_port, args.grace))
         return 0
     given = dict(w.split("=", 1) for w in args.worker)
     unknown = set(given) - set(config.model_names)
     if unknown:
         raise SystemExit(f"--worker: unknown model {sorted(unknown)}, the config has {list(config.model_names)}")
+    # A worker given here runs already, loaded by its own flags: settings for loading it would do nothing.
+    unread = [f"models[{i}].{k}" for i, m in enumerate(config.models) if m.name in given for k in m.loading_settings()]
+    if unread:
+        loaded = "set how `chorus up` loads a model; a --worker was loaded by its own flags"
+        raise SystemExit(f"{', '.join(unread)}: {loaded}")
     addresses = [given.get(m.name) or m.address for m in config.models]
     missing = [m.name for m, a in zip(config.models, addresses, strict=True) if not a]
     if missing:

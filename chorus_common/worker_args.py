@@ -38,7 +38,12 @@ class WorkerArgs:
     device: str = field(default="cpu", metadata=_arg("cpu, cuda, cuda:N or auto"))
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(default="auto", metadata=_arg("weights dtype"))
     max_memory: dict[str, Any] | None = field(
-        default=None, metadata=_arg('accelerate max_memory as JSON, e.g. \'{"0": "24GiB"}\'', parse=json.loads)
+        default=None,
+        metadata=_arg(
+            'accelerate max_memory as JSON, e.g. \'{"0": "24GiB"}\': accelerate places the model over the devices it '
+            "lists, in place of --device",
+            parse=json.loads,
+        ),
     )
     quantization: Literal["none", "8bit", "4bit"] = field(
         default="none", metadata=_arg("load the weights quantized with bitsandbytes (needs CUDA); GGUF is another way")
@@ -94,6 +99,8 @@ class WorkerArgs:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key: client certificates are checked only over TLS")
         if self.decode_stretch != 0 and not self.decode_stretch > 1:
             raise ValueError(f"--decode-stretch: 0 (off) or more than 1, got {self.decode_stretch}")
 

@@ -176,6 +176,10 @@ class Discovery(_Section):
     port: int = Field(50061, ge=1, le=65535)
 
 
+# ModelSpec keys only the worker `chorus up` starts reads (its flags of the same names).
+LOADING_KEYS = ("device", "dtype", "quantization", "max_memory", "max_model_len", "kv_budget_mib")
+
+
 class ModelSpec(_Section):
     """One ensemble member.
 
@@ -202,6 +206,11 @@ class ModelSpec(_Section):
     # Calibration: the member's next-token distribution is taken to the power 1/temperature (and
     # renormalised) before any strategy sees it; 1 = as the model gives it. `chorus tune` fits it.
     temperature: float = Field(1.0, gt=0.0, le=100.0)
+
+    def loading_settings(self) -> list[str]:
+        """The keys, set away from their defaults, that only the worker `chorus up` starts reads (how it loads
+        the model); a running worker was started with its own flags, so for it they would do nothing."""
+        return [k for k in LOADING_KEYS if getattr(self, k) != ModelSpec.model_fields[k].default]
 
     @model_validator(mode="before")
     @classmethod
@@ -318,10 +327,13 @@ class _Ensemble(_Section):
             if model.path is None and model.address is None and self.discovery.mode == "static":
                 msg = "missing: required for a model without an address (the worker `chorus up` starts loads it)"
                 problems.append((("models", i, "path"), msg))
+            if model.address is not None or self.discovery.mode == "kubernetes":
+                running = "a worker at an address" if model.address is not None else "a discovered worker pod"
+                for key in model.loading_settings():
+                    flag = "--" + key.replace("_", "-")
+                    msg = f"sets how `chorus up` loads the model; {running} was loaded by its own {flag}"
+                    problems.append((("models", i, key), msg))
             if model.address is not None:
-                if model.kv_budget_mib:
-                    msg = "sizes the KV pool of a worker `chorus up` starts; a running worker's is its --kv-budget-mib"
-                    problems.append((("models", i, "kv_budget_mib"), msg))
                 if model.address in seen_addresses:
                     msg = f"same address as model {seen_addresses[model.address]}"
                     problems.append((("models", i, "address"), msg))
@@ -507,7 +519,8 @@ def cpu_adjusted(
 ) -> tuple[EnsembleConfig, list[str]]:
     """Make every model runnable without CUDA; returns the config and one note per change.
 
-    With CUDA available the config is returned unchanged. Otherwise, per model:
+    With CUDA available the config is returned unchanged, with a note for each num_gpus (GaC's key: a worker
+    runs where its device, or its max_memory, places it). Otherwise, per model:
     device cuda/cuda:N/auto -> cpu; dtype float16 -> float32, and bfloat16 -> float32 unless the CPU
     computes bfloat16 itself (`cpu_bf16`; None: `cpu_computes_bf16()`); auto stays auto, which the worker
     resolves to float32 on CPU; max_memory and num_gpus are dropped. Every change except auto -> cpu gets
@@ -515,7 +528,9 @@ def cpu_adjusted(
     so (quantization: none runs the model unquantized).
     """
     if cuda_available:
-        return config, []
+        placed = "a worker runs where its device (or its max_memory) places it"
+        unread = [(i, m) for i, m in enumerate(config.models) if m.num_gpus is not None]
+        return config, [f"models[{i}] ({m.name}): num_gpus {m.num_gpus:g} ignored: {placed}" for i, m in unread]
     if cpu_bf16 is None:
         cpu_bf16 = cpu_computes_bf16()
     refused = [

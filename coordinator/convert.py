@@ -25,8 +25,9 @@ def requests_from_proto(request: coordinator_pb2.GenerateRequest, config: Ensemb
         request.apply_chat_template if request.HasField("apply_chat_template") else config.defaults.apply_chat_template
     )
     kind = request.WhichOneof("input")
-    if kind == "prompt":
-        prompts = [Prompt(text=request.prompt)]
+    if kind == "prompt":  # the config's default template is for messages; asked for here, it is refused
+        asked_template = request.apply_chat_template if request.HasField("apply_chat_template") else None
+        prompts = [request_rules.text_prompt(request.prompt, asked_template)]
     elif kind == "messages":
         prompts = [_conversation(request.messages, template, "messages")]
     elif kind == "batch":

@@ -468,7 +468,7 @@ class CompletionRequest(OpenAIRequest):
 
     def prompts(self, config: EnsembleConfig) -> list[Prompt]:
         rules.check_conversations(len(self.prompt), config, "prompt", "prompts")
-        return [Prompt(text=p) for p in self.prompt]
+        return [rules.text_prompt(p, self.apply_chat_template) for p in self.prompt]
 
 
 class GacRequest(_Body):

@@ -65,6 +65,17 @@ def conversation(messages: Sequence[tuple[str, str]], template: bool, field: str
     return Prompt(messages=tuple(messages), apply_chat_template=template)
 
 
+def text_prompt(text: str, template: bool | None) -> Prompt:
+    """A text prompt, which goes to every model as it is; a chat template applies to messages, so a request
+    that asks for one on a text prompt is refused rather than served without it."""
+    if template:
+        raise InvalidRequest(
+            "apply_chat_template: true applies to messages; a text prompt goes to the models as it is "
+            "(send it as a user message to have each model's chat template rendered)"
+        )
+    return Prompt(text=text)
+
+
 def check_conversations(count: int, config: EnsembleConfig, field: str, what: str = "conversations") -> None:
     """At most limits.max_conversations conversations in one request."""
     most = config.limits.max_conversations
@@ -106,6 +117,9 @@ def build_requests(prompts: Sequence[Prompt], asked: Asked, config: EnsembleConf
         raise InvalidRequest(str(exc)) from None
     # A probability: the primary decides alone while its top probability is above it (1: never).
     threshold = _number("threshold", asked.threshold, config.threshold, 0.0, 1.0)
+    if asked.threshold is not None and strategy != "threshold":
+        unread = "only the threshold strategy reads it"
+        raise InvalidRequest(f"threshold: {unread}; this request's strategy is {strategy!r}")
     _check_stop(asked.stop)
     _check_request_id(asked.request_id)
     seed = None if asked.seed is None else _integer("seed", asked.seed, 0, MAX_SEED)

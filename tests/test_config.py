@@ -66,18 +66,18 @@ models:
     address: null
     score: 300
     priority: supportive
-    device: cpu
-    dtype: auto
-    max_memory: null
-    num_gpus: null
-  - name: remote
-    path: org/remote-model
-    address: 10.0.0.2:6000
-    score: 100
     device: cuda:1
     dtype: bfloat16
     max_memory: {0: 24GiB, cpu: 64GiB}
     num_gpus: 1
+  - name: remote
+    path: org/remote-model
+    address: 10.0.0.2:6000
+    score: 100
+    device: cpu
+    dtype: auto
+    max_memory: null
+    num_gpus: null
 """
 
 
@@ -126,8 +126,9 @@ def test_native_full_example(tmp_path: Path) -> None:
     assert local.path == str(tmp_path / "models" / "arith-bpe")  # resolved
     assert remote.path == "org/remote-model"  # hub id kept
     assert remote.address == "10.0.0.2:6000"
-    assert remote.max_memory == {0: "24GiB", "cpu": "64GiB"}
-    assert (remote.device, remote.dtype, remote.num_gpus) == ("cuda:1", "bfloat16", 1)
+    assert local.max_memory == {0: "24GiB", "cpu": "64GiB"}
+    assert (local.device, local.dtype, local.num_gpus) == ("cuda:1", "bfloat16", 1)
+    assert remote.loading_settings() == [] and local.loading_settings() == ["device", "dtype", "max_memory"]
     assert config.weight_vector() == [0.75, 0.25]
     assert config.server.port == 50051
     assert config.limits.max_conversations == 64
@@ -345,7 +346,29 @@ ERROR_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "KV budget of a running worker",
         {"models": [{"path": "a"}, {"path": "b", "address": "h:1", "kv_budget_mib": 512}]},
-        ["models[1].kv_budget_mib: sizes the KV pool of a worker `chorus up` starts; a running worker"],
+        ["models[1].kv_budget_mib: sets how `chorus up` loads the model; a worker at an address was loaded by its own"],
+    ),
+    (
+        "loading settings of running workers",
+        {
+            "models": [
+                {"path": "a", "address": "h:1", "dtype": "bfloat16", "max_model_len": 128},
+                {"path": "b", "address": "h:2", "quantization": "4bit", "device": "cuda", "max_memory": {0: "1GiB"}},
+            ]
+        },
+        [
+            "models[0].dtype: sets how `chorus up` loads the model; a worker at an address was loaded by its own "
+            "--dtype",
+            "models[0].max_model_len: sets how `chorus up` loads the model; a worker at an address was loaded",
+            "models[1].device: sets",
+            "models[1].quantization: sets",
+            "models[1].max_memory: sets",
+        ],
+    ),
+    (
+        "loading settings of discovered pods",
+        {"discovery": {"mode": "kubernetes"}, "models": [{"name": "a", "kv_budget_mib": 64}, {"name": "b"}]},
+        ["models[0].kv_budget_mib: sets how `chorus up` loads the model; a discovered worker pod was loaded by"],
     ),
     (
         "negative KV budget",
@@ -712,6 +735,15 @@ def test_cpu_adjusted_with_cuda_is_identity() -> None:
     assert cpu_adjusted(config, cuda_available=True) == (config, [])
 
 
+def test_num_gpus_is_reported_as_ignored_with_cuda(tmp_path: Path) -> None:
+    """GaC's num_gpus has no counterpart here (a worker runs where device or max_memory places it): said so."""
+    config = load_config(write(tmp_path, GAC_README_EXAMPLE))
+    kept, notes = cpu_adjusted(config, cuda_available=True)
+    assert kept == config
+    assert notes[0].startswith("models[0] (SOLAR-10.7B-Instruct-v1.0): num_gpus 0.5 ignored: a worker runs where")
+    assert len(notes) == sum(m.num_gpus is not None for m in config.models) > 0
+
+
 # --------------------------------------------------------------------------- fuzz
 
 try:  # the fuzz test is optional: hypothesis is a dev extra
@@ -786,11 +818,11 @@ if hypothesis is not None:
         ("models", 0, "priority"),
         ("models", 1, "address"),
         ("models", 1, "score"),
-        ("models", 1, "device"),
-        ("models", 1, "max_memory"),
-        ("models", 1, "max_memory", 0),
-        ("models", 1, "max_memory", "cpu"),
-        ("models", 1, "num_gpus"),
+        ("models", 0, "device"),
+        ("models", 0, "max_memory"),
+        ("models", 0, "max_memory", 0),
+        ("models", 0, "max_memory", "cpu"),
+        ("models", 0, "num_gpus"),
     ]
 
     @hypothesis.settings(max_examples=300, deadline=None, database=None)

@@ -253,7 +253,9 @@ def _conversation(*messages: tuple[str, str]) -> common_pb2.Conversation:
 def test_http_bodies_build_the_requests_their_grpc_twins_do() -> None:
     """An HTTP body and the GenerateRequest asking the same make the same domain requests: the same rules,
     and the sampling numbers at the gRPC API's precision (float32), so that both draw the same samples."""
-    config = BODY_CONFIG
+    config = parse_config(
+        {"models": [{"name": "arith-bpe", "path": "x", "priority": "primary"}, {"name": "arith-sp", "path": "y"}]}, ROOT
+    )
     sampling = {
         "temperature": 0.7,
         "top_p": 0.9,
@@ -261,7 +263,7 @@ def test_http_bodies_build_the_requests_their_grpc_twins_do() -> None:
         "seed": 7,
         "stop": ["\n"],
         "threshold": 0.3,
-        "strategy": "gac",
+        "strategy": "threshold",
         "on_worker_loss": "degrade",
     }
     weights = {"arith-sp": 0.3}
@@ -321,6 +323,10 @@ BODY_REFUSALS: list[tuple[type, dict[str, Any], int, str]] = [
     (ChatCompletionRequest, {"stop": [1]}, 400, "stop"),
     (ChatCompletionRequest, {"stop": ["\n", "x" * 257]}, 400, "stop[1]"),
     (CompletionRequest, {"threshold": 5}, 400, "threshold"),
+    # Options that would otherwise be accepted and do nothing: a template for a text prompt, a threshold
+    # for a strategy that reads none.
+    (CompletionRequest, {"apply_chat_template": True}, 400, "apply_chat_template"),
+    (ChatCompletionRequest, {"threshold": 0.5, "strategy": "unite"}, 400, "threshold"),
     (
         ChatCompletionRequest,
         {"stream": True, "stream_options": {"include_usage": 1}},

@@ -81,6 +81,10 @@ BAD_REQUESTS = [
     ({"prompt": "1+1=", "strategy": "threshold"}, "primary"),
     ({"prompt": "1+1=", "stop": [""]}, "stop"),
     ({"prompt": "1+1=", "threshold": -0.5}, "threshold"),
+    # Accepted, they would do nothing: a threshold under a strategy that reads none (the config's: gac), a chat
+    # template for a text prompt.
+    ({"prompt": "1+1=", "threshold": 0.5}, "threshold: only the threshold strategy reads it; this request's strategy"),
+    ({"prompt": "1+1=", "apply_chat_template": True}, "apply_chat_template: true applies to messages"),
     # Bounded whatever the config: a probability; stop strings matched at every step; an id in every log line.
     ({"prompt": "1+1=", "threshold": 5.0}, "threshold: 5.0 is outside [0.0, 1.0]"),
     ({"prompt": "1+1=", "stop": ["\n", "x" * 1_000_000]}, "stop[1]: 1000000 bytes, at most 256"),
@@ -149,6 +153,23 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("models:\n  - path: models/arith-bpe\n    scor: 3\n")
     out, _ = _chorus("coordinator", "--config", str(bad)).communicate(timeout=60)
     assert "models[0].scor: unknown key (did you mean 'score'?)" in out
+
+
+def test_settings_a_running_worker_would_not_read_are_refused_on_the_command_line(tmp_path: Path) -> None:
+    """`chorus coordinator --worker`: the workers run already, so how `chorus up` would load them is refused,
+    as is --worker where Kubernetes discovery finds the workers."""
+    loading = tmp_path / "loading.yaml"
+    loading.write_text(f"models:\n  - path: {ROOT / 'models' / 'arith-bpe'}\n    dtype: bfloat16\n")
+    run = _chorus("coordinator", "--config", str(loading), "--worker", "arith-bpe=127.0.0.1:1")
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert "models[0].dtype: set how `chorus up` loads a model; a --worker was loaded by its own flags" in out
+    discovered = tmp_path / "discovered.yaml"
+    discovered.write_text("discovery: {mode: kubernetes}\nmodels:\n  - name: arith-bpe\n")
+    run = _chorus("coordinator", "--config", str(discovered), "--worker", "arith-bpe=127.0.0.1:1")
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert "--worker: the config's discovery.mode is kubernetes, which finds the workers itself" in out
 
 
 def test_chorus_up_and_generate_from_the_command_line(tmp_path: Path) -> None:

@@ -63,6 +63,9 @@ def test_bad_settings_are_refused_by_the_command_line() -> None:
         WorkerArgs.parse(["--model", "x", "--quantization", "2bit"])
     with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
         WorkerArgs.parse(["--model", "x", "--tls-cert", "c.crt"])
+    # A CA to check clients by, without TLS, would serve plaintext to anyone: refused, not dropped.
+    with pytest.raises(SystemExit, match="--tls-ca needs --tls-cert and --tls-key"):
+        WorkerArgs.parse(["--model", "x", "--tls-ca", "ca.crt"])
     with pytest.raises(SystemExit, match=r"--decode-stretch: 0 \(off\) or more than 1, got 0.9"):
         WorkerArgs.parse(["--model", "x", "--decode-stretch", "0.9"])
 
