@@ -351,6 +351,7 @@ def engine_burst(
     and prefill chunk, prefix caching, CUDA graphs on CUDA, and `decode_stretch` unless one is given."""
     import asyncio
 
+    from chorus_common.worker_args import WorkerArgs
     from model_worker.engine import Engine
     from model_worker.kv_layout import KVLayout
     from model_worker.kv_manager import KVManager
@@ -360,8 +361,6 @@ def engine_burst(
     prompts = [torch.randint(10, vocab, (prompt_tokens,), generator=generator).tolist() for _ in range(streams)]
     layout = KVLayout.of(model.config, next(model.parameters()).dtype)
     kv = KVManager(layout, 0, streams, prompt_tokens + tokens + 1, 16, device)
-    from chorus_common.worker_args import WorkerArgs
-
     if decode_stretch is None:
         decode_stretch = WorkerArgs.decode_stretch
     engine = Engine(model, device, kv, "bench", cuda_graphs=device.type == "cuda", decode_stretch=decode_stretch)

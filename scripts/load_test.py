@@ -244,9 +244,10 @@ async def _run(args: argparse.Namespace, target: str, pids: dict[str, int]) -> t
 def transformers_alone_mb(spec: ModelSpec, new_tokens: int) -> float:
     """The resident memory, in MiB, of `spec`'s model in transformers alone (--baseline), on a CPU."""
     from model_worker import catalog
+    from model_worker.loading import resolve_dtype
 
     assert spec.path is not None
-    dtype = "float32" if spec.dtype == "auto" else spec.dtype  # a worker's auto on a CPU
+    dtype = str(resolve_dtype(spec.dtype, "cpu")).removeprefix("torch.")  # as the worker resolves it on a CPU
     model = catalog.resolve(spec.path)
     command = [sys.executable, "-c", TRANSFORMERS_ALONE, model, dtype, WARM_PROMPT, str(new_tokens)]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)

@@ -10,7 +10,7 @@ import pytest
 
 from chorus_common.worker_args import WorkerArgs
 from chorus_local.cluster import worker_args
-from coordinator.config import ModelSpec
+from coordinator.config import LOADING_KEYS, ModelSpec
 from tests.cluster_helpers import ROOT
 from tests.helm import CHART, render
 
@@ -98,6 +98,8 @@ def test_every_worker_setting_a_models_config_entry_holds_reaches_the_worker() -
     """A ModelSpec field named like a WorkerArgs field is passed on (path is --model)."""
     shared = set(ModelSpec.model_fields) & {f.name for f in dataclasses.fields(WorkerArgs)}
     assert shared >= {"name", "device", "dtype", "quantization", "max_memory", "max_model_len", "kv_budget_mib"}
+    # The config refuses them where `chorus up` starts no worker (they would do nothing): every one of them.
+    assert set(LOADING_KEYS) == shared - {"name"}
     spec = ModelSpec(
         name="m",
         path="/m",
